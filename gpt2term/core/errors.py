@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each message names the problem and the fix; the CLI prints it in one line and exits 2."""
+
+
+class Gpt2termError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+
+class TokenizerUnavailable(Gpt2termError):
+    pass
+
+
+class CheckpointError(Gpt2termError):
+    """A checkpoint or weights file that cannot be read, or does not fit the model."""
+
+
+class InputError(Gpt2termError):
+    """Bad input on the command line or in the app (empty prompt, bad setting, ...)."""

@@ -1,0 +1,263 @@
+"""Decoding one token at a time, reporting everything a learner wants to see about each choice.
+
+`generate` yields a `Step` as soon as each token is chosen, so a terminal or the TUI can show it at once; the
+consumer stops it between two steps by setting a `threading.Event` (or simply by not asking for more).
+Probabilities are always the model's own (softmax of the logits at temperature 1), whatever the sampling settings:
+that is what perplexity measures, and what `score` computes for a given text.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2term.core.errors import InputError
+from gpt2term.core.model import GPTModel, KVCache
+from gpt2term.core.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token_id: int
+    text: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and what the model thought when it chose it."""
+
+    index: int  # 0 for the first generated token
+    token_id: int
+    text: str  # text this token makes visible ("" while a character split over tokens is incomplete)
+    token_text: str  # the token on its own, for showing token boundaries
+    prob: float
+    logprob: float
+    rank: int  # 1 when the chosen token was the model's most probable
+    top: tuple[Candidate, ...]
+    perplexity: float  # running: exp(mean negative log-likelihood of the generated tokens so far)
+    elapsed_s: float  # since generation started (the first step's value is the time to first token)
+
+
+@dataclass
+class DecodingSettings:
+    """The course's `generate()` knobs: temperature 0 means greedy (argmax), as in chapter 5."""
+
+    max_new_tokens: int = 50
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_at_eos: bool = True
+    top_n: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise InputError(f"max new tokens must be 0 or more, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_n < 1:
+            raise InputError(f"the number of alternatives shown must be at least 1, got {self.top_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def describe(self) -> str:
+        if self.greedy:
+            how = "greedy"
+        else:
+            how = f"sample T={self.temperature:g}"
+            if self.top_k:
+                how += f" top-k={self.top_k}"
+            if self.top_p is not None and self.top_p < 1:
+                how += f" top-p={self.top_p:g}"
+            if self.seed is not None:
+                how += f" seed={self.seed}"
+        eos = "stop at <|endoftext|>" if self.stop_at_eos else "ignore <|endoftext|>"
+        return f"{how}, {self.max_new_tokens} tokens, {eos}"
+
+
+@dataclass
+class Summary:
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    time_to_first_token_s: float | None = None
+    perplexity: float | None = None
+    mean_prob: float | None = None
+    elapsed_s: float = 0.0
+    steps: list[Step] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, steps: Sequence[Step]) -> Summary:
+        if not steps:
+            return cls()
+        first, last = steps[0], steps[-1]
+        # Decoding speed after the first token: the first one also pays for reading the prompt.
+        decode_time = last.elapsed_s - first.elapsed_s
+        tps = (len(steps) - 1) / decode_time if len(steps) > 1 and decode_time > 0 else len(steps) / last.elapsed_s
+        return cls(
+            tokens=len(steps),
+            tokens_per_second=tps,
+            time_to_first_token_s=first.elapsed_s,
+            perplexity=last.perplexity,
+            mean_prob=sum(s.prob for s in steps) / len(steps),
+            elapsed_s=last.elapsed_s,
+            steps=list(steps),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "perplexity": self.perplexity,
+            "mean_prob": self.mean_prob,
+        }
+
+
+def _model_device(model: GPTModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _choose(logits: torch.Tensor, probs: torch.Tensor, settings: DecodingSettings, rng: torch.Generator | None) -> int:
+    if settings.greedy:
+        return int(torch.argmax(logits))
+    scaled = logits / settings.temperature
+    if settings.top_k is not None and settings.top_k < scaled.numel():
+        kth = torch.topk(scaled, settings.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    sample_probs = torch.softmax(scaled, dim=-1)
+    if settings.top_p is not None and settings.top_p < 1:
+        sorted_probs, order = torch.sort(sample_probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < settings.top_p  # always keeps the first
+        sorted_probs = sorted_probs * keep
+        return int(order[torch.multinomial(sorted_probs, 1, generator=rng)])
+    return int(torch.multinomial(sample_probs, 1, generator=rng))
+
+
+def generate(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    settings: DecodingSettings | None = None,
+    cancel: threading.Event | None = None,
+    use_cache: bool = True,
+) -> Iterator[Step]:
+    """Yield one `Step` per new token. A prompt longer than the context is cropped from the left, as the course does.
+
+    With the KV cache each new token costs one position; once the sequence fills the context, every step crops to
+    the last `context_length` tokens and recomputes, which is exactly the course's loop.
+    """
+    settings = settings or DecodingSettings()
+    if not prompt_ids:
+        raise InputError("the prompt is empty; type some text to continue")
+    ctx = model.cfg.context_length
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    ids = list(prompt_ids)
+    rng = None
+    if not settings.greedy:
+        rng = torch.Generator(device="cpu")
+        rng.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    decoder = tokenizer.stream_decoder()
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    nll_sum = 0.0
+    try:
+        with torch.inference_mode():
+            cache = KVCache(model.cfg, 1, device, dtype) if use_cache else None
+            window = torch.tensor([ids[-ctx:]], device=device)
+            logits = model(window, cache, last_only=True)[0, -1]
+            for index in range(settings.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    return
+                logits32 = logits.float().cpu()
+                logprobs = torch.log_softmax(logits32, dim=-1)
+                probs = logprobs.exp()
+                token = _choose(logits32, probs, settings, rng)
+                logprob = float(logprobs[token])
+                nll_sum -= logprob
+                top_p, top_i = torch.topk(probs, min(settings.top_n, probs.numel()))
+                is_last = index == settings.max_new_tokens - 1 or (settings.stop_at_eos and token == tokenizer.eot_id)
+                text = decoder.push(token) + (decoder.flush() if is_last else "")
+                yield Step(
+                    index=index,
+                    token_id=token,
+                    text=text,
+                    token_text=tokenizer.token_text(token),
+                    prob=math.exp(logprob),
+                    logprob=logprob,
+                    rank=int((probs > probs[token]).sum()) + 1,
+                    top=tuple(
+                        Candidate(int(i), tokenizer.token_text(int(i)), float(p))
+                        for p, i in zip(top_p.tolist(), top_i.tolist())
+                    ),
+                    perplexity=math.exp(nll_sum / (index + 1)),
+                    elapsed_s=time.perf_counter() - started,
+                )
+                ids.append(token)
+                if is_last:
+                    return
+                if cancel is not None and cancel.is_set():
+                    return
+                if cache is not None and cache.length < ctx:
+                    logits = model(torch.tensor([[token]], device=device), cache, last_only=True)[0, -1]
+                else:
+                    logits = model(torch.tensor([ids[-ctx:]], device=device), last_only=True)[0, -1]
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Score:
+    """Teacher-forced log-probabilities of a text's tokens (from the second token on) and their perplexity."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def perplexity(self) -> float | None:
+        if not self.logprobs:
+            return None
+        return math.exp(-sum(self.logprobs) / len(self.logprobs))
+
+    @property
+    def loss(self) -> float | None:
+        return -sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+
+def score(model: GPTModel, token_ids: Sequence[int]) -> Score:
+    """How surprised the model is by each token of a given text, with at least half a context of history each."""
+    ids = list(token_ids)
+    n, ctx = len(ids), model.cfg.context_length
+    device = _model_device(model)
+    stride = max(1, ctx // 2)
+    logprobs: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            pos = 1
+            while pos < n:
+                end = min(n, pos + (ctx if pos == 1 else stride))
+                start = max(0, end - 1 - ctx)
+                inputs = torch.tensor([ids[start : end - 1]], device=device)
+                lp = torch.log_softmax(model(inputs)[0].float(), dim=-1)
+                targets = torch.tensor(ids[pos:end], device=device)
+                rows = torch.arange(pos - 1 - start, end - 1 - start, device=device)
+                logprobs.extend(lp[rows, targets].tolist())
+                pos = end
+    finally:
+        model.train(was_training)
+    return Score(ids, logprobs)

@@ -1,0 +1,326 @@
+"""Other tools' GPT-2 weight formats, in and out: Hugging Face `GPT2LMHeadModel` and the book's `.pth` files.
+
+Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, out] (ours are `nn.Linear`,
+[out, in], so they are transposed) and fuses query, key and value into one `c_attn` (split into the course's
+`W_query`, `W_key`, `W_value`). Nothing here imports `transformers`: the formats are plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2term.core.config import GPTConfig
+from gpt2term.core.errors import CheckpointError
+from gpt2term.core.model import GPTModel
+
+HEAD_DIM_GUESS = 64  # every released GPT-2 size uses 64-dimensional heads
+
+
+@dataclass
+class LoadedWeights:
+    """A model's weights in our names, its config, and what the user should be told about how they were read."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: GPTConfig
+    source: str
+    notices: list[str] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None
+
+    def build_model(self, device: torch.device | str = "cpu") -> GPTModel:
+        with torch.device("meta"):
+            model = GPTModel(self.config)
+        model = model.to_empty(device=device)
+        load_state_dict_checked(model, self.state_dict, self.source)
+        model.float()  # half-precision files compute in float32 unless the user asks otherwise
+        model.eval()
+        return model
+
+
+def load_state_dict_checked(model: GPTModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict`, with a one-line error naming the first mismatch instead of torch's wall of text."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own and not k.endswith(".att.mask")]
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(
+            f"{source}: weights do not fit a GPT model ({what}, {len(missing)} missing, {len(unexpected)} unexpected); "
+            "is it a GPT-2 / gpt2term / book GPTModel file?"
+        )
+    for k, v in own.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(state_dict[k].shape)} but the config expects {tuple(v.shape)}; "
+                "the config does not match these weights"
+            )
+    model.load_state_dict(state_dict, strict=False, assign=True)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face GPT-2
+
+
+def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=int(hf.get("vocab_size", 50257)),
+        context_length=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+        emb_dim=int(hf["n_embd"]),
+        n_heads=int(hf["n_head"]),
+        n_layers=int(hf["n_layer"]),
+        drop_rate=float(hf.get("resid_pdrop", 0.1)),
+        qkv_bias=True,
+    )
+
+
+def config_to_hf(cfg: GPTConfig, tied: bool) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+    }
+
+
+def _strip_hf_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("transformer."):
+            k = k[len("transformer.") :]
+        out[k] = v
+    return out
+
+
+def is_hf_state_dict(sd: dict[str, Any]) -> bool:
+    return any(k in sd for k in ("wte.weight", "transformer.wte.weight"))
+
+
+def infer_hf_config(sd: dict[str, torch.Tensor]) -> GPTConfig:
+    """A config read off the tensor shapes, assuming GPT-2's 64-dimensional heads (config.json was missing)."""
+    sd = _strip_hf_prefix(sd)
+    vocab, emb = sd["wte.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k)))
+    return config_from_hf(
+        {
+            "vocab_size": vocab,
+            "n_positions": sd["wpe.weight"].shape[0],
+            "n_embd": emb,
+            "n_head": max(1, emb // HEAD_DIM_GUESS),
+            "n_layer": layers,
+        }
+    )
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT-2 tensors -> our state_dict. Accepts `transformer.` prefixes, tied or present `lm_head`,
+    and ignores the `attn.bias` / `attn.masked_bias` buffers older files carry."""
+    sd = _strip_hf_prefix(sd)
+    d = cfg.emb_dim
+    out: dict[str, torch.Tensor] = {
+        "tok_emb.weight": sd["wte.weight"],
+        "pos_emb.weight": sd["wpe.weight"],
+        "final_norm.scale": sd["ln_f.weight"],
+        "final_norm.shift": sd["ln_f.bias"],
+        # A tied head is copied, as the course does when it loads GPT-2: our out_head is its own parameter.
+        "out_head.weight": sd["lm_head.weight"] if "lm_head.weight" in sd else sd["wte.weight"].clone(),
+    }
+    for i in range(cfg.n_layers):
+        h, b = f"h.{i}.", f"trf_blocks.{i}."
+        q, k, v = sd[h + "attn.c_attn.weight"].split(d, dim=1)
+        qb, kb, vb = sd[h + "attn.c_attn.bias"].split(d, dim=0)
+        out.update(
+            {
+                b + "att.W_query.weight": q.t(),
+                b + "att.W_key.weight": k.t(),
+                b + "att.W_value.weight": v.t(),
+                b + "att.W_query.bias": qb,
+                b + "att.W_key.bias": kb,
+                b + "att.W_value.bias": vb,
+                b + "att.out_proj.weight": sd[h + "attn.c_proj.weight"].t(),
+                b + "att.out_proj.bias": sd[h + "attn.c_proj.bias"],
+                b + "ff.layers.0.weight": sd[h + "mlp.c_fc.weight"].t(),
+                b + "ff.layers.0.bias": sd[h + "mlp.c_fc.bias"],
+                b + "ff.layers.2.weight": sd[h + "mlp.c_proj.weight"].t(),
+                b + "ff.layers.2.bias": sd[h + "mlp.c_proj.bias"],
+                b + "norm1.scale": sd[h + "ln_1.weight"],
+                b + "norm1.shift": sd[h + "ln_1.bias"],
+                b + "norm2.scale": sd[h + "ln_2.weight"],
+                b + "norm2.shift": sd[h + "ln_2.bias"],
+            }
+        )
+    if not cfg.qkv_bias:
+        for key in [k for k in out if k.endswith(("W_query.bias", "W_key.bias", "W_value.bias"))]:
+            del out[key]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> tuple[dict[str, torch.Tensor], bool]:
+    """Our state_dict -> Hugging Face `GPT2LMHeadModel` names. Returns the tensors and whether the head is tied.
+
+    A model trained without query/key/value biases (the course's default) gets zero biases, which compute the same.
+    """
+    d = cfg.emb_dim
+    tied = torch.equal(sd["out_head.weight"], sd["tok_emb.weight"])
+    out: dict[str, torch.Tensor] = {
+        "transformer.wte.weight": sd["tok_emb.weight"],
+        "transformer.wpe.weight": sd["pos_emb.weight"],
+        "transformer.ln_f.weight": sd["final_norm.scale"],
+        "transformer.ln_f.bias": sd["final_norm.shift"],
+    }
+    if not tied:
+        out["lm_head.weight"] = sd["out_head.weight"]
+    for i in range(cfg.n_layers):
+        h, b = f"transformer.h.{i}.", f"trf_blocks.{i}."
+        zeros = torch.zeros(d, dtype=sd[b + "att.W_query.weight"].dtype)
+        biases = [sd.get(b + f"att.{n}.bias", zeros) for n in ("W_query", "W_key", "W_value")]
+        out.update(
+            {
+                h + "attn.c_attn.weight": torch.cat(
+                    [sd[b + f"att.{n}.weight"].t() for n in ("W_query", "W_key", "W_value")], dim=1
+                ),
+                h + "attn.c_attn.bias": torch.cat(biases),
+                h + "attn.c_proj.weight": sd[b + "att.out_proj.weight"].t(),
+                h + "attn.c_proj.bias": sd[b + "att.out_proj.bias"],
+                h + "mlp.c_fc.weight": sd[b + "ff.layers.0.weight"].t(),
+                h + "mlp.c_fc.bias": sd[b + "ff.layers.0.bias"],
+                h + "mlp.c_proj.weight": sd[b + "ff.layers.2.weight"].t(),
+                h + "mlp.c_proj.bias": sd[b + "ff.layers.2.bias"],
+                h + "ln_1.weight": sd[b + "norm1.scale"],
+                h + "ln_1.bias": sd[b + "norm1.shift"],
+                h + "ln_2.weight": sd[b + "norm2.scale"],
+                h + "ln_2.bias": sd[b + "norm2.shift"],
+            }
+        )
+    return {k: v.contiguous() for k, v in out.items()}, tied
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); is it complete?") from exc
+
+
+def load_hf(path: Path) -> LoadedWeights:
+    """A Hugging Face GPT-2 `model.safetensors` (with `config.json` beside it when present) or its folder."""
+    folder = path if path.is_dir() else path.parent
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no model.safetensors in this folder; point at a save_pretrained() folder")
+    sd = read_safetensors(file)
+    notices = []
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            cfg = config_from_hf(json.loads(config_file.read_text()))
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{config_file}: not a GPT-2 config.json ({exc}); remove it to infer from shapes")
+    else:
+        cfg = infer_hf_config(sd)
+        notices.append(
+            f"no config.json beside {file.name}: config inferred from shapes with {HEAD_DIM_GUESS}-dimensional heads "
+            f"({cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.emb_dim} dims)"
+        )
+    try:
+        ours = from_hf_state_dict(sd, cfg)
+    except KeyError as exc:
+        raise CheckpointError(f"{file}: not a GPT-2 model (no tensor {exc.args[0]!r})") from exc
+    return LoadedWeights(ours, cfg, f"huggingface:{file}", notices)
+
+
+# ------------------------------------------------------------------------------------------- the book's .pth files
+
+
+def torch_load_safely(path: Path) -> Any:
+    """`torch.load` with `weights_only=True`: tensors and plain containers only; a pickled object is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused, the file contains pickled Python objects that could run code; "
+            "re-save it with torch.save(model.state_dict(), path)"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({exc}); is it complete?") from exc
+
+
+def infer_book_config(sd: dict[str, torch.Tensor]) -> GPTConfig:
+    vocab, emb = sd["tok_emb.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k)))
+    return GPTConfig(
+        vocab_size=vocab,
+        context_length=sd["pos_emb.weight"].shape[0],
+        emb_dim=emb,
+        n_heads=max(1, emb // HEAD_DIM_GUESS),
+        n_layers=layers,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
+    )
+
+
+def load_book_pth(path: Path, cfg: GPTConfig | None = None) -> LoadedWeights:
+    """The book's `model.pth` (a state_dict) or `model_and_optimizer.pth` (model and optimizer state dicts)."""
+    data = torch_load_safely(path)
+    optimizer_state = None
+    if isinstance(data, dict) and "model_state_dict" in data:
+        optimizer_state = data.get("optimizer_state_dict")
+        data = data["model_state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: not a state_dict; save one with torch.save(model.state_dict(), path)")
+    if is_hf_state_dict(data):
+        cfg = cfg or infer_hf_config(data)
+        return LoadedWeights(from_hf_state_dict(data, cfg), cfg, f"pth:{path}", [], optimizer_state)
+    if "tok_emb.weight" not in data:
+        raise CheckpointError(f"{path}: no tok_emb.weight; this is not a GPTModel state_dict from the book")
+    sd = {k: v for k, v in data.items() if not k.endswith(".att.mask")}
+    notices = []
+    if cfg is None:
+        cfg = infer_book_config(sd)
+        notices.append(
+            f"{path.name} holds no config: read off its shapes ({cfg.n_layers} layers, {cfg.emb_dim} dims, "
+            f"context {cfg.context_length}, qkv_bias={cfg.qkv_bias}), assuming {cfg.n_heads} heads of "
+            f"{HEAD_DIM_GUESS} dims"
+        )
+    return LoadedWeights(sd, cfg, f"pth:{path}", notices, optimizer_state)
+
+
+def load_weights_file(path: Path) -> LoadedWeights:
+    """Any weights file or folder a user may point at: HF safetensors (file or folder) or a book `.pth`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return load_hf(path)
+        for name in ("model_and_optimizer.pth", "model.pth"):
+            if (path / name).is_file():
+                return load_book_pth(path / name)
+        raise CheckpointError(f"{path}: no model.safetensors or model.pth inside; point at the weights file")
+    if path.suffix == ".safetensors":
+        return load_hf(path)
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return load_book_pth(path)
+    raise CheckpointError(f"{path}: unknown weights format; expected .safetensors or .pth")

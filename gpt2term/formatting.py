@@ -1,0 +1,28 @@
+"""Numbers as people read them, shared by the CLI and the TUI so both show the same thing."""
+
+from __future__ import annotations
+
+
+def format_prob(p: float) -> str:
+    """A probability as a percentage with enough digits to tell small ones apart (0.02%, 0.0018%)."""
+    pct = p * 100
+    if pct >= 10:
+        return f"{pct:.1f}%"
+    if pct >= 0.01:
+        return f"{pct:.2f}%"
+    return f"{pct:.2g}%"
+
+
+def format_count(n: int | float) -> str:
+    """124439808 -> 124.4M; 13000 -> 13.0K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
