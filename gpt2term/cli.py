@@ -107,7 +107,7 @@ def generate(
     from gpt2term.core.tokenizer import default_tokenizer
 
     if not prompt.strip():
-        raise InputError("the prompt is empty; pass some text, e.g. gpt2term generate \"Hello, I am\"")
+        raise InputError('the prompt is empty; pass some text, e.g. gpt2term generate "Hello, I am"')
     settings = DecodingSettings(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -201,7 +201,7 @@ def generate(
                     rank=int((probs > probs[token]).sum()) + 1,
                     top=tuple(
                         Candidate(int(i), tokenizer.token_text(int(i)), float(p))
-                        for p, i in zip(top_p.tolist(), top_i.tolist())
+                        for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
                     ),
                     perplexity=math.exp(nll_sum / (index + 1)),
                     elapsed_s=time.perf_counter() - started,

@@ -238,7 +238,9 @@ def load_hf(path: Path) -> LoadedWeights:
         try:
             cfg = config_from_hf(json.loads(config_file.read_text()))
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{config_file}: not a GPT-2 config.json ({exc}); remove it to infer from shapes")
+            raise CheckpointError(
+                f"{config_file}: not a GPT-2 config.json ({exc}); remove it to infer from shapes"
+            ) from exc
     else:
         cfg = infer_hf_config(sd)
         notices.append(

@@ -59,7 +59,11 @@ class KVCache:
     """
 
     def __init__(
-        self, cfg: GPTConfig, batch_size: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        self,
+        cfg: GPTConfig,
+        batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (cfg.n_layers, batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
