@@ -251,6 +251,11 @@ def load_hf(path: Path) -> LoadedWeights:
         ours = from_hf_state_dict(sd, cfg)
     except KeyError as exc:
         raise CheckpointError(f"{file}: not a GPT-2 model (no tensor {exc.args[0]!r})") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{file}: tensor shapes do not match its config ({cfg.n_layers} layers, {cfg.emb_dim} dims); "
+            "the config.json does not belong to these weights"
+        ) from exc
     return LoadedWeights(ours, cfg, f"huggingface:{file}", notices)
 
 
