@@ -261,3 +261,116 @@ def score(model: GPTModel, token_ids: Sequence[int]) -> Score:
     finally:
         model.train(was_training)
     return Score(ids, logprobs)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A whole continuation and how probable the model finds it (for comparing greedy, sampling and beams)."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprob: float  # total log-probability of the continuation given the prompt
+
+    @property
+    def perplexity(self) -> float | None:
+        return math.exp(-self.logprob / len(self.token_ids)) if self.token_ids else None
+
+
+def beam_search(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    beams: int = 4,
+    max_new_tokens: int = 50,
+    stop_at_eos: bool = True,
+) -> list[Continuation]:
+    """Keep the `beams` most probable continuations at every step; return the finished ones, most probable first.
+
+    Ranked by total log-probability (no length normalisation), so the answer is "the most probable text the
+    search found", the quantity greedy decoding only approximates. Uses the KV cache, one row per beam, until the
+    context is full; then crops and recomputes, like `generate`.
+    """
+    if beams < 1:
+        raise InputError(f"the number of beams must be at least 1, got {beams}")
+    if not prompt_ids:
+        raise InputError("the prompt is empty; type some text to continue")
+    ctx = model.cfg.context_length
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    eos = tokenizer.eot_id
+    was_training = model.training
+    model.eval()
+    alive: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    try:
+        with torch.inference_mode():
+            cache = KVCache(model.cfg, beams, device, dtype)
+            prompt = list(prompt_ids)[-ctx:]
+            logits = model(torch.tensor([prompt], device=device), cache, last_only=True)[:, -1]
+            for step in range(max_new_tokens):
+                logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                totals = torch.tensor([lp for _, lp in alive]).unsqueeze(1) + logprobs
+                # Twice the width, so that beams ending in <|endoftext|> do not leave fewer than `beams` alive.
+                best, flat = torch.topk(totals.flatten(), min(2 * beams, totals.numel()))
+                vocab = logprobs.shape[-1]
+                next_alive, rows = [], []
+                for rank, (total, i) in enumerate(zip(best.tolist(), flat.tolist(), strict=True)):
+                    row, token = divmod(int(i), vocab)
+                    ids = alive[row][0] + [token]
+                    if stop_at_eos and token == eos:
+                        if rank < beams:
+                            finished.append((ids, float(total)))
+                    elif len(next_alive) < beams:
+                        next_alive.append((ids, float(total)))
+                        rows.append(row)
+                if not next_alive or step == max_new_tokens - 1:
+                    finished.extend(next_alive)
+                    break
+                # Stop early when no live beam can still beat the best finished one (log-probs only fall).
+                if finished and max(t for _, t in finished) >= max(t for _, t in next_alive):
+                    break
+                alive = next_alive
+                if cache.length < ctx:
+                    index = torch.tensor(rows, device=device)
+                    cache.keys = cache.keys[:, index]
+                    cache.values = cache.values[:, index]
+                    last = torch.tensor([[ids[-1]] for ids, _ in alive], device=device)
+                    logits = model(last, cache, last_only=True)[:, -1]
+                else:
+                    window = torch.tensor([(prompt + ids)[-ctx:] for ids, _ in alive], device=device)
+                    logits = model(window, last_only=True)[:, -1]
+    finally:
+        model.train(was_training)
+    if max_new_tokens == 0:
+        return []
+    finished.sort(key=lambda item: item[1], reverse=True)
+    return [Continuation(tuple(ids), tokenizer.decode(ids), total) for ids, total in finished[:beams]]
+
+
+def sequence_logprob(model: GPTModel, prompt_ids: Sequence[int], continuation: Sequence[int]) -> float:
+    """Total log-probability of `continuation` after `prompt_ids`, each token seen through the window the generator
+    used for it (the last `context_length` tokens), so greedy, sampled and beam results compare like with like."""
+    if not continuation:
+        return 0.0
+    full = list(prompt_ids) + list(continuation)
+    ctx = model.cfg.context_length
+    device = _model_device(model)
+    first = len(prompt_ids)
+    total = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # Tokens whose window starts at 0 share one forward pass; each later one has its own cropped window.
+            in_first = [j for j in range(first, len(full)) if j <= ctx]
+            if in_first:
+                lp = torch.log_softmax(model(torch.tensor([full[: in_first[-1]]], device=device))[0].float(), -1)
+                total += sum(float(lp[j - 1, full[j]]) for j in in_first)
+            later = [j for j in range(first, len(full)) if j > ctx]
+            if later:
+                windows = torch.tensor([full[j - ctx : j] for j in later], device=device)
+                lp = torch.log_softmax(model(windows, last_only=True)[:, -1].float(), -1)
+                total += sum(float(lp[row, full[j]]) for row, j in enumerate(later))
+    finally:
+        model.train(was_training)
+    return total
