@@ -85,6 +85,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 
 @click.option("--no-stop", is_flag=True, help="Keep going past <|endoftext|>.")
 @click.option("--show-probs", is_flag=True, help="Show each token's probability after it.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary line.")
+@click.option("--beams", type=click.IntRange(min=1), help="Beam search with K beams instead of one token at a time.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 def generate(
     prompt: str,
@@ -98,6 +99,7 @@ def generate(
     no_stop: bool,
     show_probs: bool,
     as_json: bool,
+    beams: int | None,
     threads: int | None,
 ) -> None:
     """Continue PROMPT, streaming tokens as the model picks them (greedy by default, as in the course)."""
@@ -126,6 +128,9 @@ def generate(
         click.echo(f"note: the prompt has {len(ids)} tokens; keeping its last {ctx} (the model's context)", err=True)
         ids = ids[-ctx:]
     out = sys.stdout
+    if beams is not None:
+        _print_beams(model, tokenizer, prompt, ids, beams, settings, as_json)
+        return
     if not as_json:
         out.write(prompt)
         out.flush()
@@ -159,6 +164,95 @@ def generate(
                 err=True,
             )
     out.flush()
+
+
+def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, settings, as_json: bool) -> None:  # noqa: ANN001
+    from gpt2term.core.generation import beam_search
+
+    found = beam_search(model, tokenizer, ids, beams, settings.max_new_tokens, settings.stop_at_eos)
+    if as_json:
+        records = [
+            {"token_ids": list(b.token_ids), "text": b.text, "logprob": b.logprob, "perplexity": b.perplexity}
+            for b in found
+        ]
+        click.echo(json.dumps({"beams": records}, ensure_ascii=False))
+        return
+    click.echo(prompt + (found[0].text if found else ""))
+    for rank, b in enumerate(found, 1):
+        ppl = f"{b.perplexity:.2f}" if b.perplexity is not None else "-"
+        click.echo(f"beam {rank}: log-prob {b.logprob:.3f}, perplexity {ppl}: {b.text!r}", err=True)
+
+
+@cli.group()
+def inspect() -> None:
+    """Look inside a model: attention weights and the logit lens."""
+
+
+@inspect.command("attention")
+@click.argument("prompt")
+@click.option("--checkpoint", "-c", help="Checkpoint name or weights path (default: untrained GPT-2 124M).")
+@click.option("--layer", type=int, default=-1, show_default=True, help="Layer to print (text output).")
+@click.option("--json", "as_json", is_flag=True, help="All layers and heads: {tokens, attention[layer][head][q][k]}.")
+def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool) -> None:
+    """How much each token of PROMPT attends to each earlier token, per layer and head."""
+    from gpt2term.core.errors import InputError
+    from gpt2term.core.inspection import attention_weights
+    from gpt2term.core.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    model = load_model(checkpoint, quiet=as_json)
+    ids = tokenizer.encode(prompt)
+    weights = attention_weights(model, ids)
+    if as_json:
+        click.echo(json.dumps({"tokens": ids, "attention": weights.tolist()}))
+        return
+    if not -weights.shape[0] <= layer < weights.shape[0]:
+        raise InputError(f"layer {layer} does not exist; this model has layers 0..{weights.shape[0] - 1}")
+    mean = weights[layer].mean(0)
+    labels = [repr(tokenizer.token_text(i))[1:-1] for i in ids]
+    width = max(len(x) for x in labels)
+    click.echo(f"layer {layer % weights.shape[0]}, mean over {weights.shape[1]} heads (row: query, column: key)")
+    for q, label in enumerate(labels):
+        cells = " ".join(f"{float(mean[q, k]):4.2f}" for k in range(q + 1))
+        click.echo(f"{label:>{width}} | {cells}")
+
+
+@inspect.command("lens")
+@click.argument("prompt")
+@click.option("--checkpoint", "-c", help="Checkpoint name or weights path (default: untrained GPT-2 124M).")
+@click.option("--position", type=int, default=-1, show_default=True, help="Token position (-1: the last).")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="{position, layers: [{layer, top: [{token_id, text, prob}]}]}")
+def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int, as_json: bool) -> None:
+    """The logit lens: what each layer would predict next at POSITION, first layer first, real output last."""
+    from gpt2term.core.inspection import first_layer_with_final_answer, logit_lens
+    from gpt2term.core.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    model = load_model(checkpoint, quiet=as_json)
+    ids = tokenizer.encode(prompt)
+    layers = logit_lens(model, tokenizer, ids, position, top_k)
+    resolved = position % len(ids)
+    if as_json:
+        payload = {
+            "position": resolved,
+            "layers": [
+                {
+                    "layer": lens.layer,
+                    "top": [{"token_id": c.token_id, "text": c.text, "prob": c.prob} for c in lens.top],
+                }
+                for lens in layers
+            ],
+        }
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    first = first_layer_with_final_answer(layers)
+    click.echo(f"after {tokenizer.decode(ids[: resolved + 1])!r}: layer 0 is the embeddings, the last is the output")
+    for lens in layers:
+        marker = "*" if lens.layer == first else " "
+        cells = "  ".join(f"{c.text!r} {format_prob(c.prob)}" for c in lens.top)
+        click.echo(f"{marker} layer {lens.layer:>2}: {cells}")
+    click.echo(f"* the final answer first appears at layer {first}")
 
 
 def main() -> None:
