@@ -50,11 +50,12 @@ def _set_threads(threads: int | None) -> None:
 
 
 def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 (returns GPTModel, lazily imported)
-    """The model a command runs: a weights file or folder, or with none, an untrained GPT-2 124M (fixed seed)."""
+    """The model a command runs: a checkpoint name from the store, a weights file or folder, a GPT-2 in the Hugging
+    Face cache, or with none, an untrained GPT-2 124M (fixed seed)."""
     import torch
 
+    from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
     from gpt2term.core.config import preset
-    from gpt2term.core.interop import load_weights_file
     from gpt2term.core.model import GPTModel
 
     if checkpoint is None:
@@ -67,15 +68,19 @@ def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 
         torch.manual_seed(123)
         model = GPTModel(preset("gpt2-124M"))
         return model.eval()
-    loaded = load_weights_file(Path(checkpoint))
+    store = CheckpointStore()
+    loaded = resolve_weights(checkpoint, store)
     for notice in loaded.notices:
         click.echo(f"note: {notice}", err=True)
-    return loaded.build_model()
+    model = loaded.build_model()
+    if loaded.store_name:
+        store.mark_used(loaded.store_name)  # the app opens it next time
+    return model
 
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--checkpoint", "-c", help="Weights to use: a model.safetensors (or its folder) or a book model.pth.")
+@click.option("--checkpoint", "-c", help="A name from `gpt2term ckpt list`, a model.safetensors (or folder), a .pth.")
 @click.option("--max-new-tokens", "-n", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy (argmax).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Sample only among the K most probable tokens.")
@@ -253,6 +258,221 @@ def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int,
         cells = "  ".join(f"{c.text!r} {format_prob(c.prob)}" for c in lens.top)
         click.echo(f"{marker} layer {lens.layer:>2}: {cells}")
     click.echo(f"* the final answer first appears at layer {first}")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints (issue 3)
+
+
+def _store():  # noqa: ANN202 (CheckpointStore, lazily imported)
+    from gpt2term.core.checkpoints import CheckpointStore
+
+    return CheckpointStore()
+
+
+def _local_time(iso: str | None) -> str:
+    import datetime as dt
+
+    if not iso:
+        return "-"
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _number(value, fmt: str = "{:.3f}") -> str:  # noqa: ANN001
+    return "-" if value is None else fmt.format(value)
+
+
+@cli.group()
+def ckpt() -> None:
+    """Your checkpoints (in the data folder, see `gpt2term locate`): list, show, import, export, mv, cp, rm."""
+
+
+@ckpt.command("list")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of objects (name, damaged, meta values, ...).")
+def ckpt_list(as_json: bool) -> None:
+    """Every checkpoint: parameters, step, tokens seen, val loss, size, updated, source. Damaged ones say why."""
+    from gpt2term.core.interop import find_hf_cached_models
+    from gpt2term.formatting import format_bytes, format_count
+
+    store = _store()
+    rows = store.list()
+    if as_json:
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no checkpoints yet in {store.root}; `gpt2term ckpt import PATH` or train one")
+    else:
+        table = [("NAME", "PARAMS", "STEP", "TOKENS", "VAL LOSS", "SIZE", "UPDATED", "SOURCE")]
+        for row in rows:
+            if row.damaged:
+                table.append((row.name, f"DAMAGED: {row.damaged}"))
+                continue
+            table.append(
+                (
+                    row.name,
+                    format_count(row.get("parameters") or 0),
+                    _number(row.get("step"), "{}"),
+                    "-" if row.get("tokens_seen") is None else format_count(row.get("tokens_seen")),
+                    _number(row.get("val_loss")),
+                    format_bytes(row.size_bytes),
+                    _local_time(row.updated),
+                    str(row.get("source") or "-"),
+                )
+            )
+        widths = [max(len(r[i]) for r in table if len(r) > 2 and i < len(r)) for i in range(len(table[0]))]
+        for r in table:
+            if len(r) == 2:
+                click.echo(f"{r[0]:<{widths[0]}}  {r[1]}")
+            else:
+                click.echo("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=True)).rstrip())
+    cached = find_hf_cached_models()
+    if cached:
+        names = ", ".join(m.name for m in cached)
+        click.echo(f"\nin the Hugging Face cache (use by name, or `gpt2term ckpt import NAME`): {names}")
+
+
+@ckpt.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="The listing row and the whole meta.json as one JSON object.")
+def ckpt_show(name: str, as_json: bool) -> None:
+    """Everything known about checkpoint NAME: its meta.json, files, and whether it loads."""
+    from gpt2term.formatting import format_bytes
+
+    store = _store()
+    info = store.info(name)
+    metrics = len(store.read_metrics(name))
+    files = sorted(p.name for p in info.path.iterdir() if p.is_file())
+    if as_json:
+        click.echo(
+            json.dumps({**info.to_dict(), "meta": info.meta, "files": files, "metrics_records": metrics}, indent=2)
+        )
+        return
+    click.echo(f"{info.name}  ({info.path})")
+    click.echo(f"  status: {'DAMAGED: ' + info.damaged if info.damaged else 'ok'}")
+    click.echo(f"  size: {format_bytes(info.size_bytes)}; files: {', '.join(files)}; metrics records: {metrics}")
+    for key, value in (info.meta or {}).items():
+        shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        click.echo(f"  {key}: {'-' if value is None else shown}")
+
+
+@ckpt.command("import")
+@click.argument("source")
+@click.option("--name", "-n", help="Name in the store (default: from the file or folder name).")
+@click.option(
+    "--n-heads", type=click.IntRange(min=1), help="Heads, for files without a config (default: 64-dim heads)."
+)
+def ckpt_import(source: str, name: str | None, n_heads: int | None) -> None:
+    """Copy weights into the store: a HF model.safetensors (file or folder), a GPT-2 from the Hugging Face cache
+    by name (gpt2, gpt2-medium, ...), the book's model.pth / model_and_optimizer.pth, or a checkpoint folder."""
+    from gpt2term.formatting import format_count
+
+    result = _store().import_weights(source, name, n_heads=n_heads)
+    for notice in result.notices:
+        click.echo(f"note: {notice}", err=True)
+    info = result.info
+    extra = " with optimizer state" if info.has_optimizer else ""
+    click.echo(f"imported {info.name}: {format_count(info.get('parameters') or 0)} parameters{extra}, from {source}")
+
+
+@ckpt.command("export")
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["hf", "pth", "pth-optimizer"]),
+    help="hf: model.safetensors + config.json for transformers; pth: the book's model.pth; "
+    "pth-optimizer: the book's model_and_optimizer.pth.",
+)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Folder (hf) or file (pth).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def ckpt_export(name: str, fmt: str, output: Path, force: bool) -> None:
+    """Write checkpoint NAME in a format other tools load (transformers, the book's code)."""
+    from gpt2term.core.interop import export_book_pth, export_hf
+
+    checkpoint = _store().load(name, with_state=fmt == "pth-optimizer")
+    if fmt == "hf":
+        result = export_hf(checkpoint.state_dict, checkpoint.config, output, overwrite=force)
+        hint = f'GPT2LMHeadModel.from_pretrained("{output}")'
+    else:
+        result = export_book_pth(
+            checkpoint.state_dict,
+            checkpoint.config,
+            output,
+            optimizer_state=checkpoint.optimizer_state,
+            with_optimizer=fmt == "pth-optimizer",
+            overwrite=force,
+        )
+        hint = f'model.load_state_dict(torch.load("{result.paths[0]}", map_location=device))'
+        if fmt == "pth-optimizer":
+            hint = f'checkpoint = torch.load("{result.paths[0]}"); checkpoint["model_state_dict"] ...'
+    for notice in result.notices:
+        click.echo(f"note: {notice}", err=True)
+    for path in result.paths:
+        click.echo(f"wrote {path}")
+    click.echo(f"load it with: {hint}")
+
+
+@ckpt.command("mv")
+@click.argument("old")
+@click.argument("new")
+def ckpt_mv(old: str, new: str) -> None:
+    """Rename checkpoint OLD to NEW."""
+    _store().rename(old, new)
+    click.echo(f"renamed {old} -> {new}")
+
+
+@ckpt.command("cp")
+@click.argument("src")
+@click.argument("dst")
+def ckpt_cp(src: str, dst: str) -> None:
+    """Copy checkpoint SRC to a new checkpoint DST (weights, state, meta and metrics)."""
+    _store().copy(src, dst)
+    click.echo(f"copied {src} -> {dst}")
+
+
+@ckpt.command("rm")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def ckpt_rm(name: str, yes: bool) -> None:
+    """Delete checkpoint NAME (asks first unless --yes)."""
+    from gpt2term.formatting import format_bytes
+
+    store = _store()
+    info = store.info(name)
+    if not yes:
+        click.confirm(f"delete checkpoint {name} ({format_bytes(info.size_bytes)}, {info.path})?", abort=True)
+    store.delete(name)
+    click.echo(f"deleted {name}")
+
+
+@ckpt.command("download")
+@click.argument("size", type=click.Choice(["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]))
+@click.option("--name", "-n", help="Name in the store (default: the size).")
+def ckpt_download(size: str, name: str | None) -> None:
+    """Download OpenAI's GPT-2 weights (needs the `hub` extra) and import them into the store."""
+    from gpt2term.core.interop import download_hf
+
+    cached = download_hf(size)
+    result = _store().import_weights(str(cached.folder), name or size)
+    click.echo(f"downloaded {cached.repo_id} into the Hugging Face cache and imported it as {result.info.name}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="The paths as one JSON object.")
+def locate(as_json: bool) -> None:
+    """Print where gpt2term keeps its data (set GPT2TERM_HOME to move it all)."""
+    from gpt2term.locations import HOME_ENV, all_paths
+
+    paths = all_paths()
+    if as_json:
+        click.echo(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+        return
+    for key, path in paths.items():
+        click.echo(f"{key:<18} {path}{'' if path.exists() else '  (not created yet)'}")
+    click.echo(f"\nset {HOME_ENV} to keep everything under one folder")
 
 
 def main() -> None:

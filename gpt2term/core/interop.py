@@ -8,8 +8,10 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, o
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from gpt2term.core.config import GPTConfig
-from gpt2term.core.errors import CheckpointError
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
 
 HEAD_DIM_GUESS = 64  # every released GPT-2 size uses 64-dimensional heads
@@ -331,3 +333,278 @@ def load_weights_file(path: Path) -> LoadedWeights:
     if path.suffix in (".pth", ".pt", ".bin"):
         return load_book_pth(path)
     raise CheckpointError(f"{path}: unknown weights format; expected .safetensors or .pth")
+
+
+# ------------------------------------------------------------------------------------------------- writing files
+# Everything written goes to a temporary file beside its target, is flushed to disk, and is then renamed into place:
+# an export interrupted half-way never leaves a half-written file under the name a user (or transformers) will open.
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (so a rename inside it survives a power cut), to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on Windows; their renames are durable there anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no memory: safetensors refuses tied or aliased tensors."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+        if v.numel() and key in seen:
+            v = v.clone()
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write and fsync a safetensors file (in place: callers write into a temporary folder or file)."""
+    from safetensors.torch import save_file
+
+    save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    fsync_path(path)
+
+
+def _torch_save_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_atomically(tmp: Path, target: Path) -> None:
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+
+
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _refuse_overwrite(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists; pass --force to overwrite it, or choose another output path")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote, and what the user should know about it (e.g. an optimizer state made up fresh)."""
+
+    paths: list[Path]
+    notices: list[str] = field(default_factory=list)
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, *, overwrite: bool = False
+) -> ExportResult:
+    """A folder `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads: `model.safetensors` + `config.json`."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file; the Hugging Face format is a folder, pass a folder path to -o")
+    weights, config_file = folder / "model.safetensors", folder / "config.json"
+    _refuse_overwrite(weights, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_sd, tied = to_hf_state_dict(state_dict, cfg)
+    tmp = _temp_beside(weights)
+    try:
+        write_safetensors(hf_sd, tmp)
+        _replace_atomically(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    tmp = _temp_beside(config_file)
+    try:
+        tmp.write_text(json.dumps(config_to_hf(cfg, tied), indent=2) + "\n")
+        fsync_path(tmp)
+        _replace_atomically(tmp, config_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    notices = []
+    if not cfg.qkv_bias:
+        notices.append("the model has no query/key/value biases; GPT-2's format requires them, so they are zeros")
+    return ExportResult([weights, config_file], notices)
+
+
+def book_state_dict(
+    state_dict: dict[str, torch.Tensor], cfg: GPTConfig, include_mask: bool = True
+) -> dict[str, torch.Tensor]:
+    """Our state_dict as the book's GPTModel holds it: the same names, plus each block's causal `att.mask` buffer
+    (the book registers it as a persistent buffer, so its strict `load_state_dict` expects it; ours ignores it)."""
+    out: dict[str, torch.Tensor] = {}
+    mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1) if include_mask else None
+    for k, v in state_dict.items():
+        out[k] = v.detach().to("cpu")
+        if mask is not None and k.endswith(".att.out_proj.bias"):  # the book's order: after the attention's params
+            out[k[: -len("out_proj.bias")] + "mask"] = mask
+    return out
+
+
+def fresh_adamw_state(state_dict: dict[str, torch.Tensor], lr: float = 0.0004, weight_decay: float = 0.1) -> dict:
+    """The state_dict of a just-created `AdamW(model.parameters(), ...)` (the course's settings), for a model that
+    has no optimizer state of its own: the course's `optimizer.load_state_dict(...)` then works unchanged."""
+    params = [torch.nn.Parameter(torch.empty(0)) for _ in state_dict]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay).state_dict()
+
+
+def _count_params(optimizer_state: dict) -> int:
+    return sum(len(g.get("params", [])) for g in optimizer_state.get("param_groups", []))
+
+
+def export_book_pth(
+    state_dict: dict[str, torch.Tensor],
+    cfg: GPTConfig,
+    path: Path,
+    *,
+    optimizer_state: dict | None = None,
+    with_optimizer: bool = False,
+    overwrite: bool = False,
+) -> ExportResult:
+    """The book's files: `model.pth` (`torch.save(model.state_dict(), ...)`), or with `with_optimizer`,
+    `model_and_optimizer.pth` (`{"model_state_dict": ..., "optimizer_state_dict": ...}`). A folder path gets the
+    book's file name inside it. Both load with `weights_only=True`, as torch.load does by default."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / ("model_and_optimizer.pth" if with_optimizer else "model.pth")
+    _refuse_overwrite(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notices: list[str] = []
+    model_sd = book_state_dict(state_dict, cfg)
+    payload: dict[str, Any] = model_sd
+    if with_optimizer:
+        if optimizer_state is None:
+            optimizer_state = fresh_adamw_state(state_dict)
+            notices.append(
+                "this checkpoint has no optimizer state: wrote a fresh AdamW state (lr 0.0004, weight_decay 0.1)"
+            )
+        elif _count_params(optimizer_state) != len(state_dict):
+            notices.append(
+                f"the optimizer state covers {_count_params(optimizer_state)} tensors but the model has "
+                f"{len(state_dict)} parameters; build the optimizer the way it was trained before loading it"
+            )
+        elif len(optimizer_state.get("param_groups", [])) > 1:
+            notices.append(
+                f"the optimizer state has {len(optimizer_state['param_groups'])} parameter groups; "
+                "load it into an optimizer built with the same groups"
+            )
+        payload = {"model_state_dict": model_sd, "optimizer_state_dict": optimizer_state}
+    tmp = _temp_beside(path)
+    try:
+        _torch_save_synced(payload, tmp)
+        _replace_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult([path], notices)
+
+
+# ------------------------------------------------------------------------------------ the Hugging Face local cache
+
+HF_GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HF_GPT2_OWNER = "openai-community"
+
+
+class MissingExtra(Gpt2termError):
+    """An optional dependency (an extra) is not installed."""
+
+
+@dataclass
+class HFCachedModel:
+    """A GPT-2 model already downloaded by `huggingface_hub` (by transformers, or by `gpt2term ckpt download`)."""
+
+    name: str  # what a user types: "gpt2", "gpt2-medium", ... for OpenAI's sizes, else the repository id
+    repo_id: str
+    folder: Path  # the snapshot folder: config.json and the weights
+    weights: Path
+
+
+def _snapshot_folder(repo_dir: Path) -> Path | None:
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    candidates = []
+    if ref.is_file():
+        candidates.append(snapshots / ref.read_text().strip())
+    if snapshots.is_dir():
+        candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in candidates:
+        if (folder / "config.json").is_file() and any(
+            (folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")
+        ):
+            return folder
+    return None
+
+
+def find_hf_cached_models(cache: Path | None = None) -> list[HFCachedModel]:
+    """GPT-2 models in the local Hugging Face cache, offered by name: no download, no `huggingface_hub` needed."""
+    from gpt2term.locations import hf_cache_dir
+
+    cache = Path(cache) if cache is not None else hf_cache_dir()
+    found: list[HFCachedModel] = []
+    try:
+        repo_dirs = sorted(p for p in cache.iterdir() if p.name.startswith("models--") and p.is_dir())
+    except OSError:
+        return found
+    for repo_dir in repo_dirs:
+        folder = _snapshot_folder(repo_dir)
+        if folder is None:
+            continue
+        try:
+            if json.loads((folder / "config.json").read_text()).get("model_type") != "gpt2":
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        repo_id = repo_dir.name[len("models--") :].replace("--", "/")
+        owner, _, short = repo_id.rpartition("/")
+        name = short if owner in ("", HF_GPT2_OWNER) else repo_id
+        weights = folder / "model.safetensors"
+        found.append(
+            HFCachedModel(name, repo_id, folder, weights if weights.is_file() else folder / "pytorch_model.bin")
+        )
+    return found
+
+
+def find_hf_cached(name: str, cache: Path | None = None) -> HFCachedModel | None:
+    """The cached model a user means by `name` ("gpt2", "openai-community/gpt2", "someone/gpt2-poems")."""
+    for model in find_hf_cached_models(cache):
+        if name in (model.name, model.repo_id):
+            return model
+    return None
+
+
+def load_hf_cached(model: HFCachedModel) -> LoadedWeights:
+    if model.weights.suffix == ".safetensors":
+        loaded = load_hf(model.folder)
+    else:  # older downloads only have pytorch_model.bin: a plain state_dict, read with weights_only=True
+        cfg = config_from_hf(json.loads((model.folder / "config.json").read_text()))
+        loaded = load_book_pth(model.weights, cfg)
+    loaded.source = f"huggingface-cache:{model.repo_id}"
+    return loaded
+
+
+def download_hf(size: str) -> HFCachedModel:
+    """Fetch one of OpenAI's GPT-2 sizes into the Hugging Face cache (with its progress bar), via the `hub` extra."""
+    if size not in HF_GPT2_SIZES:
+        raise InputError(f"unknown GPT-2 size {size!r}; choose one of: {', '.join(HF_GPT2_SIZES)}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise MissingExtra(
+            "downloading needs the optional 'hub' extra; install it with: pip install 'gpt2term[hub]' "
+            "(or pip install huggingface_hub)"
+        ) from exc
+    repo_id = f"{HF_GPT2_OWNER}/{size}"
+    try:
+        folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as exc:  # network, disk, authentication: huggingface_hub raises many kinds
+        raise CheckpointError(
+            f"could not download {repo_id} ({type(exc).__name__}: {exc}); check your connection and try again"
+        ) from exc
+    return HFCachedModel(size, repo_id, folder, folder / "model.safetensors")

@@ -1,0 +1,990 @@
+"""The checkpoint store: one folder per checkpoint under the data directory, written so that a crash never breaks one.
+
+Layout of `<root>/<name>/`:
+
+    model.safetensors   the weights, our (the course's) names
+    meta.json           config, parameter count, step, epoch, tokens seen, losses, source, created/updated times
+    optimizer.pt        optional: the optimizer's state_dict, for resuming (torch.save; read with weights_only=True)
+    trainer.pt          optional: the trainer's state (RNG, data position, ...), same rules
+    metrics.jsonl       optional: one JSON object per training event, appended while a run goes on
+
+Why it is safe:
+- A save writes a new folder `.<name>.tmp-<pid>-<token>` beside the checkpoint, fsyncs every file and the folder,
+  then renames it into place. Overwriting first renames the old folder to `.<name>.old-<pid>-<token>` and deletes
+  it only once the new one is in place, so `kill -9` at any instant leaves the old checkpoint or the new one.
+  A crash between the two renames is repaired on next use (the old folder is put back); leftover temporary
+  folders of dead processes are removed.
+- Loading reads weights with safetensors and the optional state with `torch.load(..., weights_only=True)`, so no
+  file can run code. Listing reads only headers: a damaged checkpoint is reported with its reason, never raised.
+- Writers hold a lock file `.<name>.lock` (pid, host, process start time); a second writer is refused with the
+  holder's pid, and a lock left by a dead process is taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import struct
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2term import locations
+from gpt2term.core.config import GPTConfig
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
+from gpt2term.core.interop import (
+    find_hf_cached,
+    fsync_path,
+    load_hf_cached,
+    load_state_dict_checked,
+    load_weights_file,
+    read_safetensors,
+    torch_load_safely,
+    write_safetensors,
+)
+from gpt2term.core.model import GPTModel
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_FILE = "trainer.pt"
+METRICS_FILE = "metrics.jsonl"
+FORMAT_VERSION = 1
+MAX_NAME_LENGTH = 100
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+STAGING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|deleted)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$")
+META_KEYS = (
+    "step",
+    "epoch",
+    "tokens_seen",
+    "train_loss",
+    "val_loss",
+    "train_perplexity",
+    "val_perplexity",
+    "source",
+)
+
+
+class CheckpointLocked(CheckpointError):
+    """Another process (or another run in this one) is writing this checkpoint."""
+
+
+def validate_name(name: str) -> str:
+    """A checkpoint name is one plain folder name: no separators, no `..`, not hidden, not too long."""
+    if not isinstance(name, str) or not name:
+        raise InputError("a checkpoint name cannot be empty; pick one such as my-run-1")
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.match(name) or ".." in name:
+        raise InputError(
+            f"invalid checkpoint name {name!r}: use letters, digits, '.', '_', '-', '+' (at most {MAX_NAME_LENGTH}, "
+            "starting with a letter or digit, no '..' or slashes), e.g. my-run-1"
+        )
+    return name
+
+
+def suggest_name(text: str) -> str:
+    """A valid name made from arbitrary text (a file name, a repository id)."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip(".-_+")
+    name = re.sub(r"\.{2,}", ".", name)[:MAX_NAME_LENGTH].strip(".-_+")
+    return name or "imported"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_default(value: Any) -> Any:
+    """Numbers from torch/numpy and paths, as JSON: trainers pass tensors for losses without thinking about it."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable; store plain numbers and strings in meta")
+
+
+def _perplexity(loss: Any) -> float | None:
+    try:
+        return math.exp(min(float(loss), 700.0))
+    except (TypeError, ValueError):
+        return None
+
+
+_WEIGHTS_ONLY_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.Size, torch.dtype)
+
+
+def _check_loadable_state(value: Any, where: str) -> None:
+    """Refuse, at save time, state that `torch.load(weights_only=True)` would refuse at resume time."""
+    if isinstance(value, (dict, OrderedDict)):
+        for k, v in value.items():
+            _check_loadable_state(k, where)
+            _check_loadable_state(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple, set)):
+        for i, v in enumerate(value):
+            _check_loadable_state(v, f"{where}[{i}]")
+    elif not isinstance(value, (*_WEIGHTS_ONLY_TYPES, torch.device)):
+        raise TypeError(
+            f"{where} is a {type(value).__name__}; checkpoint state may hold only tensors, numbers, strings, "
+            "lists, tuples and dicts (it is read back with weights_only=True)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ listing
+
+
+@dataclass
+class CheckpointInfo:
+    """One row of a listing. Building it never raises: a checkpoint that cannot be loaded has `damaged` set."""
+
+    name: str
+    path: Path
+    meta: dict | None
+    damaged: str | None
+    size_bytes: int
+    has_optimizer: bool
+    updated: str | None  # ISO time
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A meta.json value, or `default` (damaged checkpoints may have no meta)."""
+        return (self.meta or {}).get(key, default)
+
+    @property
+    def config(self) -> GPTConfig | None:
+        try:
+            return GPTConfig.from_dict(self.get("config") or {}) if self.get("config") else None
+        except (Gpt2termError, TypeError, ValueError):
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object `ckpt list --json` prints: the row's fields and meta.json's main values."""
+        row: dict[str, Any] = {
+            "name": self.name,
+            "damaged": self.damaged,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "has_optimizer": self.has_optimizer,
+            "updated": self.updated,
+            "created": self.get("created"),
+            "parameters": self.get("parameters"),
+        }
+        row.update({k: self.get(k) for k in META_KEYS})
+        row["config"] = self.get("config")
+        return row
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: what the model needs (config, weights) and, when asked, what a resumed run needs."""
+
+    name: str
+    config: GPTConfig
+    state_dict: dict[str, torch.Tensor]
+    meta: dict
+    optimizer_state: dict | None = None
+    trainer_state: dict | None = None
+    notices: list[str] = field(default_factory=list)  # what the user should be told about how it was read
+    store_name: str | None = None  # set when it came from the store (not from a path)
+
+    def build_model(self, device: torch.device | str = "cpu") -> GPTModel:
+        """A GPTModel with these weights, in eval mode (call `.train()` to train it), in the dtype they were saved."""
+        with torch.device("meta"):
+            model = GPTModel(self.config)
+        model = model.to_empty(device=device)
+        load_state_dict_checked(model, self.state_dict, self.name)
+        return model.eval()
+
+
+@lru_cache(maxsize=16)
+def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
+
+
+_SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+
+
+def _safetensors_problem(path: Path, cfg: GPTConfig) -> str | None:
+    """Why a weights file cannot be loaded for `cfg`, read from its header alone (listing stays fast)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return f"{WEIGHTS_FILE} is truncated ({size} bytes)"
+            header_len = struct.unpack("<Q", raw)[0]
+            if header_len > min(size - 8, 100_000_000):
+                return f"{WEIGHTS_FILE} is truncated or not a safetensors file (bad header length)"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{WEIGHTS_FILE} is unreadable ({exc})"
+    header.pop("__metadata__", None)
+    try:
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        shapes = {k: tuple(t["shape"]) for k, t in header.items()}
+        dtypes = {k: t["dtype"] for k, t in header.items()}
+    except (KeyError, TypeError, ValueError, IndexError):
+        return f"{WEIGHTS_FILE} has a malformed header"
+    if 8 + header_len + end > size:
+        return f"{WEIGHTS_FILE} is truncated ({size} of {8 + header_len + end} bytes); it was cut off while written"
+    expected = _expected_shapes(cfg)
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        return f"{WEIGHTS_FILE} lacks {len(missing)} tensors of the config, e.g. {missing[0]}"
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            return f"{k} has shape {list(shapes[k])} but meta.json's config expects {list(shape)}"
+    for k, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_SIZES and dtype not in ("BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"):
+            return f"{k} has an unknown dtype {dtype}"
+    return None
+
+
+def _folder_size(path: Path) -> int:
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def inspect_folder(path: Path, name: str | None = None) -> CheckpointInfo:
+    """A listing row for any checkpoint folder (in the store or not). Never raises."""
+    name = name or path.name
+    meta: dict | None = None
+    damaged: str | None = None
+    size = _folder_size(path)
+    optimizer = path / OPTIMIZER_FILE
+    has_optimizer = optimizer.is_file() and zipfile.is_zipfile(optimizer)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        if not (path / WEIGHTS_FILE).exists() and (path / METRICS_FILE).is_file():
+            damaged = "no weights yet: only metrics.jsonl (a run that has not saved); wait for its first save or rm it"
+        else:
+            damaged = f"{META_FILE} is missing; re-import the weights or rm this checkpoint"
+    else:
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            meta, damaged = None, f"{META_FILE} is unreadable ({exc})"
+    if damaged is None:
+        assert meta is not None
+        try:
+            cfg = GPTConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError, Gpt2termError) as exc:
+            damaged = f"{META_FILE} has no valid config ({exc})"
+        else:
+            if not (path / WEIGHTS_FILE).is_file():
+                damaged = f"{WEIGHTS_FILE} is missing"
+            else:
+                damaged = _safetensors_problem(path / WEIGHTS_FILE, cfg)
+    updated = (meta or {}).get("updated")
+    if not updated:
+        with contextlib.suppress(OSError):
+            updated = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    return CheckpointInfo(name, path, meta, damaged, size, has_optimizer, updated)
+
+
+def load_folder(path: Path, name: str | None = None, *, with_state: bool = False) -> Checkpoint:
+    """Load a checkpoint folder of ours, safely: weights by safetensors, state by `weights_only=True`."""
+    name = name or path.name
+    info = inspect_folder(path, name)
+    if info.damaged:
+        raise CheckpointError(f"checkpoint {name!r} is damaged: {info.damaged}")
+    assert info.meta is not None
+    cfg = GPTConfig.from_dict(info.meta["config"])
+    state_dict = read_safetensors(path / WEIGHTS_FILE)
+    optimizer_state = trainer_state = None
+    if with_state:
+        if (path / OPTIMIZER_FILE).is_file():
+            optimizer_state = torch_load_safely(path / OPTIMIZER_FILE)
+        if (path / TRAINER_FILE).is_file():
+            trainer_state = torch_load_safely(path / TRAINER_FILE)
+    return Checkpoint(name, cfg, state_dict, info.meta, optimizer_state, trainer_state)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+# -------------------------------------------------------------------------------------------------------- locks
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), so a lock is not kept alive by an unrelated process reusing it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int, started: str | None = None) -> bool:
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):  # killed, not yet reaped: it will never release its lock
+            return False
+    if started is not None:
+        now = _process_start(pid)
+        if now is not None and now != started:
+            return False
+    return True
+
+
+@dataclass
+class LockHolder:
+    pid: int
+    host: str
+    since: str | None
+    purpose: str | None
+    token: str | None
+    started: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> LockHolder | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                int(data["pid"]),
+                str(data.get("host", "")),
+                data.get("since"),
+                data.get("purpose"),
+                data.get("token"),
+                data.get("started"),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            # Half-written by a process killed between create and write: nobody can own it.
+            return cls(-1, socket.gethostname(), None, None, None)
+
+    def alive(self) -> bool:
+        if self.host and self.host != socket.gethostname():
+            return True  # another machine sharing the folder: we cannot tell, so we respect it
+        return _pid_alive(self.pid, self.started)
+
+    def describe(self) -> str:
+        what = f" ({self.purpose})" if self.purpose else ""
+        return f"process {self.pid} on {self.host or 'this machine'}{what} since {self.since or '?'}"
+
+
+_PROCESS_LOCKS: dict[str, str] = {}  # lock file path -> token, for locks this process holds
+_PROCESS_LOCKS_GUARD = threading.Lock()
+_NAME_MUTEXES: dict[str, threading.RLock] = {}
+
+
+def _name_mutex(path: Path) -> threading.RLock:
+    """One in-process mutex per checkpoint folder: saves, appends and renames of one name never interleave."""
+    with _PROCESS_LOCKS_GUARD:
+        return _NAME_MUTEXES.setdefault(str(path), threading.RLock())
+
+
+class CheckpointLock:
+    """The lock file of one checkpoint. A training run holds it for its whole run; `save()` takes it briefly."""
+
+    def __init__(self, path: Path, name: str, purpose: str | None = None) -> None:
+        self.path = path
+        self.name = name
+        self.purpose = purpose
+        self.token: str | None = None
+
+    def acquire(self) -> CheckpointLock:
+        with _PROCESS_LOCKS_GUARD:
+            if str(self.path) in _PROCESS_LOCKS:
+                raise CheckpointLocked(
+                    f"checkpoint {self.name!r} is already being written by another run in this program; "
+                    "wait for it to finish or stop it first"
+                )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            token = secrets.token_hex(8)
+            for _ in range(5):
+                if self._create(token):
+                    _PROCESS_LOCKS[str(self.path)] = token
+                    self.token = token
+                    return self
+                holder = LockHolder.read(self.path)
+                if holder is None:
+                    continue  # released meanwhile: try again
+                if holder.alive():
+                    raise CheckpointLocked(
+                        f"checkpoint {self.name!r} is being written by {holder.describe()}; wait for it to finish "
+                        f"or stop it (if that process is gone, delete {self.path})"
+                    )
+                self._take_over(holder)
+            raise CheckpointLocked(f"could not lock checkpoint {self.name!r} ({self.path}); try again")
+
+    def _create(self, token: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _process_start(os.getpid()),
+            "since": _now(),
+            "purpose": self.purpose,
+            "token": token,
+        }
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
+
+    def _take_over(self, stale: LockHolder) -> None:
+        """Remove a dead process's lock, unless another process took it over first (then leave theirs alone)."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = LockHolder.read(aside)
+        if moved is not None and (moved.token, moved.pid) != (stale.token, stale.pid):
+            # We moved a fresh lock someone else had just created: put it back if nobody took the place since.
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        with _PROCESS_LOCKS_GUARD:
+            if self.token is None or _PROCESS_LOCKS.get(str(self.path)) != self.token:
+                return
+            del _PROCESS_LOCKS[str(self.path)]
+            holder = LockHolder.read(self.path)
+            if holder is not None and holder.token == self.token:
+                self.path.unlink(missing_ok=True)
+            self.token = None
+
+    def __enter__(self) -> CheckpointLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+# -------------------------------------------------------------------------------------------------------- store
+
+
+class CheckpointStore:
+    """Every checkpoint the user keeps, by name. Safe to use from several threads and processes at once."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else locations.checkpoints_dir()
+
+    # ---------------------------------------------------------------- paths
+
+    def path(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def metrics_path(self, name: str) -> Path:
+        return self.path(name) / METRICS_FILE
+
+    def lock_path(self, name: str) -> Path:
+        return self.root / f".{validate_name(name)}.lock"
+
+    def _state_path(self) -> Path:
+        default = locations.checkpoints_dir()
+        return locations.state_path() if self.root == default else self.root / ".state.json"
+
+    def _staging(self, name: str, kind: str) -> Path:
+        return self.root / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+    # ---------------------------------------------------------------- locks
+
+    def lock(self, name: str, purpose: str | None = "training") -> CheckpointLock:
+        """Hold this for a whole training run: other writers (other processes, other runs here) are refused."""
+        return CheckpointLock(self.lock_path(name), name, purpose)
+
+    def lock_holder(self, name: str) -> LockHolder | None:
+        """Who writes this checkpoint now (a live process), or None."""
+        holder = LockHolder.read(self.lock_path(name))
+        return holder if holder is not None and holder.alive() else None
+
+    def _held_here(self, name: str) -> bool:
+        with _PROCESS_LOCKS_GUARD:
+            return str(self.lock_path(name)) in _PROCESS_LOCKS
+
+    @contextlib.contextmanager
+    def _writing(self, name: str, purpose: str) -> Iterator[None]:
+        """Exclusive access for one write: the in-process mutex, and the lock file unless this process holds it."""
+        with _name_mutex(self.path(name)):
+            if self._held_here(name):
+                yield
+            else:
+                with CheckpointLock(self.lock_path(name), name, purpose):
+                    yield
+
+    # ---------------------------------------------------------------- crash repair
+
+    def _staging_entries(self) -> list[tuple[Path, re.Match]]:
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        return [(Path(e.path), m) for e in entries if (m := STAGING_RE.match(e.name))]
+
+    def _recover(self, name: str, entries: list[tuple[Path, re.Match]] | None = None) -> None:
+        """Repair what a crash of a writer left: put back an old folder whose replacement never arrived, remove
+        temporary and half-deleted folders of dead processes. Skipped while a live writer holds the lock."""
+        entries = [(p, m) for p, m in (entries or self._staging_entries()) if m["name"] == name]
+        if not entries:
+            return
+        with _name_mutex(self.path(name)):
+            if self._held_here(name) or self.lock_holder(name) is not None:
+                return
+            try:
+                lock = CheckpointLock(self.lock_path(name), name, "repair").acquire()
+            except (CheckpointError, OSError):
+                return
+            try:
+                final = self.root / name
+                for path, match in sorted(entries, key=lambda e: e[1]["kind"] != "old"):
+                    if not path.exists():
+                        continue
+                    if match["kind"] == "old" and not final.exists():
+                        os.rename(path, final)
+                        fsync_path(self.root)
+                    else:
+                        shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+            finally:
+                lock.release()
+
+    def _old_in_flight(self, name: str) -> Path | None:
+        """During an overwrite's two renames the checkpoint lives at `.<name>.old-...`: readers use it there."""
+        for path, match in self._staging_entries():
+            if match["name"] == name and match["kind"] == "old" and is_checkpoint_folder(path):
+                return path
+        return None
+
+    def _existing_path(self, name: str) -> Path | None:
+        self._recover(name)
+        path = self.path(name)
+        if path.is_dir():
+            return path
+        return self._old_in_flight(name)
+
+    # ---------------------------------------------------------------- reading
+
+    def exists(self, name: str) -> bool:
+        return self._existing_path(name) is not None
+
+    def _require(self, name: str) -> Path:
+        path = self._existing_path(name)
+        if path is None:
+            raise CheckpointError(f"no checkpoint named {name!r}; see `gpt2term ckpt list` for the names")
+        return path
+
+    def info(self, name: str) -> CheckpointInfo:
+        return inspect_folder(self._require(name), name)
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint, sorted by name; damaged ones included, with their reason."""
+        entries = self._staging_entries()
+        for name in {m["name"] for _, m in entries}:
+            with contextlib.suppress(Gpt2termError):
+                validate_name(name)
+                self._recover(name, entries)
+        rows = {}
+        try:
+            children = list(os.scandir(self.root))
+        except OSError:
+            return []
+        for entry in children:
+            if entry.name.startswith(".") or not entry.is_dir() or not NAME_RE.match(entry.name):
+                continue
+            rows[entry.name] = inspect_folder(Path(entry.path), entry.name)
+        for path, match in self._staging_entries():  # overwrites caught between their two renames
+            if match["kind"] == "old" and match["name"] not in rows and is_checkpoint_folder(path):
+                rows[match["name"]] = inspect_folder(path, match["name"])
+        return [rows[k] for k in sorted(rows, key=str.lower)]
+
+    def load(self, name: str, *, with_state: bool = False) -> Checkpoint:
+        """Weights, config and meta; with `with_state`, also the optimizer and trainer state (for resuming)."""
+        checkpoint = load_folder(self._require(name), name, with_state=with_state)
+        checkpoint.store_name = name
+        return checkpoint
+
+    def load_model(self, name: str, device: torch.device | str = "cpu") -> GPTModel:
+        return self.load(name).build_model(device)
+
+    def read_metrics(self, name: str) -> list[dict]:
+        """The run's events, oldest first. A line still being written (or cut off by a crash) is skipped."""
+        try:
+            text = self.metrics_path(name).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
+    # ---------------------------------------------------------------- writing
+
+    def append_metrics(self, name: str, record: dict) -> None:
+        """One JSON line, flushed, so another process (the app following a headless run) sees it at once.
+        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive."""
+        line = json.dumps(record, default=_json_default, ensure_ascii=False)
+        with _name_mutex(self.path(name)):
+            path = self.metrics_path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+
+    def save(
+        self,
+        name: str,
+        model: GPTModel,
+        *,
+        meta: dict | None = None,
+        optimizer_state: dict | None = None,
+        trainer_state: dict | None = None,
+    ) -> CheckpointInfo:
+        """Save atomically: the old checkpoint (if any) stays intact until the new one is complete on disk.
+
+        `meta` is merged into the existing meta.json; `created` is kept, `updated` set now, `config` and
+        `parameters` come from the model. Losses without perplexities get them filled in."""
+        validate_name(name)
+        model = getattr(model, "_orig_mod", model)  # torch.compile'd
+        model = getattr(model, "module", model)  # DistributedDataParallel
+        if not isinstance(getattr(model, "cfg", None), GPTConfig):
+            raise TypeError("save() takes a GPTModel (it reads the model's cfg)")
+        if optimizer_state is not None:
+            _check_loadable_state(optimizer_state, "optimizer_state")
+        if trainer_state is not None:
+            _check_loadable_state(trainer_state, "trainer_state")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._writing(name, "save"):
+            self._recover_own(name)
+            final = self.root / name
+            old_meta = self._read_meta(final)
+            record = self._merged_meta(old_meta, meta or {}, model)
+            tmp = self._staging(name, "tmp")
+            try:
+                tmp.mkdir()
+                write_safetensors(model.state_dict(), tmp / WEIGHTS_FILE)
+                if optimizer_state is not None:
+                    self._torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+                if trainer_state is not None:
+                    self._torch_save(trainer_state, tmp / TRAINER_FILE)
+                self._write_json(tmp / META_FILE, record)
+                if (final / METRICS_FILE).is_file():
+                    self._carry_metrics(final / METRICS_FILE, tmp / METRICS_FILE)
+                fsync_path(tmp)
+                self._put_in_place(tmp, final, name)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"could not save checkpoint {name!r} ({exc.strerror or exc}); the previous version is kept. "
+                    "Free disk space or check permissions of " + str(self.root)
+                ) from exc
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return inspect_folder(final, name)
+
+    def _recover_own(self, name: str) -> None:
+        """Crash repair while this process holds the lock (before a save): same as _recover, lock already ours."""
+        final = self.root / name
+        for path, match in self._staging_entries():
+            if match["name"] != name or int(match["pid"]) == os.getpid():
+                continue
+            if match["kind"] == "old" and not final.exists():
+                os.rename(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _read_meta(folder: Path) -> dict:
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _merged_meta(old: dict, new: dict, model: GPTModel) -> dict:
+        now = _now()
+        record: dict[str, Any] = {k: None for k in META_KEYS}
+        record.update(old)
+        record.update(new)
+        record["config"] = model.cfg.to_dict()
+        record["parameters"] = model.num_parameters()
+        record["created"] = old.get("created") or new.get("created") or now
+        record["updated"] = now
+        record["format"] = FORMAT_VERSION
+        for split in ("train", "val"):
+            if f"{split}_loss" in new and f"{split}_perplexity" not in new:
+                record[f"{split}_perplexity"] = _perplexity(new[f"{split}_loss"])
+        return record
+
+    @staticmethod
+    def _torch_save(obj: Any, path: Path) -> None:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _write_json(path: Path, obj: Any) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def _carry_metrics(src: Path, dst: Path) -> None:
+        """Hard-link the run's metrics into the new folder: one file, so lines appended meanwhile are kept."""
+        try:
+            os.link(src, dst)
+        except OSError:  # filesystems without hard links
+            shutil.copy2(src, dst)
+
+    def _put_in_place(self, tmp: Path, final: Path, name: str) -> None:
+        """Rename the complete new folder into place; an existing one is moved aside first and deleted last."""
+        old = None
+        if final.exists():
+            old = self._staging(name, "old")
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old is not None and not final.exists():
+                os.rename(old, final)  # interrupted between the renames: put the old one back
+            raise
+        fsync_path(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> None:
+        """`ckpt mv`: one atomic rename of the folder; refused while either name is being written."""
+        self._require(old)
+        validate_name(new)
+        if self.path(new).exists():
+            raise CheckpointError(f"a checkpoint named {new!r} already exists; rm it first or pick another name")
+        with self._writing(old, "rename"), self._writing(new, "rename"):
+            self._recover_own(old)
+            if not self.path(old).is_dir():
+                raise CheckpointError(f"no checkpoint named {old!r}; see `gpt2term ckpt list` for the names")
+            if self.path(new).exists():
+                raise CheckpointError(f"a checkpoint named {new!r} already exists; rm it first or pick another name")
+            os.rename(self.path(old), self.path(new))
+            fsync_path(self.root)
+        self._rename_in_state(old, new)
+
+    def copy(self, src: str, dst: str) -> CheckpointInfo:
+        """`ckpt cp`: an independent copy (metrics included), written to a temporary folder and renamed in."""
+        source = self._require(src)
+        return self.import_folder(source, dst, copied_from=src)
+
+    def import_folder(self, source: Path, name: str, *, copied_from: str | None = None) -> CheckpointInfo:
+        """Copy a checkpoint folder of ours (from the store or anywhere) in under `name`, atomically."""
+        validate_name(name)
+        if self.path(name).exists():
+            raise CheckpointError(f"a checkpoint named {name!r} already exists; rm it first or pick another name")
+        info = inspect_folder(source, source.name)
+        if info.damaged:
+            raise CheckpointError(f"{source} is damaged ({info.damaged}); it cannot be copied")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._writing(name, "copy"):
+            if self.path(name).exists():
+                raise CheckpointError(f"a checkpoint named {name!r} already exists; rm it first or pick another name")
+            tmp = self._staging(name, "tmp")
+            try:
+                for _ in range(3):  # a run may save over the source meanwhile: copy again until it is stable
+                    before = self._fingerprint(source)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(source, tmp)
+                    if self._fingerprint(source) == before:
+                        break
+                meta = self._read_meta(tmp)
+                if copied_from:
+                    meta["copied_from"] = copied_from
+                else:
+                    meta.setdefault("source", f"checkpoint-folder:{source}")
+                self._write_json(tmp / META_FILE, meta)
+                for child in tmp.iterdir():
+                    fsync_path(child)
+                fsync_path(tmp)
+                os.rename(tmp, self.path(name))
+                fsync_path(self.root)
+            except OSError as exc:
+                raise CheckpointError(f"could not copy into {name!r} ({exc}); free disk space and retry") from exc
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.info(name)
+
+    @staticmethod
+    def _fingerprint(folder: Path) -> tuple:
+        try:
+            return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(folder)))
+        except OSError:
+            return ()
+
+    def delete(self, name: str) -> None:
+        """`ckpt rm`: refused while a run writes it. The folder disappears at once (renamed aside), then is removed."""
+        self._require(name)
+        with self._writing(name, "delete"):
+            self._recover_own(name)
+            path = self.path(name)
+            if not path.is_dir():
+                raise CheckpointError(f"no checkpoint named {name!r}; see `gpt2term ckpt list` for the names")
+            doomed = self._staging(name, "deleted")
+            os.rename(path, doomed)
+            fsync_path(self.root)
+            shutil.rmtree(doomed, ignore_errors=True)
+        state = self._read_state()
+        if state.get("most_recent_checkpoint") == name:
+            state.pop("most_recent_checkpoint")
+            self._write_state(state)
+
+    # ---------------------------------------------------------------- import
+
+    def import_weights(self, spec: str, name: str | None = None, *, n_heads: int | None = None) -> ImportResult:
+        """`ckpt import`: a HF safetensors file/folder, a HF-cache name, a book .pth, or a checkpoint folder of ours."""
+        path = Path(spec).expanduser()
+        if is_checkpoint_folder(path):
+            name = validate_name(name or suggest_name(path.name))
+            return ImportResult(self.import_folder(path, name), [])
+        loaded = resolve_weights(spec, self, n_heads=n_heads, prefer_store=False)
+        if name is None:
+            name = suggest_name(loaded.name)
+        validate_name(name)
+        if self.exists(name):
+            raise CheckpointError(
+                f"a checkpoint named {name!r} already exists; pass --name to pick another, or rm it first"
+            )
+        meta: dict[str, Any] = {"source": loaded.meta.get("source", spec)}
+        if loaded.notices:
+            meta["notices"] = loaded.notices
+        info = self.save(name, loaded.build_model(), meta=meta, optimizer_state=loaded.optimizer_state)
+        return ImportResult(info, loaded.notices)
+
+    # ---------------------------------------------------------------- app state
+
+    def _read_state(self) -> dict:
+        try:
+            state = json.loads(self._state_path().read_text(encoding="utf-8"))
+            return state if isinstance(state, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, state: dict) -> None:
+        path = self._state_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _rename_in_state(self, old: str, new: str) -> None:
+        state = self._read_state()
+        if state.get("most_recent_checkpoint") == old:
+            state["most_recent_checkpoint"] = new
+            self._write_state(state)
+
+    def mark_used(self, name: str) -> None:
+        """Remember `name` as the checkpoint to open next time (the app starts with it)."""
+        validate_name(name)
+        state = self._read_state()
+        state["most_recent_checkpoint"] = name
+        self._write_state(state)
+
+    def most_recent(self) -> str | None:
+        """The last checkpoint used, if it still loads; else the most recently updated loadable one; else None."""
+        rows = [row for row in self.list() if row.damaged is None]
+        wanted = self._read_state().get("most_recent_checkpoint")
+        if any(row.name == wanted for row in rows):
+            return wanted
+        rows.sort(key=lambda row: row.updated or "", reverse=True)
+        return rows[0].name if rows else None
+
+
+@dataclass
+class ImportResult:
+    info: CheckpointInfo
+    notices: list[str]
+
+
+def resolve_weights(
+    spec: str,
+    store: CheckpointStore | None = None,
+    *,
+    n_heads: int | None = None,
+    prefer_store: bool = True,
+) -> Checkpoint:
+    """What a user means by `--checkpoint SPEC`: a store name, else a path (a checkpoint folder of ours, HF
+    safetensors file or folder, a book .pth), else a GPT-2 in the local Hugging Face cache ("gpt2", ...)."""
+    store = store or CheckpointStore()
+    spec = str(spec)
+    is_name = bool(NAME_RE.match(spec)) and ".." not in spec and len(spec) <= MAX_NAME_LENGTH
+    if prefer_store and is_name and store.exists(spec):
+        return store.load(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if is_checkpoint_folder(path):
+            return load_folder(path, suggest_name(path.name))
+        loaded = load_weights_file(path)
+        stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
+    else:
+        cached = find_hf_cached(spec) if is_name or spec.count("/") == 1 else None
+        if cached is None:
+            if not is_name or path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+                load_weights_file(path)  # raises its "no such file" error naming the path
+            raise CheckpointError(
+                f"{spec!r}: no checkpoint of that name, no such file or folder, and no GPT-2 of that name in the "
+                "Hugging Face cache; see `gpt2term ckpt list`, check the path, or run `gpt2term ckpt download gpt2`"
+            )
+        loaded = load_hf_cached(cached)
+        stem = cached.name
+    if n_heads is not None:
+        loaded.config = loaded.config.with_(n_heads=n_heads)
+        loaded.notices = [n for n in loaded.notices if "heads" not in n]
+        loaded.notices.append(f"using {n_heads} attention heads of {loaded.config.head_dim} dims, as given")
+    return Checkpoint(
+        name=suggest_name(stem),
+        config=loaded.config,
+        # Half-precision files compute in float32 on CPU, as they did before the store existed.
+        state_dict={k: v.float() if v.is_floating_point() else v for k, v in loaded.state_dict.items()},
+        meta={"source": loaded.source, "config": loaded.config.to_dict()},
+        optimizer_state=loaded.optimizer_state,
+        trainer_state=None,
+        notices=list(loaded.notices),
+    )
