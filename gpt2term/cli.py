@@ -32,14 +32,22 @@ class Gpt2termGroup(click.Group):
 
 @click.group(cls=Gpt2termGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gpt2term")
+@click.option(
+    "--checkpoint",
+    "-c",
+    metavar="NAME",
+    help="The app opens this model: a checkpoint name or a weights path (default: the last one used).",
+)
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, checkpoint: str | None) -> None:
     """GPT-2 from scratch in your terminal: prompt it, train it, look inside it.
 
     With no command, opens the app.
     """
     if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+        from gpt2term.tui.app import make_app
+
+        make_app(checkpoint).run()
 
 
 def _set_threads(threads: int | None) -> None:

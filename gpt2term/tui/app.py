@@ -1,0 +1,141 @@
+"""The gpt2term app: three modes (Prompt, Train, Checkpoints), a model loaded in the background, remappable keys.
+
+`make_app()` is the one way to build it, shared by `gpt2term` (the CLI) and the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.model import GPTModel
+from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
+from gpt2term.tui.keymap import bind, load_keymap
+from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
+from gpt2term.tui.model_source import AppModel, load_app_model
+from gpt2term.tui.screens.placeholders import CheckpointsScreen, TrainScreen
+from gpt2term.tui.screens.prompt import PromptScreen
+
+
+class Gpt2termApp(App):
+    TITLE = "gpt2term"
+    CSS_PATH = "app.tcss"
+    MODES = {"prompt": PromptScreen, "train": TrainScreen, "checkpoints": CheckpointsScreen}
+    DEFAULT_MODE = "prompt"
+    BINDINGS = [
+        bind("app.quit", "quit", priority=True),
+        bind("app.command-palette", "command_palette", show=False, priority=True),
+        bind("mode.prompt", "switch_mode('prompt')", show=False, priority=True),
+        bind("mode.train", "switch_mode('train')", show=False, priority=True),
+        bind("mode.checkpoints", "switch_mode('checkpoints')", show=False, priority=True),
+    ]
+
+    app_model: reactive[AppModel | None] = reactive(None, always_update=True)
+    loading_label: reactive[str] = reactive("")
+
+    def __init__(
+        self,
+        load: Callable[[], AppModel],
+        loading_label: str = "loading…",
+        tokenizer: Tokenizer | None = None,
+        keymap: dict[str, str] | None = None,
+        keymap_error: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._load = load
+        self._initial_loading_label = loading_label
+        self._tokenizer = tokenizer
+        self._keymap_error = keymap_error
+        if keymap:
+            self.set_keymap(keymap)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = default_tokenizer()
+        return self._tokenizer
+
+    def on_mount(self) -> None:
+        if self._keymap_error:
+            self.notify(self._keymap_error, title="Keymap ignored", severity="error", timeout=10)
+        self.load_model(self._load, self._initial_loading_label)
+
+    def load_model(self, load: Callable[[], AppModel], label: str) -> None:
+        """Load in a thread (a GPT-2 takes seconds): the UI keeps answering, the body shows a loading indicator."""
+        self.loading_label = label
+        self.app_model = None
+        self._load_worker(load)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
+    def _load_worker(self, load: Callable[[], AppModel]) -> None:
+        try:
+            self.tokenizer  # noqa: B018 (build the tokenizer off the UI thread too)
+            app_model = load()
+        except Gpt2termError as exc:
+            self.post_message(ModelLoadFailed(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 (shown to the user; the app keeps running)
+            self.post_message(ModelLoadFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(ModelLoaded(app_model))
+
+    def on_model_loaded(self, message: ModelLoaded) -> None:
+        self.loading_label = ""
+        self.app_model = message.app_model
+        for notice in message.app_model.notices:
+            self.notify(notice, timeout=8)
+
+    def on_model_load_failed(self, message: ModelLoadFailed) -> None:
+        self.loading_label = "no model loaded"
+        self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield SystemCommand("Prompt mode", "Prompt the model and watch each token's probability", self._mode("prompt"))
+        yield SystemCommand("Train mode", "Train a model and watch the loss", self._mode("train"))
+        yield SystemCommand("Checkpoints mode", "Your trained and imported models", self._mode("checkpoints"))
+        if isinstance(screen, PromptScreen):
+            yield SystemCommand(
+                "Decoding settings", "Greedy, temperature, top-k, top-p, seed, ...", screen.action_settings
+            )
+            yield SystemCommand("Toggle token colours", "Colour tokens by probability", screen.action_toggle_colours)
+            yield SystemCommand(
+                "Toggle token boundaries", "Show where tokens begin and end", screen.action_toggle_boundaries
+            )
+            yield SystemCommand("Copy last completion", "To the clipboard (OSC 52)", screen.action_copy_last)
+            yield SystemCommand("Save transcript", "As Markdown, or JSON with every token", screen.action_save)
+        yield from super().get_system_commands(screen)
+
+    def _mode(self, mode: str) -> Callable[[], None]:
+        return lambda: self.switch_mode(mode)
+
+
+def make_app(
+    checkpoint: str | None = None,
+    *,
+    model: GPTModel | None = None,
+    model_name: str = "model",
+    untrained: bool = False,
+    tokenizer: Tokenizer | None = None,
+    keymap: dict[str, str] | None = None,
+) -> Gpt2termApp:
+    """The app for a checkpoint (None: the most recently used, else an untrained GPT-2), or for a given model.
+
+    The keymap defaults to the user's `keymap.toml`; a broken file is reported in the app, which then uses the
+    default keys.
+    """
+    keymap_error = None
+    if keymap is None:
+        try:
+            keymap = load_keymap()
+        except Gpt2termError as exc:
+            keymap, keymap_error = {}, str(exc)
+    if model is not None:
+        given = AppModel(model.eval(), model_name, untrained=untrained)
+        return Gpt2termApp(lambda: given, f"loading {model_name}…", tokenizer, keymap, keymap_error)
+    label = f"loading {checkpoint}…" if checkpoint else "loading…"
+    return Gpt2termApp(lambda: load_app_model(checkpoint), label, tokenizer, keymap, keymap_error)

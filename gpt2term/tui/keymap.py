@@ -1,0 +1,130 @@
+"""Every key binding of the app in one table, and the user's overrides from `keymap.toml` in the config dir.
+
+Each binding has an id (Textual's `Binding.id`), so a user remaps it without knowing which widget owns it:
+
+    # ~/.config/gpt2term/keymap.toml
+    "prompt.generate" = "ctrl+r"
+    [prompt]
+    copy = "f8"          # same as "prompt.copy" = "f8"
+
+The README's key table is checked against `DEFAULT_KEYS` by a test, so the documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual.binding import Binding
+
+from gpt2term import locations
+from gpt2term.core.errors import Gpt2termError
+
+
+class KeymapError(Gpt2termError):
+    """A keymap file that cannot be read or names a binding that does not exist."""
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    keys: str  # Textual key names, comma-separated for several
+    description: str  # shown in the footer
+    help: str  # shown in the README's table and the command palette
+
+
+DEFAULT_KEYS: dict[str, KeySpec] = {
+    "app.quit": KeySpec("ctrl+q", "Quit", "quit the app"),
+    "app.command-palette": KeySpec("ctrl+p", "Commands", "open the command palette (modes, settings, toggles, ...)"),
+    "mode.prompt": KeySpec("f2", "Prompt", "switch to the Prompt mode"),
+    "mode.train": KeySpec("f3", "Train", "switch to the Train mode"),
+    "mode.checkpoints": KeySpec("f4", "Checkpoints", "switch to the Checkpoints mode"),
+    "prompt.generate": KeySpec("enter", "Generate", "generate a continuation of the prompt"),
+    "prompt.newline": KeySpec(
+        "shift+enter,ctrl+j", "Newline", "new line in the prompt (Shift+Enter where the terminal reports it)"
+    ),
+    "prompt.history-previous": KeySpec("up", "Previous prompt", "on the prompt's first line: recall an earlier prompt"),
+    "prompt.history-next": KeySpec("down", "Next prompt", "on the prompt's last line: recall a later prompt"),
+    "prompt.stop": KeySpec("escape", "Stop", "stop generating at once (between two tokens); else back to the prompt"),
+    "prompt.inspect": KeySpec("tab", "Inspect", "move focus between the prompt and the token cursor"),
+    "prompt.settings": KeySpec("ctrl+o", "Settings", "decoding settings: greedy, temperature, top-k, top-p, ..."),
+    "prompt.toggle-colours": KeySpec("ctrl+l", "Colours", "colour each generated token by its probability"),
+    "prompt.toggle-boundaries": KeySpec("ctrl+t", "Tokens", "show token boundaries"),
+    "prompt.copy": KeySpec("ctrl+g", "Copy", "copy the last completion to the clipboard (OSC 52)"),
+    "prompt.save": KeySpec("ctrl+s", "Save", "save the transcript to a file (.md, or .json with every token)"),
+    "tokens.previous": KeySpec("left", "Prev token", "token cursor: previous generated token"),
+    "tokens.next": KeySpec("right", "Next token", "token cursor: next generated token"),
+    "tokens.first": KeySpec("home", "First", "token cursor: first token of the completion"),
+    "tokens.last": KeySpec("end", "Last", "token cursor: last token of the completion"),
+    "dialog.cancel": KeySpec("escape", "Cancel", "close a dialog without changing anything"),
+    "dialog.apply": KeySpec("ctrl+s", "Apply", "apply a dialog (Enter in a field does the same)"),
+}
+
+KEYMAP_FILE = "keymap.toml"
+
+
+def bind(binding_id: str, action: str, *, show: bool = True, priority: bool = False) -> Binding:
+    """A Textual `Binding` with its default key and description from `DEFAULT_KEYS`, carrying its id."""
+    spec = DEFAULT_KEYS[binding_id]
+    return Binding(spec.keys, action, spec.description, show=show, priority=priority, id=binding_id)
+
+
+def key_display(app, binding_id: str) -> str:  # noqa: ANN001 (a textual App)
+    """How the app shows the key of `binding_id` right now (the user's keymap included), e.g. "^o" or "enter"."""
+    keys = (getattr(app, "_keymap", None) or {}).get(binding_id, DEFAULT_KEYS[binding_id].keys)
+    return app.get_key_display(Binding(keys.split(",")[0], ""))
+
+
+def keymap_path() -> Path:
+    return locations.config_dir() / KEYMAP_FILE
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_keymap(text: str, source: str = KEYMAP_FILE) -> dict[str, str]:
+    """Binding id -> keys from a TOML (or JSON) keymap; unknown ids and non-string keys are errors that say why."""
+    try:
+        if source.endswith(".json"):
+            table = json.loads(text)
+        else:
+            import tomllib
+
+            table = tomllib.loads(text)
+    except ImportError as exc:  # Python 3.10
+        raise KeymapError(f"{source}: reading TOML needs Python 3.11+; write it as keymap.json instead") from exc
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise KeymapError(f"{source}: not valid TOML/JSON ({exc}); fix the line it names or delete the file") from exc
+    if not isinstance(table, dict):
+        raise KeymapError(f'{source}: expected a table of binding ids to keys, e.g. "prompt.generate" = "ctrl+r"')
+    keymap = _flatten(table)
+    for binding_id, keys in keymap.items():
+        if binding_id not in DEFAULT_KEYS:
+            raise KeymapError(f"{source}: unknown binding id {binding_id!r}; valid ids: {', '.join(DEFAULT_KEYS)}")
+        if not isinstance(keys, str) or not keys.strip():
+            raise KeymapError(f'{source}: {binding_id} must be a key name in quotes, e.g. "ctrl+r" or "f5,ctrl+r"')
+    return {binding_id: keys.replace(" ", "") for binding_id, keys in keymap.items()}
+
+
+def load_keymap(path: Path | None = None) -> dict[str, str]:
+    """The user's overrides: `keymap.toml` (or `keymap.json`) in the config dir; none when there is no file."""
+    if path is None:
+        path = keymap_path()
+        if not path.exists() and path.with_suffix(".json").exists():
+            path = path.with_suffix(".json")
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeymapError(f"{path}: cannot be read ({exc.strerror}); fix its permissions or delete it") from exc
+    return parse_keymap(text, str(path))

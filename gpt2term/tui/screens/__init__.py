@@ -1,0 +1,1 @@
+"""One file per screen: the three modes (prompt, train, checkpoints) and the dialogs."""

@@ -1,0 +1,316 @@
+"""The prompt screen: type a prompt, watch the model continue it one token at a time, and see why.
+
+Generation runs in a thread worker that posts one `TokenGenerated` message per token; Esc sets a
+`threading.Event` that `generate()` checks between two tokens, so it stops at once without killing a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+from textual.worker import Worker, WorkerState
+
+from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.generation import DecodingSettings, generate, score
+from gpt2term.core.model import GPTModel
+from gpt2term.core.tokenizer import Tokenizer
+from gpt2term.tui.keymap import bind, key_display
+from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
+from gpt2term.tui.model_source import AppModel
+from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
+from gpt2term.tui.turns import Turn, save_transcript
+from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
+from gpt2term.tui.widgets.header import ModelHeader
+from gpt2term.tui.widgets.perplexity import PerplexityPanel
+from gpt2term.tui.widgets.probabilities import ProbabilityPanel
+from gpt2term.tui.widgets.prompt_input import PromptInput
+from gpt2term.tui.widgets.transcript import TokenDisplay, Transcript
+
+WELCOME = (
+    "Type a prompt below and press Enter: the model continues it one token at a time. Each token comes with its "
+    "probability and the alternatives the model weighed (right). Tab moves a cursor over the tokens; Ctrl+L colours "
+    "them by probability, Ctrl+T shows where one token ends and the next begins; Ctrl+O changes how tokens are "
+    "picked (greedy, temperature, top-k, top-p)."
+)
+
+
+class PromptScreen(Screen):
+    BINDINGS = [
+        bind("prompt.stop", "stop", priority=True),
+        bind("prompt.inspect", "inspect"),
+        bind("prompt.settings", "settings"),
+        bind("prompt.toggle-colours", "toggle_colours"),
+        bind("prompt.toggle-boundaries", "toggle_boundaries"),
+        bind("prompt.copy", "copy_last"),
+        bind("prompt.save", "save"),
+    ]
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.settings = DecodingSettings()
+        self.display_mode = TokenDisplay()
+        self.turns: list[Turn] = []
+        self._turns_by_id: dict[int, Turn] = {}
+        self._next_turn_id = 1
+        self._cancel: threading.Event | None = None
+        self.generating: Turn | None = None
+        self._worker: Worker | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield ModelHeader("prompt")
+        with Horizontal(id="body"):
+            yield Transcript(WELCOME, id="transcript")
+            with Vertical(id="side"):
+                yield ProbabilityPanel(id="probs")
+                yield PerplexityPanel(id="perplexity")
+        yield Static(id="status")
+        yield PromptInput(id="prompt")
+        yield Footer(compact=True)
+
+    @property
+    def transcript(self) -> Transcript:
+        return self.query_one(Transcript)
+
+    @property
+    def prompt_input(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "app_model", self._model_changed, init=True)
+        keys = {name: key_display(self.app, f"prompt.{name}") for name in ("generate", "newline", "history-previous")}
+        self.prompt_input.placeholder = (
+            f"Type a prompt · {keys['generate']} generates · {keys['newline']} new line · {keys['history-previous']} "
+            "earlier prompts"
+        )
+        self.prompt_input.focus()
+
+    def on_descendant_focus(self) -> None:
+        self.update_status()
+
+    def on_descendant_blur(self) -> None:
+        self.update_status()
+
+    def _model_changed(self, app_model: AppModel | None) -> None:
+        self.query_one("#body").loading = app_model is None
+        hint = WELCOME
+        if app_model is not None and app_model.untrained:
+            hint += "\n\n" + app_model.notices[0]
+        self.transcript.set_hint(hint)
+        self.update_status()
+
+    def update_status(self, note: str = "") -> None:
+        """The line above the prompt: the current decoding settings, the toggles, and what is happening."""
+        text = Text()
+        if self.generating is not None:
+            done = len(self.generating.steps)
+            text.append(f"generating {done}/{self.settings.max_new_tokens} (Esc stops) ", style="bold")
+        elif note:
+            text.append(note + " ", style="bold")
+        elif getattr(self.app, "app_model", None) is None:
+            text.append("loading the model… ", style="bold")
+        text.append(self.settings.describe(), style="")
+        if self.display_mode.colours:
+            text.append("  p:", style="dim")
+            for prob in LEGEND_PROBS:
+                text.append(" ■", style=prob_color(prob))
+                text.append(f"{prob * 100:g}%", style="dim")
+        if self.display_mode.boundaries:
+            text.append("  tokens shown", style="dim")
+        if self.transcript.has_focus:
+            text = Text("token cursor: ←/→ move, Home/End, Tab or Esc back to the prompt  ", style="bold") + text
+        self.query_one("#status", Static).update(text)
+
+    # ------------------------------------------------------------------ generating
+
+    @on(PromptInput.Submitted)
+    def _submitted(self, event: PromptInput.Submitted) -> None:
+        self.start_generation(event.text)
+
+    def start_generation(self, prompt: str) -> Turn | None:
+        """Start a generation for `prompt`; returns its turn, or None (with a notification saying why)."""
+        app_model: AppModel | None = self.app.app_model
+        if app_model is None:
+            self.notify("The model is still loading; try again in a moment.", severity="warning")
+            return None
+        if self.generating is not None:
+            self.notify("Already generating: press Esc to stop first.", severity="warning")
+            return None
+        if not prompt.strip():
+            self.notify("Type a prompt first (Shift+Enter or Ctrl+J for a new line).", severity="warning")
+            return None
+        tokenizer = self.app.tokenizer
+        ids = tokenizer.encode(prompt)
+        ctx = app_model.context_length
+        if len(ids) > ctx:
+            self.notify(f"The prompt has {len(ids)} tokens; the model reads its last {ctx} (its context).")
+            ids = ids[-ctx:]
+        turn = Turn(self._next_turn_id, prompt, ids, self.settings, model_name=app_model.name)
+        self._next_turn_id += 1
+        self.turns.append(turn)
+        self._turns_by_id[turn.id] = turn
+        self.transcript.add_turn(turn)
+        self.prompt_input.remember(prompt)
+        self.prompt_input.clear()
+        self.generating = turn
+        self._cancel = threading.Event()
+        self._show_turn(turn)
+        self.update_status()
+        self._worker = self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel)
+        return turn
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
+    def _generate(
+        self,
+        turn_id: int,
+        model: GPTModel,
+        tokenizer: Tokenizer,
+        ids: list[int],
+        settings: DecodingSettings,
+        cancel: threading.Event,
+    ) -> None:
+        try:
+            for step in generate(model, tokenizer, ids, settings, cancel=cancel):
+                self.post_message(TokenGenerated(turn_id, step))
+            # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
+            if not cancel.is_set():
+                self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
+        except Gpt2termError as exc:
+            self.post_message(GenerationFinished(turn_id, stopped=False, error=str(exc)))
+            return
+        except Exception as exc:  # shown in the app, which keeps running
+            self.post_message(GenerationFinished(turn_id, stopped=False, error=f"{type(exc).__name__}: {exc}"))
+            return
+        self.post_message(GenerationFinished(turn_id, stopped=cancel.is_set()))
+
+    def on_token_generated(self, message: TokenGenerated) -> None:
+        turn = self._turns_by_id[message.turn_id]
+        turn.steps.append(message.step)
+        self.transcript.tokens_added(turn)
+        self.transcript.update_stats(turn)
+        if self.transcript.cursor is None:
+            self._show_turn(turn)
+        elif self.query_one(PerplexityPanel).turn is turn:
+            self.query_one(PerplexityPanel).show(turn)
+        self.update_status()
+
+    def on_prompt_scored(self, message: PromptScored) -> None:
+        turn = self._turns_by_id[message.turn_id]
+        turn.prompt_perplexity = message.perplexity
+        if self.query_one(PerplexityPanel).turn is turn:
+            self.query_one(PerplexityPanel).show(turn)
+
+    def on_generation_finished(self, message: GenerationFinished) -> None:
+        turn = self._turns_by_id[message.turn_id]
+        turn.state = "error" if message.error else "stopped" if message.stopped else "done"
+        turn.error = message.error
+        if message.error:
+            self.notify(message.error, title="Generation failed", severity="error")
+        if self.generating is turn:
+            self.generating = None
+        self.transcript.update_stats(turn)
+        if self.query_one(PerplexityPanel).turn is turn:
+            self.query_one(PerplexityPanel).show(turn)
+        self.update_status("stopped" if message.stopped else "")
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.group == "generate":  # a bug, not a user error
+            self.notify(str(event.worker.error), title="Generation failed", severity="error")
+            self.generating = None
+            self.update_status()
+
+    def action_stop(self) -> None:
+        """Esc: stop generating between two tokens; when idle, return to the prompt from the token cursor."""
+        if self.generating is not None and self._cancel is not None:
+            self._cancel.set()
+            self.update_status("stopping…")
+            return
+        if not self.prompt_input.has_focus:
+            self.transcript.follow_latest()
+            self.prompt_input.focus()
+
+    # ------------------------------------------------------------------ panels and the token cursor
+
+    def _show_turn(self, turn: Turn | None, index: int | None = None) -> None:
+        """Point both panels at a turn: its token `index`, or its latest token."""
+        probs = self.query_one(ProbabilityPanel)
+        self.query_one(PerplexityPanel).show(turn)
+        if turn is None or not turn.steps:
+            probs.show(None)
+            return
+        if index is None:
+            index = len(turn.steps) - 1
+        total = turn.settings.max_new_tokens if turn.state == "generating" else len(turn.steps)
+        probs.show(turn.steps[index], turn.context_before(index), total)
+
+    @on(Transcript.Selected)
+    def _selected(self, event: Transcript.Selected) -> None:
+        if event.turn is None:
+            self._show_turn(self.turns[-1] if self.turns else None)
+        else:
+            self._show_turn(event.turn, event.index)
+
+    def action_inspect(self) -> None:
+        if self.prompt_input.has_focus:
+            self.transcript.focus()
+            if self.transcript.cursor is None:
+                self.transcript.action_move_cursor(-1)
+        else:
+            self.transcript.follow_latest()
+            self.prompt_input.focus()
+
+    # ------------------------------------------------------------------ toggles, settings, copy, save
+
+    def action_toggle_colours(self) -> None:
+        self.display_mode = TokenDisplay(not self.display_mode.colours, self.display_mode.boundaries)
+        self.transcript.set_display(self.display_mode)
+        self.update_status()
+
+    def action_toggle_boundaries(self) -> None:
+        self.display_mode = TokenDisplay(self.display_mode.colours, not self.display_mode.boundaries)
+        self.transcript.set_display(self.display_mode)
+        self.update_status()
+
+    def action_settings(self) -> None:
+        def apply(settings: DecodingSettings | None) -> None:
+            if settings is not None:
+                self.settings = settings
+                self.update_status()
+
+        self.app.push_screen(SettingsScreen(self.settings), apply)
+
+    def action_copy_last(self) -> None:
+        done = [turn for turn in self.turns if turn.steps]
+        if not done:
+            self.notify("Nothing to copy yet: generate something first.", severity="warning")
+            return
+        text = done[-1].completion
+        self.app.copy_to_clipboard(text)
+        self.notify(f"Copied the last completion ({len(text)} characters).")
+
+    def action_save(self) -> None:
+        if not self.turns:
+            self.notify("Nothing to save yet: generate something first.", severity="warning")
+            return
+        default = Path.cwd() / time.strftime("gpt2term-transcript-%Y%m%d-%H%M%S.md")
+
+        def save(path: Path | None) -> None:
+            if path is None:
+                return
+            try:
+                written = save_transcript(self.turns, path)
+            except Gpt2termError as exc:
+                self.notify(str(exc), title="Not saved", severity="error")
+                return
+            self.notify(f"Saved the transcript to {written}")
+
+        self.app.push_screen(SavePathScreen(default), save)

@@ -1,0 +1,63 @@
+"""The one header line: which model is loaded (name, parameters, context, training, device and dtype), and the
+modes with their keys. It picks a compact form when the terminal is narrow, so nothing that matters is cut."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from gpt2term.tui.keymap import key_display
+
+MODES = (("prompt", "Prompt"), ("train", "Train"), ("checkpoints", "Checkpoints"))
+
+
+class ModelHeader(Widget):
+    DEFAULT_CSS = """
+    ModelHeader { dock: top; height: 1; background: $panel; color: $foreground; }
+    """
+
+    def __init__(self, mode: str, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "app_model", lambda _: self.refresh(), init=False)
+        self.watch(self.app, "loading_label", lambda _: self.refresh(), init=False)
+
+    def _modes(self, short: bool) -> Text:
+        text = Text()
+        for mode, title in MODES:
+            if short:
+                title = title[:5]
+            label = f" {key_display(self.app, 'mode.' + mode)} {title} "
+            text.append(label, style="reverse bold" if mode == self.mode else "dim")
+        return text
+
+    def render(self) -> Text:
+        width = self.content_size.width
+        app_model = getattr(self.app, "app_model", None)
+        loading = getattr(self.app, "loading_label", "")
+        for compact, short_modes in ((False, False), (True, False), (True, True)):
+            modes = self._modes(short_modes)
+            if loading:
+                parts = [loading]
+            elif app_model is None:
+                parts = ["no model"]
+            else:
+                parts = app_model.header_parts(compact=compact)
+            separator = " · " if not compact else "·"
+            info = Text(" ")
+            for n, part in enumerate(parts):
+                if n:
+                    info.append(separator, style="dim")
+                style = "bold" if n == 0 else ""
+                if app_model is not None and app_model.untrained and part == "untrained":
+                    style = "bold yellow"
+                info.append(part, style=style)
+            if info.cell_len + modes.cell_len + 1 <= width or short_modes:
+                break
+        gap = max(1, width - info.cell_len - modes.cell_len)
+        if info.cell_len + modes.cell_len + 1 > width:
+            info.truncate(max(1, width - modes.cell_len - 1), overflow="ellipsis")
+            gap = max(1, width - info.cell_len - modes.cell_len)
+        return info + Text(" " * gap) + modes

@@ -1,0 +1,93 @@
+"""Side panel "Next-token probabilities": the alternatives the model weighed for one token, as bars.
+
+It draws as many candidates as fit its height, so it stays readable from 80x24 to large terminals.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from gpt2term.core.generation import Step
+from gpt2term.formatting import format_prob
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def show_token(text: str) -> str:
+    """A token as a learner should read it: quoted, with spaces and newlines visible."""
+    return repr(text)
+
+
+def bar(fraction: float, width: int) -> str:
+    """A horizontal bar `width` cells wide at most, with eighth-cell precision."""
+    cells = max(0.0, min(1.0, fraction)) * width
+    full = int(cells)
+    rest = int((cells - full) * 8)
+    if full == 0 and rest == 0 and fraction > 0:
+        rest = 1  # a thin sliver: small, but not nothing
+    return "█" * full + (_EIGHTHS[rest] if rest and full < width else "")
+
+
+class ProbabilityPanel(Widget):
+    DEFAULT_CSS = "ProbabilityPanel { height: 1fr; }"
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        self.border_title = "Next-token probabilities"
+        self.step: Step | None = None
+        self.context = ""
+        self.total_tokens = 0
+
+    def show(self, step: Step | None, context: str = "", total_tokens: int = 0) -> None:
+        self.step, self.context, self.total_tokens = step, context, total_tokens
+        self.refresh()
+
+    def render(self) -> Text:
+        width = max(10, self.content_size.width)
+        height = max(1, self.content_size.height)
+        step = self.step
+        if step is None:
+            return Text("No tokens yet: generate, and the alternatives the model weighed appear here.", style="dim")
+        text = Text(no_wrap=True, overflow="ellipsis")
+        tail = self.context[-(width - 8) :].replace("\n", "↵")
+        text.append("after ", style="dim")
+        text.append(("…" if len(self.context) > len(tail) else "") + tail, style="italic")
+        text.append("\n")
+        of = f"/{self.total_tokens}" if self.total_tokens else ""
+        line = Text(f"token {step.index + 1}{of}: ", style="dim")
+        line.append(show_token(step.token_text), style="bold")
+        line.append(f" rank {step.rank}")
+        extra = f" p {format_prob(step.prob)}"
+        if line.cell_len + len(extra) <= width:
+            line.append(extra)
+        line.truncate(width, overflow="ellipsis")
+        text.append_text(line)
+        text.append("\n")
+        rows = max(1, height - 2)
+        chosen_listed = any(c.token_id == step.token_id for c in step.top[:rows])
+        candidates = list(step.top[: rows if chosen_listed else rows - 1])
+        label_width = min(14, max(6, width // 3))
+        bar_width = max(1, width - label_width - 10)
+        for candidate in candidates:
+            self._row(text, candidate.text, candidate.prob, candidate.token_id == step.token_id, label_width, bar_width)
+        if not chosen_listed:  # sampling picked a token outside the top rows: show it last, with its rank
+            self._row(text, step.token_text, step.prob, True, label_width, bar_width, rank=step.rank)
+        text.rstrip()
+        return text
+
+    @staticmethod
+    def _row(
+        text: Text, token: str, prob: float, chosen: bool, label_width: int, bar_width: int, rank: int | None = None
+    ) -> None:
+        """`▶ ' the'         ██████▍    45.3%`: marker, token, bar (the probability of the whole width), percent."""
+        label = show_token(token)
+        if rank is not None:
+            label = f"#{rank} {label}"
+        if len(label) > label_width:
+            label = label[: label_width - 1] + "…"
+        text.append("▶ " if chosen else "  ", style="bold")
+        text.append(label.ljust(label_width), style="bold" if chosen else "")
+        text.append(" ")
+        text.append(bar(prob, bar_width).ljust(bar_width), style="green" if chosen else "blue")
+        text.append(format_prob(prob).rjust(7) + "\n", style="bold" if chosen else "")
