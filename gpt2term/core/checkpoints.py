@@ -503,7 +503,8 @@ class CheckpointStore:
     """Every checkpoint the user keeps, by name. Safe to use from several threads and processes at once."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else locations.checkpoints_dir()
+        # Absolute, so that every store object of this process names a lock file the same way.
+        self.root = (Path(root) if root is not None else locations.checkpoints_dir()).expanduser().absolute()
 
     # ---------------------------------------------------------------- paths
 
@@ -517,7 +518,7 @@ class CheckpointStore:
         return self.root / f".{validate_name(name)}.lock"
 
     def _state_path(self) -> Path:
-        default = locations.checkpoints_dir()
+        default = locations.checkpoints_dir().expanduser().absolute()
         return locations.state_path() if self.root == default else self.root / ".state.json"
 
     def _staging(self, name: str, kind: str) -> Path:
@@ -539,10 +540,11 @@ class CheckpointStore:
             return str(self.lock_path(name)) in _PROCESS_LOCKS
 
     @contextlib.contextmanager
-    def _writing(self, name: str, purpose: str) -> Iterator[None]:
-        """Exclusive access for one write: the in-process mutex, and the lock file unless this process holds it."""
+    def _writing(self, name: str, purpose: str, *, holder_may: bool = False) -> Iterator[None]:
+        """Exclusive access for one write: the in-process mutex, and the lock file. With `holder_may` (saves), a
+        process holding the lock (a training run) may write; deleting or renaming a checkpoint under a run may not."""
         with _name_mutex(self.path(name)):
-            if self._held_here(name):
+            if holder_may and self._held_here(name):
                 yield
             else:
                 with CheckpointLock(self.lock_path(name), name, purpose):
@@ -693,7 +695,7 @@ class CheckpointStore:
         if trainer_state is not None:
             _check_loadable_state(trainer_state, "trainer_state")
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._writing(name, "save"):
+        with self._writing(name, "save", holder_may=True):
             self._recover_own(name)
             final = self.root / name
             old_meta = self._read_meta(final)
@@ -796,8 +798,8 @@ class CheckpointStore:
 
     def rename(self, old: str, new: str) -> None:
         """`ckpt mv`: one atomic rename of the folder; refused while either name is being written."""
-        self._require(old)
         validate_name(new)
+        self._require(old)
         if self.path(new).exists():
             raise CheckpointError(f"a checkpoint named {new!r} already exists; rm it first or pick another name")
         with self._writing(old, "rename"), self._writing(new, "rename"):
