@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 
 import platformdirs
 import pytest
@@ -227,19 +229,31 @@ def test_mark_used_keeps_other_app_state(isolated_home):
     assert json.loads(locations.state_path().read_text()) == {"theme": "dark", "most_recent_checkpoint": "old"}
 
 
-def test_lock_holder_may_save_but_a_second_writer_is_refused(store):
+def test_lock_holder_may_save_but_other_writers_are_refused(store):
     store.save("run", tiny_model(1))
     with store.lock("run"):
-        assert store.lock_holder("run").pid == __import__("os").getpid()
+        assert store.lock_holder("run").pid == os.getpid()
         store.save("run", tiny_model(2), meta={"step": 2})  # the run holding the lock saves
         with pytest.raises(CheckpointLocked, match="another run in this program"):
             store.lock("run").acquire()
-        with pytest.raises(CheckpointLocked):
-            store.delete("run")
-        with pytest.raises(CheckpointLocked):
-            store.rename("run", "other")
+
+        refusals = []
+
+        def another_part_of_the_app() -> None:  # e.g. the checkpoints screen while a run trains in a worker
+            for attempt in (lambda: store.delete("run"), lambda: store.rename("run", "other")):
+                with pytest.raises(CheckpointLocked) as caught:
+                    attempt()
+                refusals.append(caught.value)
+
+        thread = threading.Thread(target=another_part_of_the_app)
+        thread.start()
+        thread.join()
+        assert len(refusals) == 2 and store.exists("run")
+
+        store.delete("run")  # the run itself may replace its checkpoint (train --overwrite)
+        store.save("run", tiny_model(3), meta={"step": 3})
     assert store.lock_holder("run") is None and hidden_entries(store) == []
-    store.delete("run")
+    assert store.info("run").meta["step"] == 3
 
 
 def test_a_lock_from_another_machine_is_respected_and_a_half_written_one_taken_over(store):

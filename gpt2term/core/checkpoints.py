@@ -403,7 +403,7 @@ class LockHolder:
         return f"process {self.pid} on {self.host or 'this machine'}{what} since {self.since or '?'}"
 
 
-_PROCESS_LOCKS: dict[str, str] = {}  # lock file path -> token, for locks this process holds
+_PROCESS_LOCKS: dict[str, tuple[str, int]] = {}  # lock file path -> (token, thread id), for locks held here
 _PROCESS_LOCKS_GUARD = threading.Lock()
 _NAME_MUTEXES: dict[str, threading.RLock] = {}
 
@@ -434,7 +434,7 @@ class CheckpointLock:
             token = secrets.token_hex(8)
             for _ in range(5):
                 if self._create(token):
-                    _PROCESS_LOCKS[str(self.path)] = token
+                    _PROCESS_LOCKS[str(self.path)] = (token, threading.get_ident())
                     self.token = token
                     return self
                 holder = LockHolder.read(self.path)
@@ -481,7 +481,7 @@ class CheckpointLock:
 
     def release(self) -> None:
         with _PROCESS_LOCKS_GUARD:
-            if self.token is None or _PROCESS_LOCKS.get(str(self.path)) != self.token:
+            if self.token is None or _PROCESS_LOCKS.get(str(self.path), ("",))[0] != self.token:
                 return
             del _PROCESS_LOCKS[str(self.path)]
             holder = LockHolder.read(self.path)
@@ -535,16 +535,18 @@ class CheckpointStore:
         holder = LockHolder.read(self.lock_path(name))
         return holder if holder is not None and holder.alive() else None
 
-    def _held_here(self, name: str) -> bool:
+    def _held_here(self, name: str, *, by_this_thread: bool = False) -> bool:
         with _PROCESS_LOCKS_GUARD:
-            return str(self.lock_path(name)) in _PROCESS_LOCKS
+            held = _PROCESS_LOCKS.get(str(self.lock_path(name)))
+        return held is not None and (not by_this_thread or held[1] == threading.get_ident())
 
     @contextlib.contextmanager
-    def _writing(self, name: str, purpose: str, *, holder_may: bool = False) -> Iterator[None]:
-        """Exclusive access for one write: the in-process mutex, and the lock file. With `holder_may` (saves), a
-        process holding the lock (a training run) may write; deleting or renaming a checkpoint under a run may not."""
+    def _writing(self, name: str, purpose: str, *, any_thread: bool = False) -> Iterator[None]:
+        """Exclusive access for one write: the in-process mutex, and the lock file. The thread holding the lock
+        (a training run) may write; with `any_thread` (saves) so may the rest of its process; the rest of the
+        process may not delete or rename a checkpoint under a run."""
         with _name_mutex(self.path(name)):
-            if holder_may and self._held_here(name):
+            if self._held_here(name, by_this_thread=not any_thread):
                 yield
             else:
                 with CheckpointLock(self.lock_path(name), name, purpose):
@@ -695,7 +697,7 @@ class CheckpointStore:
         if trainer_state is not None:
             _check_loadable_state(trainer_state, "trainer_state")
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._writing(name, "save", holder_may=True):
+        with self._writing(name, "save", any_thread=True):
             self._recover_own(name)
             final = self.root / name
             old_meta = self._read_meta(final)
