@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from gpt2term.core.interop import export_book_pth, export_hf, load_book_pth, loa
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import default_tokenizer
 from gpt2term.formatting import format_bytes
+from tests.test_interop_export import make_hf_cache
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -172,6 +174,28 @@ def test_download_without_the_extra_says_how_to_install_it(monkeypatch):
     result = run("ckpt", "download", "gpt2")
     assert result.exit_code == 2
     assert "pip install 'gpt2term[hub]'" in result.output
+
+
+def test_download_with_the_extra_imports_into_the_store(store, tmp_path, monkeypatch):
+    model = tiny_model(7)
+
+    def snapshot_download(repo_id, allow_patterns):  # huggingface_hub's API, without the network
+        export_hf(model.state_dict(), TINY, tmp_path / repo_id)
+        return str(tmp_path / repo_id)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    result = run("ckpt", "download", "gpt2-large")
+    assert result.exit_code == 0, result.output
+    assert "imported it as gpt2-large" in result.output
+    assert_same_weights(store.load("gpt2-large").state_dict, model.state_dict())
+
+
+def test_list_offers_gpt2_models_from_the_hugging_face_cache(store, tmp_path, monkeypatch):
+    model = tiny_model(8)
+    monkeypatch.setenv("HF_HUB_CACHE", str(make_hf_cache(tmp_path, "models--openai-community--gpt2", model, TINY)))
+    assert "in the Hugging Face cache (use by name, or `gpt2term ckpt import NAME`): gpt2" in run("ckpt", "list").output
+    assert run("ckpt", "import", "gpt2").exit_code == 0
+    assert_same_weights(store.load("gpt2").state_dict, model.state_dict())
 
 
 def test_locate_prints_the_paths_in_use(isolated_home):

@@ -888,6 +888,8 @@ class CheckpointStore:
         if is_checkpoint_folder(path):
             name = validate_name(name or suggest_name(path.name))
             return ImportResult(self.import_folder(path, name), [])
+        if name is not None and self.exists(validate_name(name)):  # before reading gigabytes of weights
+            raise CheckpointError(f"a checkpoint named {name!r} already exists; pick another --name, or rm it first")
         loaded = resolve_weights(spec, self, n_heads=n_heads, prefer_store=False)
         if name is None:
             name = suggest_name(loaded.name)
