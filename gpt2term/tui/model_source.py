@@ -14,8 +14,8 @@ from gpt2term.formatting import format_count
 
 UNTRAINED_NAME = "gpt2-124M"
 UNTRAINED_HINT = (
-    "This model is untrained (random weights, seed 123): expect gibberish. Train one (F3, or `gpt2term train`) "
-    "or import GPT-2 weights (`gpt2term ckpt import PATH`), then open it with `gpt2term --checkpoint NAME`."
+    "This model is untrained (random weights): expect gibberish. Train one (`gpt2term train`) or import GPT-2 "
+    "weights (`gpt2term ckpt import PATH`), then open it with `gpt2term --checkpoint NAME`."
 )
 
 

@@ -24,7 +24,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
-from gpt2term.tui.model_source import AppModel
+from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
@@ -34,12 +34,21 @@ from gpt2term.tui.widgets.probabilities import ProbabilityPanel
 from gpt2term.tui.widgets.prompt_input import PromptInput
 from gpt2term.tui.widgets.transcript import TokenDisplay, Transcript
 
-WELCOME = (
-    "Type a prompt below and press Enter: the model continues it one token at a time. Each token comes with its "
-    "probability and the alternatives the model weighed (right). Tab moves a cursor over the tokens; Ctrl+L colours "
-    "them by probability, Ctrl+T shows where one token ends and the next begins; Ctrl+O changes how tokens are "
-    "picked (greedy, temperature, top-k, top-p)."
-)
+
+def welcome(app) -> str:  # noqa: ANN001 (a textual App)
+    """The first thing a new user reads, with the keys as they are bound now."""
+
+    def key(binding_id: str) -> str:
+        return key_display(app, binding_id)
+
+    return (
+        f"Type a prompt below and press {key('prompt.generate')}: the model continues it one token at a time. Each "
+        "token comes with its probability and the alternatives the model weighed (right). "
+        f"{key('prompt.inspect')} moves a cursor over the tokens; {key('prompt.toggle-colours')} colours them by "
+        f"probability, {key('prompt.toggle-boundaries')} shows where one token ends and the next begins; "
+        f"{key('prompt.settings')} changes how tokens are picked (greedy, temperature, top-k, top-p); "
+        f"{key('app.command-palette')} lists every command."
+    )
 
 
 class PromptScreen(Screen):
@@ -49,13 +58,14 @@ class PromptScreen(Screen):
         bind("prompt.settings", "settings"),
         bind("prompt.toggle-colours", "toggle_colours"),
         bind("prompt.toggle-boundaries", "toggle_boundaries"),
-        bind("prompt.copy", "copy_last"),
-        bind("prompt.save", "save"),
+        bind("prompt.copy", "copy_last", show=False),  # in the command palette; the footer has no room at 80 columns
+        bind("prompt.save", "save", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
-        self.settings = DecodingSettings()
+        # 30 alternatives: enough to fill the probability panel of a tall terminal (it shows what fits).
+        self.settings = DecodingSettings(top_n=30)
         self.display_mode = TokenDisplay()
         self.turns: list[Turn] = []
         self._turns_by_id: dict[int, Turn] = {}
@@ -63,13 +73,14 @@ class PromptScreen(Screen):
         self._cancel: threading.Event | None = None
         self.generating: Turn | None = None
         self._worker: Worker | None = None
+        self._pending_prompt: str | None = None  # typed while the model was loading
 
     # ------------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
         yield ModelHeader("prompt")
         with Horizontal(id="body"):
-            yield Transcript(WELCOME, id="transcript")
+            yield Transcript(id="transcript")
             with Vertical(id="side"):
                 yield ProbabilityPanel(id="probs")
                 yield PerplexityPanel(id="perplexity")
@@ -94,19 +105,32 @@ class PromptScreen(Screen):
         )
         self.prompt_input.focus()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Show Stop only while it does something, and Inspect once there are tokens: the footer stays short."""
+        if action == "stop":
+            return self.generating is not None or not self.prompt_input.has_focus
+        if action == "inspect":
+            return bool(self.turns)
+        return True
+
     def on_descendant_focus(self) -> None:
         self.update_status()
+        self.refresh_bindings()
 
     def on_descendant_blur(self) -> None:
         self.update_status()
+        self.refresh_bindings()
 
     def _model_changed(self, app_model: AppModel | None) -> None:
         self.query_one("#body").loading = app_model is None
-        hint = WELCOME
+        hint = welcome(self.app)
         if app_model is not None and app_model.untrained:
-            hint += "\n\n" + app_model.notices[0]
+            hint += "\n\n" + UNTRAINED_HINT
         self.transcript.set_hint(hint)
         self.update_status()
+        if app_model is not None and self._pending_prompt is not None:
+            prompt, self._pending_prompt = self._pending_prompt, None
+            self.start_generation(prompt)
 
     def update_status(self, note: str = "") -> None:
         """The line above the prompt: the current decoding settings, the toggles, and what is happening."""
@@ -127,7 +151,7 @@ class PromptScreen(Screen):
         if self.display_mode.boundaries:
             text.append("  tokens shown", style="dim")
         if self.transcript.has_focus:
-            text = Text("token cursor: ←/→ move, Home/End, Tab or Esc back to the prompt  ", style="bold") + text
+            text = Text("token cursor: ←/→ Home/End · Esc back  ", style="bold") + text
         self.query_one("#status", Static).update(text)
 
     # ------------------------------------------------------------------ generating
@@ -140,7 +164,8 @@ class PromptScreen(Screen):
         """Start a generation for `prompt`; returns its turn, or None (with a notification saying why)."""
         app_model: AppModel | None = self.app.app_model
         if app_model is None:
-            self.notify("The model is still loading; try again in a moment.", severity="warning")
+            self._pending_prompt = prompt
+            self.notify("The model is still loading: your prompt runs as soon as it is ready.")
             return None
         if self.generating is not None:
             self.notify("Already generating: press Esc to stop first.", severity="warning")
@@ -165,6 +190,7 @@ class PromptScreen(Screen):
         self._cancel = threading.Event()
         self._show_turn(turn)
         self.update_status()
+        self.refresh_bindings()  # Stop and Inspect appear in the footer
         self._worker = self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel)
         return turn
 
@@ -221,6 +247,7 @@ class PromptScreen(Screen):
         if self.query_one(PerplexityPanel).turn is turn:
             self.query_one(PerplexityPanel).show(turn)
         self.update_status("stopped" if message.stopped else "")
+        self.refresh_bindings()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR and event.worker.group == "generate":  # a bug, not a user error

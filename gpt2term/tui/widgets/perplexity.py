@@ -56,7 +56,7 @@ def perplexity_lines(turn: Turn | None) -> list[tuple[str, str]]:
     if turn.prompt_perplexity is not None:
         prompt = f"{turn.prompt_perplexity:.2f}"
     else:
-        prompt = "needs 2+ tokens" if len(turn.prompt_ids) < 2 else "after generating"
+        prompt = "needs 2+ tokens" if len(turn.prompt_ids) < 2 else "…"
     speed = dash
     if len(steps) > 1 or (steps and turn.state != "generating"):
         speed = f"{summary.tokens_per_second:.1f}"
@@ -85,7 +85,7 @@ class PerplexityPanel(Vertical):
 
     def compose(self):  # noqa: ANN201
         yield self.numbers
-        yield Static("p(chosen) per token (▁ 0 … █ 1)", id="ppl-spark-label")
+        yield Static("p(chosen) per token", id="ppl-spark-label")
         yield self.sparkline
 
     def on_mount(self) -> None:

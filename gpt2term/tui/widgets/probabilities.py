@@ -5,6 +5,7 @@ It draws as many candidates as fit its height, so it stays readable from 80x24 t
 
 from __future__ import annotations
 
+from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 from textual.widget import Widget
 
@@ -17,6 +18,14 @@ _EIGHTHS = " ▏▎▍▌▋▊▉"
 def show_token(text: str) -> str:
     """A token as a learner should read it: quoted, with spaces and newlines visible."""
     return repr(text)
+
+
+def tail_cells(text: str, cells: int) -> str:
+    """The end of `text` that fits in `cells` terminal cells."""
+    text = text[-cells:]
+    while cell_len(text) > cells:
+        text = text[1:]
+    return text
 
 
 def bar(fraction: float, width: int) -> str:
@@ -41,6 +50,8 @@ class ProbabilityPanel(Widget):
 
     def show(self, step: Step | None, context: str = "", total_tokens: int = 0) -> None:
         self.step, self.context, self.total_tokens = step, context, total_tokens
+        of = f"/{total_tokens}" if total_tokens else ""
+        self.border_subtitle = f"token {step.index + 1}{of}" if step is not None else ""
         self.refresh()
 
     def render(self) -> Text:
@@ -50,12 +61,11 @@ class ProbabilityPanel(Widget):
         if step is None:
             return Text("No tokens yet: generate, and the alternatives the model weighed appear here.", style="dim")
         text = Text(no_wrap=True, overflow="ellipsis")
-        tail = self.context[-(width - 8) :].replace("\n", "↵")
+        tail = tail_cells(self.context.replace("\n", "↵"), width - 8)
         text.append("after ", style="dim")
         text.append(("…" if len(self.context) > len(tail) else "") + tail, style="italic")
         text.append("\n")
-        of = f"/{self.total_tokens}" if self.total_tokens else ""
-        line = Text(f"token {step.index + 1}{of}: ", style="dim")
+        line = Text("chose ", style="dim")
         line.append(show_token(step.token_text), style="bold")
         line.append(f" rank {step.rank}")
         extra = f" p {format_prob(step.prob)}"
@@ -67,7 +77,7 @@ class ProbabilityPanel(Widget):
         rows = max(1, height - 2)
         chosen_listed = any(c.token_id == step.token_id for c in step.top[:rows])
         candidates = list(step.top[: rows if chosen_listed else rows - 1])
-        label_width = min(14, max(6, width // 3))
+        label_width = min(16, max(6, width - 14))  # the token matters more than the bar's length
         bar_width = max(1, width - label_width - 10)
         for candidate in candidates:
             self._row(text, candidate.text, candidate.prob, candidate.token_id == step.token_id, label_width, bar_width)
@@ -84,10 +94,11 @@ class ProbabilityPanel(Widget):
         label = show_token(token)
         if rank is not None:
             label = f"#{rank} {label}"
-        if len(label) > label_width:
-            label = label[: label_width - 1] + "…"
+        if cell_len(label) > label_width:  # cells, not characters: CJK tokens are two cells wide
+            label = set_cell_size(label, label_width - 1) + "…"
+        label = set_cell_size(label, label_width)
         text.append("▶ " if chosen else "  ", style="bold")
-        text.append(label.ljust(label_width), style="bold" if chosen else "")
+        text.append(label, style="bold" if chosen else "")
         text.append(" ")
         text.append(bar(prob, bar_width).ljust(bar_width), style="green" if chosen else "blue")
         text.append(format_prob(prob).rjust(7) + "\n", style="bold" if chosen else "")

@@ -30,11 +30,13 @@ class PromptInput(TextArea):
         self._history_pos: int | None = None  # None: editing a new prompt
         self._draft = ""
 
+    # Priority bindings run on arrival, but typed characters wait in this widget's queue: `call_later` queues each
+    # action behind them, so "abc⏎" pasted or typed fast submits "abc", not "".
     def action_submit(self) -> None:
-        self.post_message(self.Submitted(self, self.text))
+        self.call_later(lambda: self.post_message(self.Submitted(self, self.text)))
 
     def action_newline(self) -> None:
-        self.insert("\n")
+        self.call_later(self.insert, "\n")
 
     def remember(self, text: str) -> None:
         if text.strip() and (not self.prompt_history or self.prompt_history[-1] != text):
@@ -42,6 +44,9 @@ class PromptInput(TextArea):
         self._history_pos = None
 
     def action_history(self, delta: int) -> None:
+        self.call_later(self._history, delta)
+
+    def _history(self, delta: int) -> None:
         row, _ = self.cursor_location
         at_edge = row == 0 if delta < 0 else row == self.document.line_count - 1
         if not at_edge or not self.prompt_history:

@@ -1,0 +1,113 @@
+"""Make the README's screenshots with the app itself: `python -m gpt2term.tui.screenshots --checkpoint NAME`.
+
+The app runs headless (Textual's Pilot), types a prompt, generates, and saves SVGs of what the screen shows, so
+the pictures in the README are the real program. Re-run it whenever the screens change or a better model exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from gpt2term.core.generation import DecodingSettings
+from gpt2term.tui.app import Gpt2termApp, make_app
+from gpt2term.tui.screens.prompt import PromptScreen
+
+
+async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:  # noqa: ANN001 (textual Pilot)
+    for _ in range(600):
+        if app.app_model is not None:
+            break
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    if app.app_model is None:
+        raise click.ClickException("the model did not load; check --checkpoint with `gpt2term ckpt list`")
+    screen = app.screen
+    assert isinstance(screen, PromptScreen)
+    return screen
+
+
+async def _generate(app: Gpt2termApp, pilot, prompt: str) -> None:  # noqa: ANN001
+    screen = app.screen
+    assert isinstance(screen, PromptScreen)
+    await pilot.press(*prompt, "enter")
+    for _ in range(6000):
+        if screen.turns and screen.turns[-1].state != "generating":
+            break
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+
+async def _shoot(
+    checkpoint: str | None,
+    out: Path,
+    size: tuple[int, int],
+    name: str,
+    prompts: list[str],
+    settings: DecodingSettings,
+    cursor_back: int,
+    colours: bool,
+    boundaries: bool,
+    dialog: bool,
+) -> Path:
+    app = make_app(checkpoint, keymap={})  # default keys, whatever the user's keymap says
+    async with app.run_test(size=size) as pilot:
+        screen = await _loaded(app, pilot)
+        screen.settings = settings
+        for prompt in prompts:
+            await _generate(app, pilot, prompt)
+        if colours:
+            await pilot.press("ctrl+l")
+        if boundaries:
+            await pilot.press("ctrl+t")
+        if cursor_back:
+            await pilot.press("tab", *["left"] * cursor_back)
+        if dialog:
+            await pilot.press("ctrl+o")
+        app.clear_notifications()
+        await pilot.pause()
+        path = out / f"{name}.svg"
+        app.save_screenshot(filename=path.name, path=str(out))
+        return path
+
+
+@click.command()
+@click.option("--checkpoint", "-c", help="Model to show (a store name or a path); default: the most recent one.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="screenshots", show_default=True)
+@click.option("--prompt", "prompts", multiple=True, help="Prompts to run, in order (repeatable).")
+@click.option("--max-new-tokens", "-n", default=40, show_default=True)
+@click.option("--temperature", "-t", default=0.0, show_default=True)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int, default=1, show_default=True)
+def main(
+    checkpoint: str | None,
+    out: Path,
+    prompts: tuple[str, ...],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> None:
+    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg and settings.svg."""
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_list = list(prompts) or ["The list method append", "A function is defined with"]
+    settings = DecodingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, top_n=30
+    )
+    shots = [
+        ("prompt", (140, 40), prompts_list, 6, True, False, False),
+        ("prompt-80x24", (80, 24), prompts_list[-1:], 3, False, False, False),
+        ("tokens", (110, 30), prompts_list[-1:], 0, True, True, False),
+        ("settings", (100, 30), prompts_list[-1:], 0, False, False, True),
+    ]
+    for name, size, shot_prompts, back, colours, boundaries, dialog in shots:
+        path = asyncio.run(
+            _shoot(checkpoint, out, size, name, shot_prompts, settings, back, colours, boundaries, dialog)
+        )
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Pilot tests of the app's prompt screen, driven by keys as a user would, with a tiny model from the store.
+
+Every wait is on a real condition (a worker finishing, a message handled, a thread reaching a gate), never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gpt2term.cli import cli
+from gpt2term.core.checkpoints import CheckpointStore
+from gpt2term.core.config import GPTConfig
+from gpt2term.core.generation import DecodingSettings, generate
+from gpt2term.core.model import GPTModel
+from gpt2term.core.tokenizer import default_tokenizer
+from gpt2term.formatting import format_prob
+from gpt2term.tui.app import make_app
+from gpt2term.tui.screens.dialogs import SettingsScreen
+from gpt2term.tui.screens.prompt import PromptScreen
+from gpt2term.tui.widgets.header import ModelHeader
+from gpt2term.tui.widgets.perplexity import PerplexityPanel
+from gpt2term.tui.widgets.probabilities import ProbabilityPanel, show_token
+
+TINY = GPTConfig(emb_dim=64, n_heads=4, n_layers=2, context_length=64)
+PROMPT = "The quick brown fox"
+
+
+def tiny_model(seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(TINY).eval()
+
+
+@pytest.fixture
+def tiny_checkpoint() -> str:
+    """A tiny untrained model saved in the test's own store, so the CLI and the app load the same weights."""
+    CheckpointStore().save("tiny", tiny_model(), meta={"step": 0})
+    return "tiny"
+
+
+async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
+    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
+    for _ in range(100):
+        if condition():
+            return
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+    raise AssertionError(f"never happened: {what}")
+
+
+async def loaded(pilot) -> PromptScreen:  # noqa: ANN001
+    await settle(pilot, lambda: pilot.app.app_model is not None, "the model loaded")
+    screen = pilot.app.screen
+    assert isinstance(screen, PromptScreen)
+    return screen
+
+
+async def generate_in_app(pilot, prompt: str) -> PromptScreen:  # noqa: ANN001
+    screen = await loaded(pilot)
+    count = len(screen.turns)
+    await pilot.press(*prompt, "enter")
+    await settle(
+        pilot, lambda: len(screen.turns) > count and screen.turns[-1].state != "generating", "the generation finished"
+    )
+    return screen
+
+
+async def set_max_new_tokens(pilot, n: int) -> None:  # noqa: ANN001
+    """Through the decoding settings dialog, as a user would."""
+    await pilot.press("ctrl+o")
+    assert isinstance(pilot.app.screen, SettingsScreen)
+    pilot.app.screen.query_one("#max_new_tokens").value = str(n)
+    await pilot.press("ctrl+s")
+    assert isinstance(pilot.app.screen, PromptScreen)
+
+
+def panel_rows(panel: ProbabilityPanel) -> list[tuple[str, str]]:
+    """(token label, percentage) of each candidate row the panel draws."""
+    rows = []
+    for line in panel.render().plain.splitlines()[2:]:
+        label, percent = line[2:].rsplit(" ", 1)
+        rows.append((label.split("  ")[0].rstrip(" ▏▎▍▌▋▊▉█"), percent.strip()))
+    return rows
+
+
+def test_screen_shows_what_gpt2term_generate_prints(tiny_checkpoint):
+    cli_run = CliRunner().invoke(cli, ["generate", PROMPT, "--checkpoint", tiny_checkpoint, "-n", "20"])
+    assert cli_run.exit_code == 0, cli_run.output
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 40)) as pilot:
+            await loaded(pilot)
+            await set_max_new_tokens(pilot, 20)
+            screen = await generate_in_app(pilot, PROMPT)
+            turn = screen.turns[-1]
+            assert turn.state == "done" and len(turn.steps) == 20
+            shown = screen.transcript.views[turn.id].body.plain  # the turn as drawn: prompt, then each token's text
+            assert shown + "\n" == cli_run.stdout
+            assert "20 tokens" in str(screen.transcript.views[turn.id].stats.render())
+
+    asyncio.run(scenario())
+
+
+def test_probability_panel_shows_the_engines_probabilities_for_the_token_under_the_cursor(tiny_checkpoint):
+    tokenizer = default_tokenizer()
+    settings = DecodingSettings(max_new_tokens=6, top_n=30)
+    expected = list(generate(CheckpointStore().load_model("tiny"), tokenizer, tokenizer.encode(PROMPT), settings))
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 40)) as pilot:
+            await loaded(pilot)
+            await set_max_new_tokens(pilot, 6)
+            screen = await generate_in_app(pilot, PROMPT)
+            assert [s.token_id for s in screen.turns[-1].steps] == [s.token_id for s in expected]
+            panel = screen.query_one(ProbabilityPanel)
+
+            def check(step_index: int) -> None:
+                step = expected[step_index]
+                rows = panel_rows(panel)
+                assert len(rows) >= 10  # a 40-line terminal has room for many alternatives
+                want = [(show_token(c.text), format_prob(c.prob)) for c in step.top[: len(rows)]]
+                assert rows == want
+                header = panel.render().plain.splitlines()[1]
+                assert f"chose {show_token(step.token_text)} rank {step.rank}" in header
+                assert panel.border_subtitle == f"token {step_index + 1}/6"
+
+            check(5)  # the latest token
+            await pilot.press("tab", "left", "left")  # the token cursor, two tokens back
+            check(3)
+            await pilot.press("home")
+            check(0)
+            ppl = screen.query_one(PerplexityPanel).numbers.render()
+            assert f"{expected[-1].perplexity:.2f}" in str(ppl)
+
+    asyncio.run(scenario())
+
+
+class Gate:
+    """Blocks the model's forward pass number `at` until released, so a test knows exactly where generation is."""
+
+    def __init__(self, model: GPTModel, at: int) -> None:
+        self.calls = 0
+        self.at = at
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == self.at:
+            self.reached.set()
+            assert self.release.wait(timeout=60), "the test never released the gate"
+
+
+def test_escape_stops_between_two_tokens_and_the_ui_answers_keys_meanwhile():
+    model = tiny_model()
+    gate = Gate(model, at=4)  # forward 1 reads the prompt; forwards 2 and 3 follow tokens 1 and 2; 4 follows token 3
+
+    async def scenario() -> None:
+        app = make_app(model=model, model_name="gated", keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = DecodingSettings(max_new_tokens=40, stop_at_eos=False)
+            await pilot.press(*PROMPT, "enter")
+            assert await asyncio.to_thread(gate.reached.wait, 60)  # the worker thread is inside forward 4
+            turn = screen.turns[-1]
+            await settle(pilot, lambda: len(turn.steps) == 3, "three tokens on screen")
+            assert turn.state == "generating"
+            # The UI answers while the generation thread is busy: a toggle, typing into the prompt.
+            await pilot.press("ctrl+t", *"next")
+            assert screen.display_mode.boundaries
+            assert screen.prompt_input.text == "next"
+            assert "generating 3/40" in str(screen.query_one("#status").render())
+            await pilot.press("escape")
+            gate.release.set()
+            await settle(pilot, lambda: turn.state != "generating", "the generation stopped")
+            assert turn.state == "stopped"
+            assert len(turn.steps) == 3  # not one more token after Esc
+            assert "stopped" in str(screen.transcript.views[turn.id].stats.render())
+            assert screen.generating is None
+
+    asyncio.run(scenario())
+
+
+def test_history_copy_save_and_toggles(tiny_checkpoint, tmp_path):
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            await loaded(pilot)
+            await set_max_new_tokens(pilot, 5)
+            screen = await generate_in_app(pilot, "Hello")
+            await generate_in_app(pilot, "Once upon a time")
+            first, second = screen.turns
+            # Up on the prompt's first line recalls earlier prompts; down comes back to the (empty) draft.
+            await pilot.press("up")
+            assert screen.prompt_input.text == "Once upon a time"
+            await pilot.press("up")
+            assert screen.prompt_input.text == "Hello"
+            await pilot.press("down", "down")
+            assert screen.prompt_input.text == ""
+            # Ctrl+J is a newline, not a submission.
+            await pilot.press("a", "ctrl+j", "b")
+            assert screen.prompt_input.text == "a\nb" and len(screen.turns) == 2
+            # Copy the last completion.
+            await pilot.press("ctrl+g")
+            assert app.clipboard == second.completion and second.completion
+            # Token boundaries: each token's own text, in alternating backgrounds.
+            body = screen.transcript.views[second.id].body
+            await pilot.press("ctrl+t")
+            pieces = [s.token_text.replace("\n", "↵\n") or "∅" for s in second.steps]
+            assert body.plain == second.prompt + "".join(pieces)
+            backgrounds = {str(span.style) for span in body.render().spans if "on #" in str(span.style)}
+            assert len(backgrounds) == 2
+            # Colours by probability: every token gets a colour.
+            await pilot.press("ctrl+l")
+            coloured = [span for span in body.render().spans if str(span.style).startswith("#")]
+            assert len(coloured) == len(second.steps)
+            # Save the transcript: Markdown and JSON.
+            for name in ("t.md", "t.json"):
+                await pilot.press("ctrl+s")
+                pilot.app.screen.query_one("#path").value = str(tmp_path / name)
+                await pilot.press("enter")
+            markdown = (tmp_path / "t.md").read_text()
+            assert first.prompt + first.completion in markdown and second.prompt + second.completion in markdown
+            saved = json.loads((tmp_path / "t.json").read_text())
+            assert [t["completion"] for t in saved["turns"]] == [first.completion, second.completion]
+            assert saved["turns"][1]["tokens"][0]["prob"] == second.steps[0].prob
+
+    asyncio.run(scenario())
+
+
+def test_header_modes_and_bad_settings(tiny_checkpoint):
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = await loaded(pilot)
+            header = screen.query_one(ModelHeader).render().plain
+            for part in ("tiny", "6.5M", "ctx 64", "untrained", "cpu float32", "Prompt", "Train", "Checkpoints"):
+                assert part in header
+            for key, mode in (("f3", "train"), ("f4", "checkpoints"), ("f2", "prompt")):
+                await pilot.press(key)
+                assert app.current_mode == mode
+                assert app.screen.query_one(ModelHeader).render().plain.count("tiny") == 1
+            # A bad value in the settings dialog is explained in the dialog, which stays open.
+            await pilot.press("ctrl+o")
+            dialog = app.screen
+            dialog.query_one("#temperature").value = "-1"
+            await pilot.press("ctrl+s")
+            assert app.screen is dialog
+            assert "temperature must be 0 (greedy) or positive" in str(dialog.query_one("#settings-error").render())
+            await pilot.press("escape")
+            assert app.screen is screen and screen.settings.temperature == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_app_opens_the_most_recent_checkpoint_and_gpt2term_opens_the_app(tiny_checkpoint, monkeypatch):
+    from gpt2term.tui import app as app_module
+    from gpt2term.tui.model_source import load_app_model
+
+    assert load_app_model(None).name == "tiny"  # the store's most recent checkpoint
+    opened = []
+
+    class FakeApp:
+        def __init__(self, checkpoint: str | None) -> None:
+            self.checkpoint = checkpoint
+
+        def run(self) -> None:
+            opened.append(self.checkpoint)
+
+    monkeypatch.setattr(app_module, "make_app", FakeApp)
+    assert CliRunner().invoke(cli, ["--checkpoint", "tiny"]).exit_code == 0
+    assert CliRunner().invoke(cli, []).exit_code == 0
+    assert opened == ["tiny", None]
+
+
+def test_with_an_empty_store_the_app_loads_an_untrained_gpt2_124m():
+    from gpt2term.tui.model_source import load_app_model
+
+    app_model = load_app_model(None, device="cpu")
+    assert app_model.untrained and app_model.context_length == 1024
+    # 163.0M: the course's count for GPT-2 124M with its own output head (124M when tied to the embedding)
+    assert app_model.header_parts()[1:4] == ["163.0M params", "ctx 1024", "untrained"]
+
+
+def test_a_missing_checkpoint_is_reported_in_the_app_which_keeps_running():
+    async def scenario() -> None:
+        app = make_app("no-such-model", keymap={})
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot, lambda: app.loading_label == "no model loaded", "the load failed")
+            assert any("no checkpoint of that name" in n.message for n in app._notifications)
+            await pilot.press(*"hi", "enter")
+            assert isinstance(app.screen, PromptScreen) and not app.screen.turns
+
+    asyncio.run(scenario())
