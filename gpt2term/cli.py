@@ -483,5 +483,229 @@ def locate(as_json: bool) -> None:
     click.echo(f"\nset {HOME_ENV} to keep everything under one folder")
 
 
+# --------------------------------------------------------------------------------------------- training (issue 4)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class _TrainingPrinter:
+    """The CLI's face of a run: a live progress line on a terminal, plain lines otherwise, or JSON events."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.live = sys.stderr.isatty() and not as_json
+        self.val_loss: float | None = None
+        self.val_perplexity: float | None = None
+        self.last_step = None
+
+    def _line(self, text: str, *, err: bool = True) -> None:
+        if self.live:
+            sys.stderr.write("\r\x1b[K")
+        click.echo(text, err=err)
+
+    def _progress(self, event) -> str:  # noqa: ANN001
+        from gpt2term.formatting import format_count
+
+        width = 20
+        done = int(width * event.step / max(1, event.total_steps))
+        bar = "#" * done + "-" * (width - done)
+        val = "-" if self.val_loss is None else f"{self.val_loss:.3f}"
+        ppl = "-" if self.val_perplexity is None else f"{self.val_perplexity:.1f}"
+        return (
+            f"[{bar}] step {event.step}/{event.total_steps}  loss {event.loss:.3f}  val loss {val}  ppl {ppl}  "
+            f"{format_count(event.tokens_per_second)} tok/s  ETA {_duration(event.eta_s)}"
+        )
+
+    def __call__(self, event) -> None:  # noqa: ANN001 (a TrainingEvent)
+        from gpt2term.formatting import format_count
+
+        if self.as_json:
+            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            return
+        kind = event.type
+        if kind == "start":
+            what = "resuming" if event.resumed else "training"
+            cfg = event.config
+            self._line(
+                f"{what} {event.name!r}: {format_count(event.parameters)} parameters ({cfg['n_layers']} layers, "
+                f"{cfg['emb_dim']} dims, context {cfg['context_length']}), {event.source}, on {event.device} "
+                f"({event.dtype}{f', {event.world_size} processes' if event.world_size > 1 else ''})"
+            )
+            self._line(
+                f"corpus {event.corpus}: {format_count(event.train_tokens)} training and "
+                f"{format_count(event.val_tokens)} validation tokens; step {event.step} of {event.total_steps} "
+                f"({event.steps_per_epoch:.1f} steps per epoch, {format_count(event.tokens_per_step)} tokens each)"
+            )
+        elif kind == "step":
+            self.last_step = event
+            if self.live:
+                sys.stderr.write("\r\x1b[K" + self._progress(event))
+                sys.stderr.flush()
+        elif kind == "eval":
+            self.val_loss, self.val_perplexity = event.val_loss, event.val_perplexity
+            speed = f"  {format_count(self.last_step.tokens_per_second)} tok/s" if self.last_step else ""
+            eta = f"  ETA {_duration(self.last_step.eta_s)}" if self.last_step else ""
+            self._line(
+                f"step {event.step}: train loss {event.train_loss:.3f}  val loss {event.val_loss:.3f}  "
+                f"val perplexity {event.val_perplexity:.1f}{speed}{eta}"
+            )
+        elif kind == "sample":
+            self._line(f"  sample: {event.prompt}{event.text}".replace("\n", " "))
+        elif kind == "checkpoint":
+            self._line(f"saved checkpoint {event.name!r} at step {event.step} ({event.reason})")
+        elif kind == "warning":
+            self._line(f"warning: {event.message}")
+        elif kind == "pause":
+            self._line("paused" if event.paused else "resumed")
+        elif kind == "finished":
+            self._line(event.message)
+        elif kind == "failed":
+            self._line(f"training failed at step {event.step}")
+        if self.live and kind not in ("step", "finished", "failed") and self.last_step is not None:
+            sys.stderr.write(self._progress(self.last_step))
+            sys.stderr.flush()
+
+
+_MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
+
+
+@cli.command()
+@click.argument("corpus", nargs=-1)
+@click.option("--name", "-n", required=True, help="Checkpoint to write (and to continue with --resume).")
+@click.option("--preset", "-p", default="tiny", show_default=True, help="Model size for a new run: tiny, mini, gpt2...")
+@click.option("--from", "init_from", metavar="CHECKPOINT", help="Start a new run from these weights (name or path).")
+@click.option("--resume", is_flag=True, help="Continue --name where it stopped, with its saved settings.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint of that name.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data [default: 1].")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (instead of --epochs).")
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Per process.")
+@click.option("--context-length", type=click.IntRange(min=1), help="Window length [default: the model's].")
+@click.option("--stride", type=click.IntRange(min=1), help="Step between windows [default: context length].")
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="[default: a tenth of the run, at most 100]")
+@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0: no clipping.")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
+@click.option("--eval-interval", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-iters", default=5, show_default=True, type=click.IntRange(min=1), help="Batches per evaluation.")
+@click.option("--save-interval", default=500, show_default=True, type=click.IntRange(min=0), help="0: only at end.")
+@click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=123, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster steps).")
+@click.option("--sample-prompt", help="Greedy sample shown at each evaluation [default: fits the corpus].")
+@click.option("--sample-tokens", default=30, show_default=True, type=click.IntRange(min=0))
+@click.option("--emb-dim", type=click.IntRange(min=1), help="Override the preset's embedding size.")
+@click.option("--n-layers", type=click.IntRange(min=1), help="Override the preset's number of layers.")
+@click.option("--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads.")
+@click.option("--drop-rate", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
+@click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print every event as one JSON line (as in metrics.jsonl).")
+@click.pass_context
+def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:  # noqa: ANN003
+    """Train a GPT on CORPUS (text files, folders of .txt/.md, or `pydoc`, the default built-in corpus).
+
+    Ctrl-C finishes the current step, saves, and exits with status 130; continue with --resume.
+    Under `torchrun --nproc_per_node=K -m gpt2term train ...` it trains with DistributedDataParallel.
+    """
+    import os
+    import signal
+
+    from click.core import ParameterSource
+
+    from gpt2term.core.training import Trainer, TrainingControl, TrainingSettings, resume_settings, stop_on_signals
+
+    def given(option: str) -> bool:
+        return ctx.get_parameter_source(option) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+    renamed = {"init_from": "init_from", "compile_model": "compile"}
+    values = {renamed.get(k, k): v for k, v in options.items() if k not in _MODEL_OPTIONS and k != "resume"}
+    values["grad_clip"] = values["grad_clip"] or None
+    model = {k: options[k] for k in _MODEL_OPTIONS if options[k] is not None}
+    if options["resume"]:
+        # Only what was typed changes the saved settings (`resume_settings` refuses what would change the run).
+        skipped = (*_MODEL_OPTIONS, "resume", "overwrite")
+        overrides = {renamed.get(k, k): values[renamed.get(k, k)] for k in options if k not in skipped and given(k)}
+        if corpus:
+            overrides["corpus"] = list(corpus)
+        if model:
+            overrides["model"] = model
+        settings = resume_settings(name, **overrides)
+    else:
+        settings = TrainingSettings(name=name, corpus=list(corpus), model=model, **values)
+    control = TrainingControl()
+    printer = _TrainingPrinter(as_json)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    signals = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
+    with stop_on_signals(control, signals, second_interrupts=not distributed):
+        result = Trainer(settings, control=control, listeners=[printer]).run()
+    if printer.live:
+        sys.stderr.write("\n")
+    if as_json:
+        click.echo(result.message, err=True)
+    if result.status == "interrupted":
+        ctx.exit(130)
+
+
+@cli.command("eval")
+@click.argument("corpus", nargs=-1)
+@click.option("--checkpoint", "-c", metavar="NAME", help="Checkpoint name or weights path [default: the last used].")
+@click.option("--context-length", type=click.IntRange(min=1), help="Window length [default: the model's].")
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: loss, perplexity, tokens, checkpoint, corpus.")
+def eval_command(
+    corpus: tuple[str, ...],
+    checkpoint: str | None,
+    context_length: int | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    encoding_errors: str,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
+    from gpt2term.core.checkpoints import resolve_weights
+    from gpt2term.core.data import describe_corpus, load_corpus
+    from gpt2term.core.devices import resolve_device, resolve_dtype
+    from gpt2term.core.errors import InputError
+    from gpt2term.core.training import evaluate_ids
+
+    _set_threads(threads)
+    store = _store()
+    if checkpoint is None:
+        checkpoint = store.most_recent()
+        if checkpoint is None:
+            raise InputError("no checkpoint to evaluate; pass --checkpoint NAME (see gpt2term ckpt list)")
+    loaded = resolve_weights(checkpoint, store)
+    target = resolve_device(device)
+    model = loaded.build_model(target).float()
+    data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
+    result = evaluate_ids(
+        model, data.train_ids, context_length=context_length, batch_size=batch_size, amp_dtype=resolve_dtype(dtype)
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict() | {"checkpoint": checkpoint, "corpus": describe_corpus(corpus)}))
+    else:
+        click.echo(
+            f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  tokens {result.tokens:,}  "
+            f"({checkpoint} on {describe_corpus(corpus)})"
+        )
+
+
 def main() -> None:
     cli(prog_name="gpt2term")

@@ -756,8 +756,10 @@ class Trainer:
         tokenizer = default_tokenizer()
         prompt = s.prompt()
         prompt_ids = tokenizer.encode(prompt)
-        train_eval = evaluation_batches(len(train_set), batches.batch_size, s.eval_iters)
-        val_eval = evaluation_batches(len(val_set), batches.batch_size, s.eval_iters)
+        # Rank 0 evaluates alone, on as many windows as the global batch would hold: the same numbers as one process.
+        eval_batches = s.eval_iters * dist.world_size
+        train_eval = evaluation_batches(len(train_set), batches.batch_size, eval_batches)
+        val_eval = evaluation_batches(len(val_set), batches.batch_size, eval_batches)
         self._schedule = {
             "kind": "warmup-cosine",
             "lr": s.lr,
