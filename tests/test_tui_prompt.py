@@ -297,6 +297,9 @@ def test_a_missing_checkpoint_is_reported_in_the_app_which_keeps_running():
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot, lambda: app.loading_label == "no model loaded", "the load failed")
             assert any("no checkpoint of that name" in n.message for n in app._notifications)
+            hint = str(app.screen.query_one("#transcript-hint").render())
+            assert hint.startswith("Could not load the model: 'no-such-model': no checkpoint of that name")
+            assert not app.screen.query_one("#body").loading
             await pilot.press(*"hi", "enter")
             assert isinstance(app.screen, PromptScreen) and not app.screen.turns
 

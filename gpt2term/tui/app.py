@@ -37,6 +37,7 @@ class Gpt2termApp(App):
 
     app_model: reactive[AppModel | None] = reactive(None, always_update=True)
     loading_label: reactive[str] = reactive("")
+    load_error: reactive[str | None] = reactive(None)
 
     def __init__(
         self,
@@ -68,6 +69,7 @@ class Gpt2termApp(App):
     def load_model(self, load: Callable[[], AppModel], label: str) -> None:
         """Load in a thread (a GPT-2 takes seconds): the UI keeps answering, the body shows a loading indicator."""
         self.loading_label = label
+        self.load_error = None
         self.app_model = None
         self._load_worker(load)
 
@@ -92,6 +94,7 @@ class Gpt2termApp(App):
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
         self.loading_label = "no model loaded"
+        self.load_error = message.error
         self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

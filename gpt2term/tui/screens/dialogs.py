@@ -106,7 +106,7 @@ class SavePathScreen(ModalScreen[Path | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog", classes="save-dialog") as dialog:
             dialog.border_title = "Save transcript"
-            yield Label("File (.md to read, .json for every token with its alternatives):")
+            yield Label("File (.md to read; .json keeps every token's alternatives)")
             yield Input(str(self.default), id="path")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="apply", compact=True)

@@ -98,6 +98,7 @@ class PromptScreen(Screen):
 
     def on_mount(self) -> None:
         self.watch(self.app, "app_model", self._model_changed, init=True)
+        self.watch(self.app, "load_error", self._load_failed, init=False)
         keys = {name: key_display(self.app, f"prompt.{name}") for name in ("generate", "newline", "history-previous")}
         self.prompt_input.placeholder = (
             f"Type a prompt · {keys['generate']} generates · {keys['newline']} new line · {keys['history-previous']} "
@@ -132,16 +133,29 @@ class PromptScreen(Screen):
             prompt, self._pending_prompt = self._pending_prompt, None
             self.start_generation(prompt)
 
+    def _load_failed(self, error: str | None) -> None:
+        if error is None:
+            return
+        self.query_one("#body").loading = False
+        self.transcript.set_hint(
+            f"Could not load the model: {error}\n\nQuit ({key_display(self.app, 'app.quit')}) and open another with "
+            "gpt2term --checkpoint NAME; `gpt2term ckpt list` shows what you have."
+        )
+        self.update_status()
+
     def update_status(self, note: str = "") -> None:
         """The line above the prompt: the current decoding settings, the toggles, and what is happening."""
         text = Text()
         if self.generating is not None:
             done = len(self.generating.steps)
-            text.append(f"generating {done}/{self.settings.max_new_tokens} (Esc stops) ", style="bold")
+            stop = key_display(self.app, "prompt.stop")
+            text.append(f"generating {done}/{self.generating.settings.max_new_tokens} ({stop} stops) · ", style="bold")
         elif note:
-            text.append(note + " ", style="bold")
+            text.append(note + " · ", style="bold")
+        elif getattr(self.app, "load_error", None):
+            text.append("no model loaded · ", style="bold")
         elif getattr(self.app, "app_model", None) is None:
-            text.append("loading the model… ", style="bold")
+            text.append("loading the model… · ", style="bold")
         text.append(self.settings.describe(), style="")
         if self.display_mode.colours:
             text.append("  p:", style="dim")
@@ -151,7 +165,7 @@ class PromptScreen(Screen):
         if self.display_mode.boundaries:
             text.append("  tokens shown", style="dim")
         if self.transcript.has_focus:
-            text = Text("token cursor: ←/→ Home/End · Esc back  ", style="bold") + text
+            text = Text("token cursor: ←/→ Home/End · Esc back · ", style="bold") + text
         self.query_one("#status", Static).update(text)
 
     # ------------------------------------------------------------------ generating
@@ -163,6 +177,9 @@ class PromptScreen(Screen):
     def start_generation(self, prompt: str) -> Turn | None:
         """Start a generation for `prompt`; returns its turn, or None (with a notification saying why)."""
         app_model: AppModel | None = self.app.app_model
+        if app_model is None and self.app.load_error:
+            self.notify("No model is loaded (see above); quit and open another checkpoint.", severity="error")
+            return None
         if app_model is None:
             self._pending_prompt = prompt
             self.notify("The model is still loading: your prompt runs as soon as it is ready.")
@@ -208,8 +225,7 @@ class PromptScreen(Screen):
             for step in generate(model, tokenizer, ids, settings, cancel=cancel):
                 self.post_message(TokenGenerated(turn_id, step))
             # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
-            if not cancel.is_set():
-                self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
+            self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
         except Gpt2termError as exc:
             self.post_message(GenerationFinished(turn_id, stopped=False, error=str(exc)))
             return
@@ -244,7 +260,9 @@ class PromptScreen(Screen):
         if self.generating is turn:
             self.generating = None
         self.transcript.update_stats(turn)
-        if self.query_one(PerplexityPanel).turn is turn:
+        if self.transcript.cursor is None:
+            self._show_turn(turn)  # "token 7/7" now that the length is final
+        elif self.query_one(PerplexityPanel).turn is turn:
             self.query_one(PerplexityPanel).show(turn)
         self.update_status("stopped" if message.stopped else "")
         self.refresh_bindings()

@@ -20,7 +20,7 @@ from gpt2term.tui.keymap import bind
 from gpt2term.tui.turns import Turn, stats_line
 from gpt2term.tui.widgets.colors import prob_color
 
-_BOUNDARY_BG = ("#2b3340", "#40333b")  # alternate backgrounds make each token's extent visible
+_BOUNDARY_BG = ("#1f3d5c", "#533a5e")  # alternate backgrounds make each token's extent visible
 
 
 @dataclass(frozen=True)
