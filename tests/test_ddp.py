@@ -51,3 +51,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     for (name, a), (_, b) in zip(ddp_model.state_dict().items(), single_model.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
     assert store.load("ddp", with_state=True).trainer_state["world_size"] == 2
+
+    # And the run continues in one process (same data order; a warning says it is no longer bit for bit).
+    resumed = CliRunner().invoke(cli, ["train", "--name", "ddp", "--resume", "--max-steps", "5"])
+    assert resumed.exit_code == 0, resumed.output
+    log = store.read_metrics("ddp")
+    assert [r["kind"] for r in log if r["type"] == "warning"] == ["world-size-changed"]
+    assert [r["step"] for r in log if r["type"] == "step"][-1] == 5

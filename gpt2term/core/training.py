@@ -750,6 +750,19 @@ class Trainer:
             warnings.append(
                 ("corpus-changed", "the corpus changed since this run was saved; training goes on with the new text")
             )
+        saved_world = int(state.get("world_size", 1)) if state is not None else dist.world_size
+        if saved_world != dist.world_size:
+            # Same place in the data order, counted in this run's (differently sized) global batches.
+            self.position = self.position * saved_world // dist.world_size
+            if self.position >= batches.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            warnings.append(
+                (
+                    "world-size-changed",
+                    f"this run was saved by {saved_world} processes and continues on {dist.world_size}: "
+                    "same data order and settings, but not bit for bit",
+                )
+            )
         for kind, text in warnings:
             self._emit(WarningEvent(step=self.step, kind=kind, message=text))
 
