@@ -190,6 +190,39 @@ def test_escape_stops_between_two_tokens_and_the_ui_answers_keys_meanwhile():
     asyncio.run(scenario())
 
 
+def test_the_view_follows_new_tokens_only_while_the_user_has_not_scrolled_up():
+    model = tiny_model()
+    gate = Gate(model, at=50)
+
+    async def scenario() -> None:
+        app = make_app(model=model, model_name="gated", keymap={})
+        async with app.run_test(size=(60, 16)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = DecodingSettings(max_new_tokens=100, stop_at_eos=False)
+            transcript = screen.transcript
+            await pilot.press(*PROMPT, "enter")
+            assert await asyncio.to_thread(gate.reached.wait, 60)
+            turn = screen.turns[-1]
+            await settle(pilot, lambda: len(turn.steps) == 49, "49 tokens on screen")
+            assert transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y  # following
+            await pilot.press("tab", "pageup")  # the user scrolls up to read
+            await pilot.pause()
+            where = transcript.scroll_y
+            assert where < transcript.max_scroll_y
+            gate.release.set()
+            await settle(pilot, lambda: turn.state == "done", "the generation finished")
+            assert len(turn.steps) == 100
+            assert transcript.scroll_y == where < transcript.max_scroll_y  # new tokens did not pull the view down
+            transcript.scroll_end(animate=False, immediate=True)  # back at the bottom: following again
+            screen.settings = DecodingSettings(max_new_tokens=30, stop_at_eos=False)
+            await pilot.press("escape", *"Again", "enter")
+            await settle(pilot, lambda: len(screen.turns) == 2 and screen.turns[1].state == "done", "second turn")
+            await pilot.pause()
+            assert transcript.scroll_y == transcript.max_scroll_y
+
+    asyncio.run(scenario())
+
+
 def test_history_copy_save_and_toggles(tiny_checkpoint, tmp_path):
     async def scenario() -> None:
         app = make_app(tiny_checkpoint, keymap={})

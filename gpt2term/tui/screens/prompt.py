@@ -72,7 +72,6 @@ class PromptScreen(Screen):
         self._next_turn_id = 1
         self._cancel: threading.Event | None = None
         self.generating: Turn | None = None
-        self._worker: Worker | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
 
     # ------------------------------------------------------------------ layout
@@ -208,7 +207,7 @@ class PromptScreen(Screen):
         self._show_turn(turn)
         self.update_status()
         self.refresh_bindings()  # Stop and Inspect appear in the footer
-        self._worker = self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel)
+        self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel)
         return turn
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
