@@ -809,7 +809,8 @@ class Trainer:
                     if self.control.take_save_request():
                         save("requested")
                 self._emit(PauseEvent(step=self.step, paused=False))
-            stop_code = {"stopped": 1.0, "interrupted": 2.0}.get(self.control.stop_reason or "", 0.0)
+            reason = self.control.stop_reason
+            stop_code = 0.0 if reason is None else 2.0 if reason == "interrupted" else 1.0
             flags = torch.tensor([stop_code, float(self.control.take_save_request())], dtype=torch.float64)
             if dist.enabled:
                 flags = dist.all_reduce(flags.to(device), op="max").cpu()
