@@ -67,23 +67,23 @@ def of_type(events, kind: str) -> list:
 
 
 def test_loss_falls_far_below_its_start_and_validation_perplexity_is_reported(corpus_file):
-    settings = small_settings(corpus_file, name="learn", model={**SMALL_MODEL, "emb_dim": 64}, max_steps=80)
-    settings.eval_interval = 40
+    settings = small_settings(corpus_file, name="learn", model={**SMALL_MODEL, "emb_dim": 64}, max_steps=40, lr=5e-3)
+    settings.eval_interval = 20
     events, result = run(settings)
 
     steps = of_type(events, "step")
     assert abs(steps[0].loss - math.log(50257)) < 0.3  # an untrained GPT-2 is uniformly unsure
     evals = of_type(events, "eval")
-    assert [e.step for e in evals] == [40, 80]
+    assert [e.step for e in evals] == [20, 40]
     assert evals[-1].val_loss < 2.0 and evals[-1].train_loss < 2.0
     assert evals[-1].val_perplexity == pytest.approx(math.exp(evals[-1].val_loss))
-    assert [s.step for s in of_type(events, "sample")] == [40, 80]
-    assert result.status == "completed" and result.step == 80 and result.val_loss == evals[-1].val_loss
-    assert steps[-1].tokens_seen == 80 * 4 * 16 and steps[-1].tokens_per_second > 0
+    assert [s.step for s in of_type(events, "sample")] == [20, 40]
+    assert result.status == "completed" and result.step == 40 and result.val_loss == evals[-1].val_loss
+    assert steps[-1].tokens_seen == 40 * 4 * 16 and steps[-1].tokens_per_second > 0
 
     meta = CheckpointStore().info("learn").meta
-    assert meta["step"] == 80 and meta["val_loss"] == pytest.approx(evals[-1].val_loss)
-    assert meta["training"]["max_steps"] == 80
+    assert meta["step"] == 40 and meta["val_loss"] == pytest.approx(evals[-1].val_loss)
+    assert meta["training"]["max_steps"] == 40
 
 
 def test_every_event_is_a_json_line_in_metrics_readable_during_the_run(corpus_file):
@@ -104,7 +104,7 @@ def test_every_event_is_a_json_line_in_metrics_readable_during_the_run(corpus_fi
 
 def test_stop_and_resume_gives_the_same_weights_and_losses_bit_for_bit(corpus_file):
     """Dropout on, gradient accumulation, and an epoch boundary inside the run: all of it must continue exactly."""
-    changes = dict(model={**SMALL_MODEL, "drop_rate": 0.1}, grad_accum=2, max_steps=8, eval_interval=2, lr=1e-3)
+    changes = dict(model={**SMALL_MODEL, "drop_rate": 0.1}, grad_accum=2, max_steps=8, eval_interval=3, lr=1e-3)
     straight, _ = run(small_settings(corpus_file, name="straight", **changes))
 
     control = TrainingControl()
@@ -195,7 +195,7 @@ def test_pause_blocks_between_steps_save_now_and_stop_work_from_another_thread(c
 
 
 def test_fine_tuning_from_a_checkpoint_starts_a_new_run_from_its_weights(corpus_file):
-    base_events, _ = run(small_settings(corpus_file, name="base", max_steps=30))
+    base_events, _ = run(small_settings(corpus_file, name="base", max_steps=15, lr=1e-2, eval_interval=15))
     base = CheckpointStore().load("base").state_dict
     events, _ = run(small_settings(corpus_file, name="tuned", init_from="base", max_steps=1, lr=1e-9))
     start = of_type(events, "start")[0]
