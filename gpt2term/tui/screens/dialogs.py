@@ -12,7 +12,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Static
 
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings
-from gpt2term.tui.keymap import bind
+from gpt2term.tui.keymap import bind, key_display
 
 
 def _optional(text: str, kind: type) -> int | float | None:
@@ -47,6 +47,12 @@ class SettingsScreen(ModalScreen[DecodingSettings | None]):
                 yield Label("Alternatives kept per token")
                 yield Input(str(s.top_n), id="top_n", type="integer", compact=True)
             yield Checkbox("Stop at <|endoftext|>", s.stop_at_eos, id="stop_at_eos", compact=True)
+            yield Static(
+                f"{key_display(self.app, 'dialog.apply')} or Enter in a field applies · "
+                f"{key_display(self.app, 'dialog.cancel')} cancels",
+                classes="dialog-hint",
+                markup=False,
+            )
             yield Static("", id="settings-error", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Apply", variant="primary", id="apply", compact=True)

@@ -54,6 +54,7 @@ def welcome(app) -> str:  # noqa: ANN001 (a textual App)
 class PromptScreen(Screen):
     BINDINGS = [
         bind("prompt.stop", "stop", priority=True),
+        bind("prompt.back", "back", priority=True),  # the same key as Stop; check_action picks the one that applies
         bind("prompt.inspect", "inspect"),
         bind("prompt.settings", "settings"),
         bind("prompt.toggle-colours", "toggle_colours"),
@@ -108,7 +109,9 @@ class PromptScreen(Screen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Show Stop only while it does something, and Inspect once there are tokens: the footer stays short."""
         if action == "stop":
-            return self.generating is not None or not self.prompt_input.has_focus
+            return self.generating is not None
+        if action == "back":
+            return self.generating is None and not self.prompt_input.has_focus
         if action == "inspect":
             return bool(self.turns)
         return True
@@ -164,7 +167,7 @@ class PromptScreen(Screen):
         if self.display_mode.boundaries:
             text.append("  tokens shown", style="dim")
         if self.transcript.has_focus:
-            text = Text("token cursor: ←/→ Home/End · Esc back · ", style="bold") + text
+            text = Text("cursor ←/→ · ", style="bold") + text
         self.query_one("#status", Static).update(text)
 
     # ------------------------------------------------------------------ generating
@@ -273,14 +276,14 @@ class PromptScreen(Screen):
             self.update_status()
 
     def action_stop(self) -> None:
-        """Esc: stop generating between two tokens; when idle, return to the prompt from the token cursor."""
+        """Stop generating between two tokens: `generate()` checks the event before computing the next one."""
         if self.generating is not None and self._cancel is not None:
             self._cancel.set()
             self.update_status("stopping…")
-            return
-        if not self.prompt_input.has_focus:
-            self.transcript.follow_latest()
-            self.prompt_input.focus()
+
+    def action_back(self) -> None:
+        self.transcript.follow_latest()
+        self.prompt_input.focus()
 
     # ------------------------------------------------------------------ panels and the token cursor
 

@@ -15,9 +15,13 @@ from gpt2term.formatting import format_prob
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
+_ESCAPES = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
+
+
 def show_token(text: str) -> str:
-    """A token as a learner should read it: quoted, with spaces and newlines visible."""
-    return repr(text)
+    """A token as a learner should read it: quoted, so a leading space shows, with newlines and tabs escaped (a
+    token holding part of a character already reads `\\xe2\\x80`)."""
+    return f"'{text.translate(_ESCAPES)}'"
 
 
 def tail_cells(text: str, cells: int) -> str:
