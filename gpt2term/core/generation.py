@@ -129,7 +129,7 @@ def _model_device(model: GPTModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def _choose(logits: torch.Tensor, probs: torch.Tensor, settings: DecodingSettings, rng: torch.Generator | None) -> int:
+def _choose(logits: torch.Tensor, settings: DecodingSettings, rng: torch.Generator | None) -> int:
     if settings.greedy:
         return int(torch.argmax(logits))
     scaled = logits / settings.temperature
@@ -182,13 +182,23 @@ def generate(
             for index in range(settings.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     return
+                # Two passes over the vocabulary per greedy token, both single-row kernels that stay on one
+                # thread (a multi-threaded pass over 50k numbers costs more in wake-ups than it saves, and far
+                # more on a busy machine): log-softmax, then the top-N, whose first entry is the argmax.
                 logits32 = logits.float().cpu()
                 logprobs = torch.log_softmax(logits32, dim=-1)
-                probs = logprobs.exp()
-                token = _choose(logits32, probs, settings, rng)
+                top_lp, top_i = torch.topk(logprobs, min(max(settings.top_n, 2), logprobs.numel()))
+                if settings.greedy:
+                    token = int(top_i[0])
+                    if top_lp.numel() > 1 and bool(top_lp[1] == top_lp[0]):
+                        token = int(torch.argmax(logits32))  # a tie: argmax's rule (the first index) decides
+                    rank = 1
+                else:
+                    token = _choose(logits32, settings, rng)
+                    rank = int((logprobs > logprobs[token]).sum()) + 1
                 logprob = float(logprobs[token])
                 nll_sum -= logprob
-                top_p, top_i = torch.topk(probs, min(settings.top_n, probs.numel()))
+                top_p, top_i = top_lp[: settings.top_n].exp(), top_i[: settings.top_n]
                 is_last = index == settings.max_new_tokens - 1 or (settings.stop_at_eos and token == tokenizer.eot_id)
                 text = decoder.push(token) + (decoder.flush() if is_last else "")
                 yield Step(
@@ -198,7 +208,7 @@ def generate(
                     token_text=tokenizer.token_text(token),
                     prob=math.exp(logprob),
                     logprob=logprob,
-                    rank=int((probs > probs[token]).sum()) + 1,
+                    rank=rank,
                     top=tuple(
                         Candidate(int(i), tokenizer.token_text(int(i)), float(p))
                         for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
