@@ -192,3 +192,40 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients():
     for name, grad in ref.items():
         scale = max(grad.abs().max().item(), 1e-6)
         assert (fast[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-8, name
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp):
+    """model(ids, targets=...) never builds the whole logits, yet equals the course's loss, gradients included."""
+    torch.manual_seed(10)
+    model = GPTModel(GPTConfig(vocab_size=3000, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
+    ids = torch.randint(0, 3000, (4, 16))
+    targets = torch.randint(0, 3000, (4, 16))
+    # Slices of 5 rows and weight-gradient blocks of 12: uneven slices, several blocks, a short last one.
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 5 * 4 * 3000)
+    monkeypatch.setattr(model_module, "LOSS_GRAD_BLOCK_ROWS", 12)
+
+    def loss_and_grads(sliced: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            if sliced:
+                loss = model(ids, targets=targets)
+            else:
+                loss = F.cross_entropy(model(ids).flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    sliced_loss, sliced = loss_and_grads(True)
+    ref_loss, ref = loss_and_grads(False)
+    assert sliced_loss == pytest.approx(ref_loss, abs=1e-5 if not amp else 1e-3)
+    tolerance = 1e-4 if not amp else 2e-2  # bf16 rounds the slices' gradients in a different order
+    for name, grad in ref.items():
+        scale = max(grad.abs().max().item(), 1e-6)
+        assert (sliced[name] - grad).abs().max().item() <= tolerance * scale + 1e-8, name
+    with torch.no_grad():
+        assert float(model(ids, targets=targets)) == pytest.approx(sliced_loss, abs=1e-3 if amp else 1e-6)
+    ignored = targets.clone()
+    ignored[0, :5] = -100  # cross_entropy's ignore_index: the plain path handles it
+    with torch.no_grad():
+        expected = F.cross_entropy(model(ids).flatten(0, 1), ignored.flatten())
+        assert float(model(ids, targets=ignored)) == pytest.approx(float(expected), abs=1e-5)

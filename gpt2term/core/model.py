@@ -120,6 +120,93 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+LOSS_CHUNK_BYTES = 24 << 20  # float32 logits per slice: under glibc's 32 MB mmap ceiling, so slices reuse memory
+LOSS_GRAD_BLOCK_ROWS = 1024  # bf16: rows of output gradient kept per weight-gradient matmul
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `x @ weight.T` against `targets`, with its gradients, one slice of rows at a time.
+
+    Forward computes the gradients too (softmax minus one-hot is at hand while the slice's logits are), so the
+    full logits are never stored. Matmuls run in `dtype` (bf16 under autocast, as the plain path would), the
+    softmax in float32, weight gradients accumulate in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):  # noqa: ANN001, ANN205
+        n, vocab = x.shape[0], weight.shape[0]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        fp32 = dtype == torch.float32
+        w = weight.to(dtype)
+        w_t = w.t().contiguous() if need_x else None
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+        grad_x = torch.empty(x.shape, dtype=torch.float32) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if need_w else None
+        # bf16: slices' output gradients are kept for a block of rows (half the size of float32 logits), then one
+        # weight-gradient matmul per block, accumulated in float32; float32 accumulates slice by slice.
+        block = max(rows, min(n, LOSS_GRAD_BLOCK_ROWS))
+        kept = torch.empty(block, vocab, dtype=dtype) if need_w and not fp32 else None
+        kept_from = 0
+        total = torch.zeros((), dtype=torch.float64)
+        x_c = x.to(dtype)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            xs, ts = x_c[start:stop], targets[start:stop, None]
+            logits = _onednn_linear(xs, w, None) if fp32 else F.linear(xs, w)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            total -= logp.gather(1, ts).sum(dtype=torch.float64)
+            if need_x or need_w:
+                probs = logp.exp_()  # softmax; minus one at each target = d(sum of losses)/d(logits)
+                probs.scatter_add_(1, ts, torch.full(ts.shape, -1.0))
+                g = probs if fp32 else probs.to(dtype)
+                if need_x:
+                    grad_x[start:stop] = _onednn_linear(g, w_t, None) if fp32 else (g @ w)
+                if need_w and fp32:
+                    grad_w.addmm_(g.t(), xs)
+                elif need_w:
+                    if stop - kept_from > block:
+                        grad_w += (kept[: start - kept_from].t() @ x_c[kept_from:start]).float()
+                        kept_from = start
+                    kept[start - kept_from : stop - kept_from] = g
+        if kept is not None and n > kept_from:
+            grad_w += (kept[: n - kept_from].t() @ x_c[kept_from:n]).float()
+        ctx.save_for_backward(
+            grad_x.div_(n) if grad_x is not None else None, grad_w.div_(n) if grad_w is not None else None
+        )
+        ctx.input_dtype = x.dtype
+        return (total / n).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN001, ANN205
+        grad_x, grad_w = ctx.saved_tensors
+        return (
+            (grad_x * grad_loss).to(ctx.input_dtype) if grad_x is not None else None,
+            grad_w * grad_loss if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the output head's logits `x @ weight.T` against `targets` (GPTModel(targets=))."""
+    flat_x, flat_t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    autocast_on = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast_on else weight.dtype
+    if (
+        x.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or dtype not in (torch.float32, torch.bfloat16)
+        or torch.compiler.is_compiling()
+        or (dtype == torch.float32 and not _onednn_fp32_linear_available())
+        or flat_t.numel() == 0
+        or int(flat_t.min()) < 0
+    ):
+        logits = F.linear(x, weight)
+        return F.cross_entropy(logits.flatten(0, -2).float(), flat_t)
+    with torch.autocast("cpu", enabled=False):
+        return _ChunkedHeadLoss.apply(flat_x.float().contiguous(), weight, flat_t.contiguous(), dtype)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -339,12 +426,26 @@ class GPTModel(nn.Module):
             and self.out_head.weight.device.type == "cpu"
         )
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits for every position, or only the last one (`last_only`: decoding needs no more, and the output
-        head is the largest matrix multiply of a GPT-2 step)."""
-        if self.uses_fast_path(cache, last_only):
+        head is the largest matrix multiply of a GPT-2 step).
+
+        With `targets` (same shape as `in_idx`), returns the mean cross-entropy instead, the number
+        `F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())` gives, computed a slice of rows at a
+        time so that the [tokens, vocabulary] logits (206 MB for 8 x 128 tokens of GPT-2, 1.6 GB at 8 x 1024)
+        and their gradient never exist whole: training's largest tensors, and on a CPU its slowest passes.
+        """
+        if targets is None and self.uses_fast_path(cache, last_only):
             return self.inference_weights().forward(in_idx, cache, last_only)
         x, _, _ = self.hidden_states(in_idx, cache)
+        if targets is not None:
+            return head_loss(self.final_norm(x), self.out_head.weight, targets)
         if last_only:
             x = x[:, -1:, :]
         return self.out_head(self.final_norm(x))
