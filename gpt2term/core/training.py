@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 STATE_FORMAT = 1
 DEFAULT_EPOCHS = 1
 OVERFIT_EVALS = 3  # validation loss rising this many evaluations in a row (while training loss falls) warns
-PYDOC_PROMPT = "The with statement"
+PYDOC_PROMPT = 'The "for" statement is used to'
 COURSE_PROMPT = "Every effort moves you"
 # Settings that define the run itself: `--resume` keeps them (changing them would not continue the same run).
 FIXED_ON_RESUME = (
