@@ -836,8 +836,9 @@ class Trainer:
                     sync = ddp_model.no_sync()  # gradients are averaged across ranks once, on the last micro-batch
                 with sync:
                     with autocast(device, amp_dtype):
-                        logits = train_model(inputs)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                        # The course's F.cross_entropy(logits.flatten(0, 1), targets.flatten()), computed inside the
+                        # model a slice of rows at a time, so the [tokens, vocabulary] logits never exist whole.
+                        loss = train_model(inputs, targets=targets)
                     (loss / s.grad_accum).backward()
                 loss_sum += loss.detach()
             mean_loss = dist.all_reduce(loss_sum / s.grad_accum) / dist.world_size
@@ -942,8 +943,8 @@ class Trainer:
         for index in batches:
             inputs, targets = dataset.batch(index)
             with autocast(device, amp_dtype):
-                logits = model(inputs.to(device))
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten())) * len(index)
+                loss = model(inputs.to(device), targets=targets.to(device))
+            total += float(loss) * len(index)
             count += len(index)
         return total / max(1, count)
 
