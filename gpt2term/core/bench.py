@@ -354,14 +354,77 @@ def _plain_step(
     return step
 
 
-def _our_training_step(
-    cfg: GPTConfig, amp: torch.dtype | None, seed: int
-) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """Our model with the optimizer configured exactly as the trainer configures it."""
-    torch.manual_seed(seed)
-    model = GPTModel(cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=TRAIN_WEIGHT_DECAY)
-    return _plain_step(model, optimizer, amp, model)
+def _run_trainer(
+    preset_name: str,
+    cfg: GPTConfig,
+    *,
+    batch_size: int,
+    context_length: int | None,
+    total_steps: int,
+    dtype: str,
+    seed: int,
+    between_steps: Callable[[int], None],
+) -> tuple[list[float], list[float]]:
+    """Our real `Trainer` (its optimizer, loss, clipping, data and events) on random token ids, in a temporary store.
+
+    Returns each step's seconds and loss. A step is timed from the end of the previous step's event to its own
+    event, so it includes all the trainer does per step; `between_steps(i)` runs in that gap, untimed (the other
+    contender's step, so the two alternate).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.data import TokenizedCorpus
+    from gpt2term.core.training import StartEvent, StepEvent, Trainer, TrainingSettings
+
+    window = cfg.context_length + 1
+    generator = torch.Generator().manual_seed(seed + 1)
+    train = torch.randint(
+        0, cfg.vocab_size, ((total_steps + 1) * batch_size * cfg.context_length + window,), generator=generator
+    )
+    val = torch.randint(0, cfg.vocab_size, (2 * window,), generator=generator)
+    corpus = TokenizedCorpus(
+        train_ids=train.to(torch.uint16) if cfg.vocab_size <= 65536 else train,
+        val_ids=val.to(torch.uint16) if cfg.vocab_size <= 65536 else val,
+        content_hash="bench",
+        description="random token ids",
+        documents=1,
+        characters=0,
+        cache_path=None,
+        from_cache=False,
+    )
+    settings = TrainingSettings(
+        name="bench",
+        preset=preset_name,
+        batch_size=batch_size,
+        context_length=context_length,
+        max_steps=total_steps,
+        eval_interval=total_steps,
+        eval_iters=1,
+        save_interval=0,
+        sample_tokens=0,
+        dtype=dtype,
+        device="cpu",
+        seed=seed,
+    )
+    times: list[float] = []
+    losses: list[float] = []
+    mark = time.perf_counter()
+
+    def listen(event: object) -> None:
+        nonlocal mark
+        if isinstance(event, StartEvent):
+            mark = time.perf_counter()
+        elif isinstance(event, StepEvent):
+            times.append(time.perf_counter() - mark)
+            losses.append(event.loss)
+            between_steps(len(times) - 1)
+            mark = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="gpt2term-bench-") as folder:
+        Trainer(settings, store=CheckpointStore(Path(folder)), listeners=[listen], corpus=corpus).run()
+    return times, losses
 
 
 def _hf_training_step(
@@ -412,43 +475,48 @@ def bench_train(
     results: dict[str, Any] = {"ours": {}, "transformers": {} if run_hf else None, "ratio": {}}
     for dt in dtypes:
         amp = resolve_dtype(dt)
-        contenders: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
-            "ours": _our_training_step(cfg, amp, seed)
-        }
-        if run_hf:
-            contenders["transformers"] = _hf_training_step(cfg, amp, seed)
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        losses: dict[str, list[float]] = {name: [] for name in contenders}
-        for i in range(warmup + steps):
+        theirs = _hf_training_step(cfg, amp, seed) if run_hf else None
+        hf_times: list[float] = []
+        hf_losses: list[float] = []
+
+        def their_step(
+            i: int, dt: str = dt, theirs: Callable | None = theirs, times: list = hf_times, losses: list = hf_losses
+        ) -> None:
             say(f"{dt}: step {i + 1}/{warmup + steps}" + (" (warm-up)" if i < warmup else ""))
-            names = list(contenders) if i % 2 == 0 else list(reversed(contenders))
+            if theirs is None:
+                return
             batch = batches[i]
-            for name in names:
-                started = time.perf_counter()
-                loss = contenders[name](batch[:, :-1], batch[:, 1:])
-                elapsed = time.perf_counter() - started
-                if i >= warmup:
-                    times[name].append(elapsed)
-                losses[name].append(loss)
-        for name in contenders:
-            step_s = _median(times[name])
-            entry = {
+            started = time.perf_counter()
+            losses.append(theirs(batch[:, :-1], batch[:, 1:]))
+            times.append(time.perf_counter() - started)
+
+        our_times, our_losses = _run_trainer(
+            preset_name,
+            cfg,
+            batch_size=batch_size,
+            context_length=context_length,
+            total_steps=warmup + steps,
+            dtype="bfloat16" if dt == "bf16" else "float32",
+            seed=seed,
+            between_steps=their_step,
+        )
+        timed = {"ours": (our_times, our_losses)}
+        if run_hf:
+            timed["transformers"] = (hf_times, hf_losses)
+        for name, (times, losses) in timed.items():
+            step_s = _median(times[warmup:])
+            results[name][dt] = {
                 "tokens_per_second": tokens_per_step / step_s if step_s else None,
                 "step_s": step_s,
-                "runs_step_s": [round(t, 4) for t in times[name]],
-                "first_loss": losses[name][0],
-                "last_loss": losses[name][-1],
+                "runs_step_s": [round(t, 4) for t in times[warmup:]],
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
             }
-            if name == "ours":
-                results["ours"][dt] = entry
-            else:
-                results["transformers"][dt] = entry
-        if run_hf:
-            results["ratio"][dt] = _ratio(
-                results["ours"][dt]["tokens_per_second"], results["transformers"][dt]["tokens_per_second"]
-            )
-        else:
-            results["ratio"][dt] = None
+        results["ratio"][dt] = (
+            _ratio(results["ours"][dt]["tokens_per_second"], results["transformers"][dt]["tokens_per_second"])
+            if run_hf
+            else None
+        )
     return {
         "benchmark": "train",
         "machine": machine_info(),
@@ -461,7 +529,9 @@ def bench_train(
             "steps": steps,
             "warmup_steps": warmup,
             "dtypes": dtypes,
-            "optimizer": f"AdamW lr={TRAIN_LR} weight_decay={TRAIN_WEIGHT_DECAY}, grad clip {TRAIN_GRAD_CLIP}",
+            "ours": "gpt2term's Trainer (its own optimizer, loss and per-step work), timed step by step",
+            "transformers": f"plain loop: AdamW lr={TRAIN_LR} weight_decay={TRAIN_WEIGHT_DECAY}, grad clip "
+            f"{TRAIN_GRAD_CLIP}, F.cross_entropy on the logits",
         },
         **results,
         "note": missing,
@@ -523,7 +593,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(
             f"training {s['preset']}, batch {s['batch_size']} x context {s['context_length']} "
             f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
-            f"{s['warmup_steps']} warm-up; {s['optimizer']}"
+            f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
         )
         lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'vs transformers':>17s}")
         for dt in s["dtypes"]:
