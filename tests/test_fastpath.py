@@ -5,6 +5,8 @@ Speed is the benchmark's business (`gpt2term bench`); here only numbers and toke
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -229,3 +231,49 @@ def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, a
     with torch.no_grad():
         expected = F.cross_entropy(model(ids).flatten(0, 1), ignored.flatten())
         assert float(model(ids, targets=ignored)) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_second_core_runs_both_halves_and_hands_back_errors():
+    helper = model_module._SecondCore.get()
+    seen: list[int] = []
+    helper.both(lambda: seen.append(1), lambda: seen.append(2))
+    assert sorted(seen) == [1, 2]
+
+    def broken() -> None:
+        raise RuntimeError("half failed")
+
+    with pytest.raises(RuntimeError, match="half failed"):
+        helper.both(lambda: None, broken)
+    helper.both(lambda: seen.append(3), lambda: seen.append(4))  # still serving after an error
+    assert sorted(seen) == [1, 2, 3, 4]
+
+
+def test_one_thread_decodes_the_same_tokens_as_two():
+    model = _model(11)
+    prompt = [7, 8, 9]
+    threads = torch.get_num_threads()
+    two = _greedy(model, prompt, 20)
+    torch.set_num_threads(1)  # no helper thread: both halves on the caller
+    try:
+        one = _greedy(model, prompt, 20)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
+def test_generate_command_dtype_option(tmp_path):
+    from click.testing import CliRunner
+
+    from gpt2term.cli import cli
+    from gpt2term.core.checkpoints import CheckpointStore
+
+    CheckpointStore().save("small", _model(12, vocab=50257, context=64, emb=64))
+    outputs = {}
+    for dtype in ("fp32", "bf16"):
+        result = CliRunner().invoke(cli, ["generate", "Every effort moves you", "-c", "small", "-n", "12", "--no-stop",
+                                          "--dtype", dtype, "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        outputs[dtype] = [json.loads(line)["token_id"] for line in result.output.splitlines() if '"token_id"' in line]
+    assert len(outputs["fp32"]) == 12 and outputs["bf16"] == outputs["fp32"]
+    bad = CliRunner().invoke(cli, ["generate", "Hi", "--dtype", "fp8"])
+    assert bad.exit_code == 2 and "fp8" in bad.output
