@@ -305,6 +305,37 @@ class FailedEvent(TrainingEvent):
 
 Listener = Callable[[TrainingEvent], None]
 
+EVENT_TYPES: dict[str, type[TrainingEvent]] = {
+    cls.type: cls
+    for cls in (
+        StartEvent,
+        StepEvent,
+        EvalEvent,
+        SampleEvent,
+        CheckpointEvent,
+        WarningEvent,
+        PauseEvent,
+        FinishedEvent,
+        FailedEvent,
+    )
+}
+
+
+def event_from_dict(record: dict[str, Any]) -> TrainingEvent | None:
+    """The event a metrics.jsonl line was written from, so a process following the file sees what a listener saw.
+
+    None for a line this version cannot read (an unknown type, a missing field): a follower skips it.
+    Unknown extra keys are ignored, so lines from newer writers still load.
+    """
+    cls = EVENT_TYPES.get(str(record.get("type")))
+    if cls is None:
+        return None
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in record.items() if k in names})
+    except TypeError:
+        return None
+
 
 def perplexity(loss: float) -> float:
     """exp(loss), kept finite for display (an untrained model's perplexity is about the vocabulary size)."""
