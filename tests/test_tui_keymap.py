@@ -14,8 +14,18 @@ from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.tui.app import Gpt2termApp, make_app
 from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap
+from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
+from gpt2term.tui.screens.modals import (
+    ConfirmScreen,
+    ExportScreen,
+    FollowScreen,
+    ImportScreen,
+    LeaveRunScreen,
+    NameScreen,
+)
 from gpt2term.tui.screens.prompt import PromptScreen
+from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets.prompt_input import PromptInput
 from gpt2term.tui.widgets.transcript import Transcript
 
@@ -24,7 +34,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_every_binding_of_the_app_has_an_id_from_the_table():
     ids = []
-    for owner in (Gpt2termApp, PromptScreen, PromptInput, Transcript, SettingsScreen, SavePathScreen):
+    owners = (
+        *(Gpt2termApp, PromptScreen, PromptInput, Transcript, SettingsScreen, SavePathScreen, TrainScreen),
+        *(CheckpointsScreen, ConfirmScreen, LeaveRunScreen, NameScreen, ExportScreen, ImportScreen, FollowScreen),
+    )
+    for owner in owners:
         for binding in owner.BINDINGS:
             assert binding.id in DEFAULT_KEYS, f"{owner.__name__}: {binding.key} -> {binding.action} has no known id"
             assert binding.key == DEFAULT_KEYS[binding.id].keys

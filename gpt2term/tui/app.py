@@ -18,8 +18,10 @@ from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
 from gpt2term.tui.keymap import bind, load_keymap
 from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
 from gpt2term.tui.model_source import AppModel, load_app_model
-from gpt2term.tui.screens.placeholders import CheckpointsScreen, TrainScreen
+from gpt2term.tui.screens.checkpoints import CheckpointsScreen
+from gpt2term.tui.screens.modals import ConfirmScreen, LeaveRunScreen
 from gpt2term.tui.screens.prompt import PromptScreen
+from gpt2term.tui.screens.train import TrainScreen
 
 
 class Gpt2termApp(App):
@@ -52,6 +54,8 @@ class Gpt2termApp(App):
         self._initial_loading_label = loading_label
         self._tokenizer = tokenizer
         self._keymap_error = keymap_error
+        self.train_screen: TrainScreen | None = None  # set by the train screen once it exists
+        self.train_request: tuple[str, str] | None = None  # ("resume" | "from" | "follow", checkpoint) for it
         if keymap:
             self.set_keymap(keymap)
 
@@ -97,6 +101,64 @@ class Gpt2termApp(App):
         self.load_error = message.error
         self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
 
+    # ------------------------------------------------------------------ modes, and a run that is training
+
+    def _training(self) -> TrainScreen | None:
+        train = self.train_screen
+        return train if train is not None and train.run_active else None
+
+    async def action_switch_mode(self, mode: str) -> None:
+        self.request_mode(mode)
+
+    def request_mode(self, mode: str) -> None:
+        """Switch modes; leaving the Train mode while it trains asks whether to stop the run (it saves first)."""
+        train = self._training()
+        if mode == self.current_mode or self.current_mode != "train" or train is None:
+            self.switch_mode(mode)
+            return
+        if isinstance(self.screen, LeaveRunScreen):
+            return
+
+        def answer(stop: bool | None) -> None:
+            if stop is None:
+                return
+            if stop:
+                train.stop_run()
+            self.switch_mode(mode)
+
+        self.push_screen(LeaveRunScreen(train.describe_run()), answer)
+
+    async def action_quit(self) -> None:
+        """Quit; with a run training, ask first, and stop it (which saves) before leaving."""
+        train = self._training()
+        if train is None:
+            self.exit()
+            return
+        if isinstance(self.screen, ConfirmScreen) or train.state.status == "stopping":
+            self.exit()  # asked twice: go now (the run still saves in the background before the program ends)
+            return
+
+        def answer(stop: bool | None) -> None:
+            if stop:
+                self.notify("Stopping the run and saving it; the app closes when it is saved.", timeout=30)
+                train.stop_run(then=self.exit)
+
+        question = f"{train.describe_run()}.\n\nStop it, save it, and quit?"
+        self.push_screen(ConfirmScreen("A run is training", question, "Stop, save and quit", "Cancel"), answer)
+
+    def open_in_prompt(self, name: str) -> None:
+        """Load checkpoint `name` (as `gpt2term --checkpoint NAME` does) and show it in the Prompt mode."""
+        self.load_model(lambda: load_app_model(name), f"loading {name}…")
+        self.request_mode("prompt")
+
+    def open_train(self, kind: str, name: str) -> None:
+        """The Train mode, prefilled to resume or fine-tune `name` (kind "resume" / "from"), or following it."""
+        self.train_request = (kind, name)
+        if self.current_mode == "train" and self.train_screen is not None:
+            self.train_screen.on_screen_resume()
+        else:
+            self.request_mode("train")
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield SystemCommand("Prompt mode", "Prompt the model and watch each token's probability", self._mode("prompt"))
         yield SystemCommand("Train mode", "Train a model and watch the loss", self._mode("train"))
@@ -111,10 +173,18 @@ class Gpt2termApp(App):
             )
             yield SystemCommand("Copy last completion", "To the clipboard (OSC 52)", screen.action_copy_last)
             yield SystemCommand("Save transcript", "As Markdown, or JSON with every token", screen.action_save)
+        if isinstance(screen, TrainScreen):
+            yield SystemCommand("Start a run", "Train with the form's settings", screen.action_start)
+            yield SystemCommand("Follow a run", "Watch a run another process is training", screen.action_follow)
+        if isinstance(screen, CheckpointsScreen):
+            yield SystemCommand("Copy checkpoint", "Copy the selected checkpoint to a new name", screen.action_copy)
+            yield SystemCommand("Sort checkpoints", "Sort by the next column", screen.action_sort)
+            yield SystemCommand("Follow its run", "Watch the selected checkpoint's run live", screen.action_follow)
+            yield SystemCommand("Refresh", "Read the store again", screen.action_refresh)
         yield from super().get_system_commands(screen)
 
     def _mode(self, mode: str) -> Callable[[], None]:
-        return lambda: self.switch_mode(mode)
+        return lambda: self.request_mode(mode)
 
 
 def make_app(

@@ -45,3 +45,33 @@ class GenerationFinished(Message):
         self.turn_id = turn_id
         self.stopped = stopped
         self.error = error
+
+
+class TrainingEventsReady(Message):
+    """Events of run `run_id` are waiting in its relay: the handler drains them all (one message, many events)."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, TrainingEventsReady) and message.run_id == self.run_id
+
+
+class TrainingEnded(Message):
+    """The training thread returned: `error` when the run could not start or failed (the reason, in one line)."""
+
+    def __init__(self, run_id: int, error: str | None = None) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.error = error
+
+
+class StoreOperationDone(Message):
+    """A checkpoint-store operation run in a thread (import, export, copy, ...) finished."""
+
+    def __init__(self, message: str | None, error: str | None = None, select: str | None = None) -> None:
+        super().__init__()
+        self.message = message
+        self.error = error
+        self.select = select  # the checkpoint to show selected afterwards

@@ -1,0 +1,180 @@
+"""The checkpoints table (one row per checkpoint in the store, sortable by any column) and the details panel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable, Static
+
+from gpt2term.core.checkpoints import CheckpointInfo, LockHolder
+from gpt2term.formatting import format_bytes, format_count
+
+# (column key, header, value used for sorting)
+COLUMNS: tuple[tuple[str, str, Callable[[CheckpointInfo], Any]], ...] = (
+    ("name", "name", lambda r: r.name.lower()),
+    ("parameters", "params", lambda r: r.get("parameters")),
+    ("step", "step", lambda r: r.get("step")),
+    ("tokens_seen", "tokens", lambda r: r.get("tokens_seen")),
+    ("val_loss", "val loss", lambda r: r.get("val_loss")),
+    ("size", "size", lambda r: r.size_bytes),
+    ("updated", "updated", lambda r: r.updated or ""),
+    ("source", "source", lambda r: r.damaged or str(r.get("source") or "")),
+)
+NEWEST_FIRST = {"updated", "step", "tokens_seen", "parameters", "size"}  # first click sorts these descending
+
+
+def local_time(iso: str | None) -> str:
+    """2025-01-02T10:00:00+00:00 -> 2025-01-02 11:00 in the user's time zone."""
+    if not iso:
+        return "-"
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _number(value: Any, fmt: Callable[[float], str]) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return fmt(value)
+
+
+def cells(row: CheckpointInfo) -> list[Text]:
+    if row.damaged:
+        cells_ = [Text(row.name, style="bold red")] + [Text("-", style="dim")] * 4
+        cells_ += [Text(format_bytes(row.size_bytes)), Text(local_time(row.updated))]
+        return [*cells_, Text(f"damaged: {row.damaged}", style="red")]
+    return [
+        Text(row.name, style="bold"),
+        Text(_number(row.get("parameters"), format_count), justify="right"),
+        Text(_number(row.get("step"), lambda v: f"{int(v):,}"), justify="right"),
+        Text(_number(row.get("tokens_seen"), format_count), justify="right"),
+        Text(_number(row.get("val_loss"), lambda v: f"{v:.3f}"), justify="right"),
+        Text(format_bytes(row.size_bytes), justify="right"),
+        Text(local_time(row.updated)),
+        Text(str(row.get("source") or "-"), style="dim"),
+    ]
+
+
+class CheckpointTable(DataTable):
+    """Rows keyed by checkpoint name; `show()` keeps the selection and the sort across refreshes."""
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.rows_by_name: dict[str, CheckpointInfo] = {}
+        self.sort_column = "updated"
+        self.sort_reverse = True
+
+    def on_mount(self) -> None:
+        for key, header, _ in COLUMNS:
+            self.add_column(header, key=key)
+
+    @property
+    def selected_name(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
+        except Exception:  # noqa: BLE001 (no valid cursor)
+            return None
+
+    @property
+    def names(self) -> list[str]:
+        """The names in the order shown."""
+        return [str(key.value) for key in self.rows]
+
+    def show(self, rows: list[CheckpointInfo], select: str | None = None) -> None:
+        select = select or self.selected_name
+        self.rows_by_name = {row.name: row for row in rows}
+        self._fill(select)
+
+    def sort_by(self, column: str, reverse: bool | None = None) -> None:
+        if reverse is None:
+            reverse = (not self.sort_reverse) if column == self.sort_column else column in NEWEST_FIRST
+        self.sort_column, self.sort_reverse = column, reverse
+        self._fill(self.selected_name)
+
+    def next_sort(self) -> None:
+        keys = [key for key, _, _ in COLUMNS]
+        self.sort_by(keys[(keys.index(self.sort_column) + 1) % len(keys)])
+
+    def _fill(self, select: str | None) -> None:
+        value_of = dict((key, fn) for key, _, fn in COLUMNS)[self.sort_column]
+
+        def order(row: CheckpointInfo) -> tuple:
+            value = value_of(row)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            # Missing values go last whatever the direction.
+            return (missing != self.sort_reverse, 0 if missing else value, row.name.lower())
+
+        rows = sorted(self.rows_by_name.values(), key=order, reverse=self.sort_reverse)
+        self.clear()
+        for key, header, _ in COLUMNS:
+            arrow = (" ▼" if self.sort_reverse else " ▲") if key == self.sort_column else ""
+            self.columns[key].label = Text(header + arrow)  # type: ignore[index]
+        for row in rows:
+            self.add_row(*cells(row), key=row.name)
+        if select in self.rows_by_name:
+            self.move_cursor(row=self.get_row_index(select))
+
+
+def describe(row: CheckpointInfo | None, writer: LockHolder | None = None) -> Text:
+    """The details panel: what the checkpoint is, how far it trained, where it came from."""
+    text = Text()
+    if row is None:
+        text.append("No checkpoint selected.\n\n", style="bold")
+        text.append("Train one in the Train mode, or import weights (i): a Hugging Face GPT-2, the book's .pth.")
+        return text
+    text.append(row.name + "\n", style="bold")
+    if writer is not None:
+        text.append(f"being written by {writer.describe()}\n", style="green")
+    if row.damaged:
+        text.append(f"damaged: {row.damaged}\n", style="bold red")
+    cfg = row.config
+    if cfg is not None:
+        text.append("config  ", style="dim")
+        text.append(
+            f"{cfg.n_layers} layers · {cfg.emb_dim} dims · {cfg.n_heads} heads · context {cfg.context_length} · "
+            f"vocab {cfg.vocab_size:,} · dropout {cfg.drop_rate:g} · qkv bias {'on' if cfg.qkv_bias else 'off'}\n"
+        )
+    params = row.get("parameters")
+    if isinstance(params, int):
+        text.append("params  ", style="dim")
+        text.append(f"{params:,}\n")
+    step = row.get("step")
+    if isinstance(step, int):
+        text.append("trained ", style="dim")
+        text.append(f"{step:,} steps · {format_count(row.get('tokens_seen') or 0)} tokens\n")
+    losses = []
+    for split in ("train", "val"):
+        loss = row.get(f"{split}_loss")
+        if isinstance(loss, int | float):
+            ppl = row.get(f"{split}_perplexity") or math.exp(min(loss, 700))
+            losses.append(f"{split} {loss:.3f} (ppl {ppl:,.1f})")
+    if losses:
+        text.append("loss    ", style="dim")
+        text.append(" · ".join(losses) + "\n")
+    text.append("source  ", style="dim")
+    text.append(f"{row.get('source') or 'unknown'}")
+    if row.get("copied_from"):
+        text.append(f" (copied from {row.get('copied_from')})")
+    text.append("\n")
+    training = row.get("training")
+    if isinstance(training, dict):
+        corpus = " ".join(training.get("corpus") or []) or "pydoc"
+        text.append("run     ", style="dim")
+        text.append(f"corpus {corpus} · batch {training.get('batch_size')} · lr {training.get('lr')} · ")
+        text.append("resumable (t)\n" if row.has_optimizer else "no optimizer state\n")
+    text.append("dates   ", style="dim")
+    text.append(f"created {local_time(row.get('created'))} · updated {local_time(row.updated)}\n")
+    text.append("folder  ", style="dim")
+    text.append(f"{row.path} ({format_bytes(row.size_bytes)})\n")
+    return text
+
+
+class CheckpointDetails(Static):
+    DEFAULT_CSS = "CheckpointDetails { height: auto; }"
