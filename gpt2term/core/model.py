@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -545,10 +546,16 @@ class _SecondCore:
 
     A matrix-vector product is memory-bound, and one core streams at most ~25 GB/s here, while MKL runs these
     products on a single thread whatever `torch.set_num_threads` says. Splitting each matrix by columns between two
-    threads reads it with both cores (measured: GPT-2 124M step 23.5 -> 17 ms). If the helper has not started its
-    half by the time the caller finished its own (a busy machine), the caller does it too: never slower than one
-    thread by more than the hand-off.
+    threads reads it with both cores (measured: GPT-2 124M step 23.5 -> 17 ms).
+
+    On a busy machine the helper may not get a core: if it has not started its half by the time the caller
+    finished its own, the caller does it too; if it started and then stalled (the caller waited longer than its
+    own half took, and over a millisecond), splitting pauses for `PAUSE_S` and the caller works alone, trying the
+    helper again after.
     """
+
+    PAUSE_S = 0.5
+    STALL_S = 0.001  # a wake-up takes microseconds; a thread waiting for a core waits milliseconds
 
     _instance: _SecondCore | None = None
     _lock = threading.Lock()
@@ -556,6 +563,7 @@ class _SecondCore:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[_Task] = queue.SimpleQueue()
         self._pid = os.getpid()
+        self._paused_until = 0.0
         threading.Thread(target=self._work, name="gpt2term-second-core", daemon=True).start()
 
     @classmethod
@@ -571,11 +579,20 @@ class _SecondCore:
                 self._queue.get().run_if_unclaimed()
 
     def both(self, first: Callable[[], None], second: Callable[[], None]) -> None:
+        started = time.perf_counter()
+        if started < self._paused_until:
+            first()
+            second()
+            return
         task = _Task(second)
         self._queue.put(task)
         first()
         if not task.run_if_unclaimed():
+            mine = time.perf_counter() - started
+            waited_from = time.perf_counter()
             task.done.wait()
+            if time.perf_counter() - waited_from > max(mine, self.STALL_S):  # the helper has no core to itself
+                self._paused_until = time.perf_counter() + self.PAUSE_S
         if task.error is not None:
             raise task.error
 
