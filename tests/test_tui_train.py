@@ -133,7 +133,7 @@ def test_one_key_starts_the_tiny_preset_on_pydoc_and_the_form_explains_bad_value
             assert (settings.preset, settings.corpus, settings.max_steps, settings.model) == (
                 "tiny", ["pydoc"], DEFAULT_STEPS, {})  # fmt: skip
             assert (settings.context_length, settings.eval_interval, settings.name) == (128, 25, "tiny-pydoc")
-            hint = screen.log_view.lines_written[0]
+            hint = str(screen.query_one("#run-help").render())
             assert "f5 starts a new tiny model (28.9M parameters) on pydoc, 300 steps" in hint
             fill(screen, batch_size="eight")
             await pilot.press("f5")
@@ -326,6 +326,7 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
                 assert screen.state.step == 5 and screen.state.train_loss.steps == [1, 2, 3, 4, 5]
                 assert "following remote (read-only, written by process" in screen.query_one("#run-view").border_title
                 assert "x4 processes" in screen.log_view.lines_written[1]
+                assert screen.log_view.has_focus
 
                 # New lines arrive: the poll timer reads only them.
                 store.append_metrics(name, step_event(6).to_dict())

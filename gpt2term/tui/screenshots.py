@@ -2,11 +2,13 @@
 
 The app runs headless (Textual's Pilot), types a prompt, generates, and saves SVGs of what the screen shows, so
 the pictures in the README are the real program. Re-run it whenever the screens change or a better model exists.
+The train and checkpoints screenshots come from a real run started from the train screen's form, taken mid-run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import click
@@ -14,6 +16,7 @@ import click
 from gpt2term.core.generation import DecodingSettings
 from gpt2term.tui.app import Gpt2termApp, make_app
 from gpt2term.tui.screens.prompt import PromptScreen
+from gpt2term.tui.screens.train import TrainScreen
 
 
 async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:  # noqa: ANN001 (textual Pilot)
@@ -73,6 +76,46 @@ async def _shoot(
         return path
 
 
+async def _shoot_training(
+    checkpoint: str | None, out: Path, form: dict[str, str], shot_at: int, size: tuple[int, int]
+) -> list[Path]:
+    """Start a run from the train screen's form, and shoot it (and the checkpoints screen) once an evaluation at
+    step `shot_at` or later is on screen; then stop it (it saves)."""
+    app = make_app(checkpoint, keymap={})
+    paths = []
+    async with app.run_test(size=size) as pilot:
+        await _loaded(app, pilot)
+        await pilot.press("f3")
+        screen = app.screen
+        assert isinstance(screen, TrainScreen)
+        for field_id, value in form.items():
+            screen.form.query_one(f"#{field_id}").value = value
+        reached = threading.Event()
+        screen.listeners = [lambda e: reached.set() if e.type == "sample" and e.step >= shot_at else None]
+        await pilot.press("f5")
+        if not await asyncio.to_thread(reached.wait, 3600):
+            raise click.ClickException("the run did not reach the step to shoot within an hour")
+
+        async def shoot(name: str) -> None:
+            app.clear_notifications()
+            await pilot.pause(1.0)  # the loss plot redraws at most twice a second
+            path = out / f"{name}.svg"
+            app.save_screenshot(filename=path.name, path=str(out))
+            paths.append(path)
+
+        await shoot("train")
+        await pilot.resize_terminal(80, 24)
+        await shoot("train-80x24")
+        await pilot.resize_terminal(*size)
+        await pilot.press("f4", "n")  # leave the run training
+        table = app.screen.table
+        table.move_cursor(row=table.get_row_index(form["name"]))
+        await shoot("checkpoints")
+        await pilot.press("f3", "f8")
+        await app.workers.wait_for_complete()
+    return paths
+
+
 @click.command()
 @click.option("--checkpoint", "-c", help="Model to show (a store name or a path); default: the most recent one.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="screenshots", show_default=True)
@@ -81,6 +124,22 @@ async def _shoot(
 @click.option("--temperature", "-t", default=0.0, show_default=True)
 @click.option("--top-k", type=int)
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--screens",
+    type=click.Choice(["all", "prompt", "train"]),
+    default="all",
+    show_default=True,
+    help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen.",
+)
+@click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
+@click.option("--run-steps", default=240, show_default=True, help="Steps of that run (it is stopped after the shot).")
+@click.option("--shot-at", default=150, show_default=True, help="Shoot at the first evaluation from this step on.")
+@click.option(
+    "--run-form",
+    default="context_length=64,batch_size=8,eval_interval=10,save_interval=50",
+    show_default=True,
+    help="Other form fields of the run, id=value, comma-separated (the defaults keep it a few minutes on a CPU).",
+)
 def main(
     checkpoint: str | None,
     out: Path,
@@ -89,9 +148,22 @@ def main(
     temperature: float,
     top_k: int | None,
     seed: int,
+    screens: str,
+    run_name: str,
+    run_steps: int,
+    shot_at: int,
+    run_form: str,
 ) -> None:
-    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg and settings.svg."""
+    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, train.svg, train-80x24.svg and
+    checkpoints.svg."""
     out.mkdir(parents=True, exist_ok=True)
+    if screens in ("all", "train"):
+        form = dict(item.split("=", 1) for item in run_form.split(",") if item)
+        form |= {"name": run_name, "max_steps": str(run_steps)}
+        for path in asyncio.run(_shoot_training(checkpoint, out, form, shot_at, (140, 42))):
+            click.echo(f"wrote {path}")
+        if screens == "train":
+            return
     prompts_list = list(prompts) or ["The list method append", "A function is defined with"]
     settings = DecodingSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, top_n=30

@@ -54,8 +54,11 @@ from gpt2term.tui.widgets.training_charts import (
     format_rate,
 )
 
+NARROW = 110  # below this width, the form and the loss plot do not both fit: the plot shows during runs only
 FOLLOW_INTERVAL_S = 0.5
 FOLLOW_BUDGET_S = 0.05  # a poll reads at most this long before letting the UI draw (a long file: a few polls)
+ACTIONS = ("start", "pause", "resume", "save_now", "stop", "follow", "unfollow", "prompt")
+BUTTONS = ("pause", "resume", "save_now", "stop", "follow")
 
 
 class TrainScreen(Screen):
@@ -84,6 +87,7 @@ class TrainScreen(Screen):
         self._follow_timer: Timer | None = None
         self._writer: str | None = None
         self._after_run: list[Callable[[], object]] = []
+        self._enabled: tuple[bool, ...] = ()
         self.listeners: list[Listener] = []  # more listeners for every run started here (a test's recorder)
 
     @property
@@ -98,6 +102,7 @@ class TrainScreen(Screen):
         with Horizontal(id="train-body"):
             yield TrainForm(self.store, id="train-form")
             with Vertical(id="run-view"):
+                yield Static(id="run-help")
                 yield Static(id="run-summary")
                 with Horizontal(id="run-progress-row"):
                     yield ProgressBar(id="run-progress", show_eta=False, show_percentage=True)
@@ -134,11 +139,6 @@ class TrainScreen(Screen):
         self.query_one("#run-sample", Static).border_title = "sample"
         self.query_one("#run-view").border_title = "training run"
         self.query_one("#run-log").border_title = "events"
-        self.log_view.add(
-            f"{key_display(self.app, 'train.start')} starts {self.form.describe()} "
-            f"(change the form first if you like); {key_display(self.app, 'train.follow')} follows a run "
-            "another terminal is training."
-        )
         self.query_one("#start").focus()
         self.refresh_view()
 
@@ -186,14 +186,44 @@ class TrainScreen(Screen):
 
     # ------------------------------------------------------------------ drawing
 
+    def help_text(self) -> Text:
+        """What the screen shows before the first run: what one key starts, and what else it can do."""
+
+        def key(binding_id: str) -> str:
+            return key_display(self.app, binding_id)
+
+        text = Text()
+        text.append(f"{key('train.start')} starts {self.form.describe()}.\n\n", style="bold")
+        text.append(
+            "Change the form first if you like: a corpus (files or folders of .txt/.md, or the built-in pydoc), "
+            "a new model from a preset or a stored checkpoint to resume or fine-tune, how long and how fast.\n\n"
+            f"While it trains: {key('train.pause')} pauses and resumes, {key('train.save')} saves now, "
+            f"{key('train.stop')} stops (it saves first). The loss, validation loss, learning rate and speed are "
+            "drawn as they come, with a sample of the model's writing at each evaluation.\n\n"
+            f"{key('train.follow')} follows a run that another terminal (gpt2term train) or a torchrun job is "
+            "training, read-only."
+        )
+        return text
+
     def _set_mode(self, mode: str) -> None:
         self.mode = mode
         self.set_class(mode != "setup", "busy")
         self.form.disabled = mode != "setup"
+        if mode == "setup":
+            self.query_one("#start").focus()
+        else:
+            self.log_view.focus()  # arrows scroll the log; the run's keys work from anywhere
         self.refresh_view()
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.width < NARROW, "narrow")
 
     def refresh_view(self) -> None:
         s = self.state
+        idle = s.status == "idle"
+        self.set_class(idle, "idle")
+        if idle:
+            self.query_one("#run-help", Static).update(self.help_text())
         view = self.query_one("#run-view")
         if self.following:
             who = f"written by {self._writer}" if self._writer else "nobody writes it now"
@@ -219,14 +249,21 @@ class TrainScreen(Screen):
         sample = self.query_one("#run-sample", Static)
         if s.sample is not None:
             sample.border_title = f"sample at step {s.sample.step}"
-            sample.update(Text.assemble((s.sample.prompt, "bold"), s.sample.text))
+            if s.sample.text.strip():
+                sample.update(Text.assemble((s.sample.prompt, "bold"), s.sample.text))
+            else:  # an early model writes only spaces and newlines: show them
+                sample.update(Text.assemble((s.sample.prompt, "bold"), (repr(s.sample.text), "dim")))
         else:
             sample.border_title = "sample"
             sample.update(Text("A greedy sample from the model appears at each evaluation.", style="dim"))
         self.query_one(LossPlot).show(s.train_loss, s.val_loss)
-        for button_id in ("pause", "resume", "save_now", "stop", "follow"):
-            self.query_one(f"#{button_id}", Button).display = bool(self.check_action(button_id, ()))
-        self.refresh_bindings()
+        enabled = tuple(bool(self.check_action(a, ())) for a in ACTIONS)
+        for action, shown in zip(ACTIONS, enabled, strict=True):
+            if action in BUTTONS:
+                self.query_one(f"#{action}", Button).display = shown
+        if enabled != self._enabled:  # the footer rebuilds itself on each refresh: only when something changed
+            self._enabled = enabled
+            self.refresh_bindings()
 
     def _describe_model(self) -> str:
         s = self.state

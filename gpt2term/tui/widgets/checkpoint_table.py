@@ -131,7 +131,8 @@ def describe(row: CheckpointInfo | None, writer: LockHolder | None = None) -> Te
         return text
     text.append(row.name + "\n", style="bold")
     if writer is not None:
-        text.append(f"being written by {writer.describe()}\n", style="green")
+        what = f" ({writer.purpose})" if writer.purpose else ""
+        text.append(f"being written by process {writer.pid}{what}\n", style="green")
     if row.damaged:
         text.append(f"damaged: {row.damaged}\n", style="bold red")
     cfg = row.config
