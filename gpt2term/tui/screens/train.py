@@ -116,8 +116,8 @@ class TrainScreen(Screen):
                         yield MetricSparkline("tokens/s", format_rate, id="spark-tokens")
                         yield Static(id="run-warning", markup=False)
                         yield Static(id="run-sample", markup=False)
+                        yield EventLog(id="run-log")
                     yield LossPlot(id="run-plot")
-                yield EventLog(id="run-log")
                 with Horizontal(id="run-buttons"):
                     yield Button("Pause", id="pause", compact=True)
                     yield Button("Resume", id="resume", compact=True)
