@@ -132,13 +132,13 @@ async def _shoot_training(
     help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen.",
 )
 @click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
-@click.option("--run-steps", default=240, show_default=True, help="Steps of that run (it is stopped after the shot).")
+@click.option("--run-steps", default=300, show_default=True, help="Steps of that run (it is stopped after the shot).")
 @click.option("--shot-at", default=150, show_default=True, help="Shoot at the first evaluation from this step on.")
 @click.option(
     "--run-form",
-    default="context_length=64,batch_size=8,eval_interval=10,save_interval=50",
-    show_default=True,
-    help="Other form fields of the run, id=value, comma-separated (the defaults keep it a few minutes on a CPU).",
+    default="",
+    help="Other form fields of the run, id=value, comma-separated (e.g. context_length=64,eval_interval=10); "
+    "by default the form's own defaults, the run one key starts.",
 )
 def main(
     checkpoint: str | None,

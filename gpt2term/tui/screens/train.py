@@ -11,6 +11,7 @@ same events, so the same panels.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
@@ -59,6 +60,21 @@ FOLLOW_INTERVAL_S = 0.5
 FOLLOW_BUDGET_S = 0.05  # a poll reads at most this long before letting the UI draw (a long file: a few polls)
 ACTIONS = ("start", "pause", "resume", "save_now", "stop", "follow", "unfollow", "prompt")
 BUTTONS = ("pause", "resume", "save_now", "stop", "follow")
+
+
+def show_sample(prompt: str, text: str) -> Text:
+    """The prompt in bold, then the model's words; a run of newlines is one line break after as many `↵` (an
+    early model writes little else, and the panel would be empty lines)."""
+    shown = Text(prompt, style="bold")
+    if not text.strip() and "\n" not in text:
+        shown.append(repr(text), style="dim")  # only spaces (or nothing): show them quoted
+        return shown
+    for match in re.finditer(r"(\n+)|([^\n]+)", text):
+        if match.group(1):
+            shown.append("↵" * len(match.group(1)) + "\n", style="dim")
+        else:
+            shown.append(match.group(2))
+    return shown
 
 
 class TrainScreen(Screen):
@@ -249,10 +265,7 @@ class TrainScreen(Screen):
         sample = self.query_one("#run-sample", Static)
         if s.sample is not None:
             sample.border_title = f"sample at step {s.sample.step}"
-            if s.sample.text.strip():
-                sample.update(Text.assemble((s.sample.prompt, "bold"), s.sample.text))
-            else:  # an early model writes only spaces and newlines: show them
-                sample.update(Text.assemble((s.sample.prompt, "bold"), (repr(s.sample.text), "dim")))
+            sample.update(show_sample(s.sample.prompt, s.sample.text))
         else:
             sample.border_title = "sample"
             sample.update(Text("A greedy sample from the model appears at each evaluation.", style="dim"))
