@@ -12,6 +12,7 @@ same events, so the same panels.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable
 
@@ -24,7 +25,7 @@ from textual.timer import Timer
 from textual.widgets import Button, Footer, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
-from gpt2term.core.checkpoints import CheckpointStore
+from gpt2term.core.checkpoints import CheckpointStore, LockHolder
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.follow import MetricsFollower
 from gpt2term.core.training import (
@@ -60,6 +61,14 @@ FOLLOW_INTERVAL_S = 0.5
 FOLLOW_BUDGET_S = 0.05  # a poll reads at most this long before letting the UI draw (a long file: a few polls)
 ACTIONS = ("start", "pause", "resume", "save_now", "stop", "follow", "unfollow", "prompt")
 BUTTONS = ("pause", "resume", "save_now", "stop", "follow")
+
+
+def describe_writer(holder: LockHolder | None) -> str | None:
+    """Who writes a checkpoint, e.g. "process 123 (training)"; the host too when it is another machine."""
+    if holder is None:
+        return None
+    where = f" on {holder.host}" if holder.host and holder.host != socket.gethostname() else ""
+    return f"process {holder.pid}{where}" + (f" ({holder.purpose})" if holder.purpose else "")
 
 
 def show_sample(prompt: str, text: str) -> Text:
@@ -433,7 +442,7 @@ class TrainScreen(Screen):
             except OSError:
                 continue
             holder = self.store.lock_holder(row.name)
-            candidates.append(FollowCandidate(row.name, holder.describe() if holder else None, max(0.0, age)))
+            candidates.append(FollowCandidate(row.name, describe_writer(holder), max(0.0, age)))
         candidates.sort(key=lambda c: (c.writer is None, c.last_event_age_s or 0.0))
         return candidates
 
@@ -477,8 +486,7 @@ class TrainScreen(Screen):
             events += [e for e in map(event_from_dict, update.records) if e is not None]
             if not update.more or time.monotonic() - started > FOLLOW_BUDGET_S:
                 break
-        holder = self.store.lock_holder(self.following)
-        writer = holder.describe() if holder else None
+        writer = describe_writer(self.store.lock_holder(self.following))
         if not events and writer == self._writer:
             return
         self._writer = writer
