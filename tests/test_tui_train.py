@@ -30,10 +30,11 @@ from gpt2term.core.training import (
     Trainer,
     TrainingEvent,
     TrainingSettings,
+    WarningEvent,
 )
 from gpt2term.tui.app import make_app
 from gpt2term.tui.messages import TrainingEventsReady
-from gpt2term.tui.run_state import EventRelay
+from gpt2term.tui.run_state import EventRelay, RunState, Series
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.modals import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.screens.train import TrainScreen
@@ -124,6 +125,17 @@ def test_the_relay_posts_one_message_however_many_events_wait_and_loses_none():
     assert not TrainingEventsReady(2).can_replace(TrainingEventsReady(1))
 
 
+def test_a_resumed_run_replaces_the_steps_it_redoes_and_a_new_run_under_the_same_name_starts_over():
+    series = Series()
+    for step, value in ((1, 5.0), (2, 4.0), (3, 3.0), (2, 3.5), (3, 3.2)):  # resumed from its save at step 1
+        series.add(step, value)
+    assert (series.steps, series.values) == ([1, 2, 3], [5.0, 3.5, 3.2])
+    state = RunState()
+    for event in (start_event("a"), step_event(1), step_event(2), start_event("a"), step_event(1)):
+        state.apply(event)
+    assert state.train_loss.steps == [1] and state.step == 1 and state.name == "a"
+
+
 def test_one_key_starts_the_tiny_preset_on_pydoc_and_the_form_explains_bad_values():
     async def scenario() -> None:
         app = small_app()
@@ -135,6 +147,11 @@ def test_one_key_starts_the_tiny_preset_on_pydoc_and_the_form_explains_bad_value
             assert (settings.context_length, settings.eval_interval, settings.name) == (128, 25, "tiny-pydoc")
             hint = str(screen.query_one("#run-help").render())
             assert "f5 starts a new tiny model (28.9M parameters) on pydoc, 300 steps" in hint
+            fill(screen, max_steps="", epochs="2", n_layers="2")
+            await pilot.pause()
+            hint = str(screen.query_one("#run-help").render())
+            assert "f5 starts a new tiny model (27.3M parameters) on pydoc, 2 epoch(s)" in hint
+            fill(screen, max_steps="300", epochs="", n_layers="4")
             fill(screen, batch_size="eight")
             await pilot.press("f5")
             assert not screen.run_active
@@ -331,8 +348,11 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
                 # New lines arrive: the poll timer reads only them.
                 store.append_metrics(name, step_event(6).to_dict())
                 store.append_metrics(name, eval_event(6, 8.5).to_dict())
-                await settle(pilot, lambda: screen.state.step == 6 and len(screen.state.val_loss) == 1, "step 6", 0.05)
+                store.append_metrics(name, WarningEvent(step=6, kind="overfitting", message="val loss rose").to_dict())
+                await settle(pilot, lambda: screen.state.step == 6 and screen.state.warning, "step 6", 0.05)
                 assert screen.query_one("#spark-val-loss", MetricSparkline).values == [8.5]
+                assert "⚠ overfitting: val loss rose" in str(screen.query_one("#run-warning").render())
+                assert any(n.title == "Overfitting" for n in app._notifications)
 
                 # A save that copies the file (no hard links): a new file with the same start. Reopened, no repeats.
                 path = store.metrics_path(name)

@@ -22,7 +22,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, ProgressBar, Static
+from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
 from textual.worker import Worker, WorkerState
 
 from gpt2term.core.checkpoints import CheckpointStore, LockHolder
@@ -239,6 +239,13 @@ class TrainScreen(Screen):
         else:
             self.log_view.focus()  # arrows scroll the log; the run's keys work from anywhere
         self.refresh_view()
+
+    @on(Input.Changed)
+    @on(Select.Changed)
+    def _form_changed(self) -> None:
+        """Before the first run, the help says what the start key starts now."""
+        if self.state.status == "idle" and self.is_mounted:
+            self.query_one("#run-help", Static).update(self.help_text())
 
     def on_resize(self) -> None:
         self.set_class(self.size.width < NARROW, "narrow")
