@@ -14,6 +14,7 @@ parameter changes. `prepare_for_inference(model, "bf16")` picks the number forma
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import queue
@@ -561,10 +562,19 @@ class _SecondCore:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Task] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._pid = os.getpid()
         self._paused_until = 0.0
-        threading.Thread(target=self._work, name="gpt2term-second-core", daemon=True).start()
+        self._thread = threading.Thread(target=self._work, name="gpt2term-second-core", daemon=True)
+        self._thread.start()
+        # A thread that has run MKL/OpenMP code must end before the interpreter does: left running, the C++
+        # runtime's exit destroys its thread pool under it and aborts ("terminate called without an active
+        # exception", exit status 134 after a successful run).
+        atexit.register(self._shut_down)
+
+    def _shut_down(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
 
     @classmethod
     def get(cls) -> _SecondCore:
@@ -575,8 +585,8 @@ class _SecondCore:
 
     def _work(self) -> None:
         with torch.inference_mode():  # the caller's outputs are inference tensors
-            while True:
-                self._queue.get().run_if_unclaimed()
+            while (task := self._queue.get()) is not None:
+                task.run_if_unclaimed()
 
     def both(self, first: Callable[[], None], second: Callable[[], None]) -> None:
         started = time.perf_counter()
