@@ -15,6 +15,8 @@ import click
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.formatting import format_prob
 
+DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
+
 
 class Gpt2termGroup(click.Group):
     """Turns user errors into one line and exit 2, and Ctrl-C into exit 130, for every subcommand."""
@@ -104,7 +106,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "bf16", "float32", "bfloat16"]),
+    type=click.Choice(DTYPE_NAMES),
     help="Number format of the weights while decoding: bf16 reads half the bytes per token (faster on a CPU).",
 )
 def generate(
@@ -609,7 +611,7 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--seed", default=123, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPE_NAMES))
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster steps).")
 @click.option("--sample-prompt", help="Greedy sample shown at each evaluation [default: fits the corpus].")
 @click.option("--sample-tokens", default=30, show_default=True, type=click.IntRange(min=0))
@@ -672,7 +674,7 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 @click.option("--context-length", type=click.IntRange(min=1), help="Window length [default: the model's].")
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(DTYPE_NAMES))
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: loss, perplexity, tokens, checkpoint, corpus.")
