@@ -26,6 +26,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
+from gpt2term.tui.screens.inspect import AttentionScreen, LensScreen, sequence_for
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
 from gpt2term.tui.widgets.header import ModelHeader
@@ -56,6 +57,8 @@ class PromptScreen(Screen):
         bind("prompt.stop", "stop", priority=True),
         bind("prompt.back", "back", priority=True),  # the same key as Stop; check_action picks the one that applies
         bind("prompt.inspect", "inspect"),
+        bind("tokens.attention", "attention"),  # only with the token cursor on a token (check_action)
+        bind("tokens.lens", "lens"),
         bind("prompt.settings", "settings"),
         bind("prompt.toggle-colours", "toggle_colours"),
         bind("prompt.toggle-boundaries", "toggle_boundaries"),
@@ -114,6 +117,8 @@ class PromptScreen(Screen):
             return self.generating is None and not self.prompt_input.has_focus
         if action == "inspect":
             return bool(self.turns)
+        if action in ("attention", "lens"):
+            return self.transcript.has_focus and self.transcript.cursor is not None and self.app.app_model is not None
         return True
 
     def on_descendant_focus(self) -> None:
@@ -314,6 +319,24 @@ class PromptScreen(Screen):
         else:
             self.transcript.follow_latest()
             self.prompt_input.focus()
+
+    def action_attention(self) -> None:
+        """The selected token's attention over the tokens before it (computed in the view's own worker)."""
+        turn, index = self.transcript.selected_turn_and_index
+        app_model: AppModel | None = self.app.app_model
+        if turn is None or index is None or app_model is None:
+            return
+        ids = sequence_for(turn, index, app_model.context_length)
+        self.app.push_screen(AttentionScreen(app_model.model, self.app.tokenizer, ids))
+
+    def action_lens(self) -> None:
+        """What each layer predicted where the model chose the selected token."""
+        turn, index = self.transcript.selected_turn_and_index
+        app_model: AppModel | None = self.app.app_model
+        if turn is None or index is None or app_model is None:
+            return
+        context = sequence_for(turn, index, app_model.context_length + 1)[:-1][-app_model.context_length :]
+        self.app.push_screen(LensScreen(app_model.model, self.app.tokenizer, context, turn.steps[index].token_id))
 
     # ------------------------------------------------------------------ toggles, settings, copy, save
 

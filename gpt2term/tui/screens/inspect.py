@@ -1,0 +1,259 @@
+"""Looking inside the model at one generated token: what it attended to, and what each layer predicted.
+
+Both views compute in a thread worker once (every layer and head at once for attention), then moving through
+layers and heads only redraws: the UI never waits on the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.color import Color
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.inspection import LensLayer, attention_weights, first_layer_with_final_answer, logit_lens
+from gpt2term.core.model import GPTModel
+from gpt2term.core.tokenizer import Tokenizer
+from gpt2term.formatting import format_prob
+from gpt2term.tui.keymap import bind, key_display
+from gpt2term.tui.turns import Turn
+from gpt2term.tui.widgets.probabilities import show_token
+
+TOP_WEIGHTS = 5  # how many of the strongest attention weights are listed as numbers
+LENS_TOP_K = 5
+_COLD = Color.parse("#1b2230")  # no attention
+_HOT = Color.parse("#e8872b")  # the strongest weight of the row
+
+INSPECT_CSS = """
+AttentionScreen, LensScreen { align: center middle; }
+.inspect-dialog {
+    width: 92%; height: 90%; border: round $primary; background: $surface; padding: 0 1;
+}
+.inspect-title { height: auto; text-style: bold; }
+.inspect-note { height: auto; color: $text-muted; }
+.inspect-body { height: 1fr; }
+"""
+
+
+def sequence_for(turn: Turn, index: int, context_length: int) -> list[int]:
+    """The token ids up to and including generated token `index`, cut to the model's context from the left."""
+    ids = list(turn.prompt_ids) + [step.token_id for step in turn.steps[: index + 1]]
+    return ids[-context_length:]
+
+
+def head_label(head: int) -> str:
+    return "mean of heads" if head < 0 else f"head {head + 1}"
+
+
+def attention_row(weights: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """The last token's attention over the sequence for one layer and head (head -1: the mean over heads)."""
+    rows = weights[layer, :, -1, :]
+    return rows.mean(dim=0) if head < 0 else rows[head]
+
+
+def _token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.token_text(token_id).replace("\n", "↵").replace("\t", "→") or "∅"
+
+
+class AttentionScreen(ModalScreen[None]):
+    """The selected token's attention over the earlier tokens, one layer and head (or their mean) at a time."""
+
+    DEFAULT_CSS = INSPECT_CSS
+    BINDINGS = [
+        bind("dialog.cancel", "close"),
+        bind("attention.layer-previous", "layer(-1)"),
+        bind("attention.layer-next", "layer(1)"),
+        bind("attention.head-previous", "head(-1)"),
+        bind("attention.head-next", "head(1)"),
+    ]
+
+    def __init__(self, model: GPTModel, tokenizer: Tokenizer, token_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.token_ids = list(token_ids)
+        self.weights: torch.Tensor | None = None  # [layers, heads, query, key]
+        self.failure: str | None = None
+        self.current_layer = 0
+        self.current_head = -1  # -1: the mean over heads
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="inspect-dialog"):
+            yield Static("computing attention…", id="attention-title", classes="inspect-title", markup=False)
+            with VerticalScroll(classes="inspect-body"):
+                yield Static(id="attention-tokens", markup=False)
+            yield Static(id="attention-top", markup=False)
+            yield Static(id="attention-note", classes="inspect-note", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(".inspect-dialog").loading = True
+        self._compute()
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def _compute(self) -> None:
+        try:
+            weights = attention_weights(self.model, self.token_ids)
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self._failed, str(exc))
+            return
+        self.app.call_from_thread(self._computed, weights)
+
+    def _failed(self, error: str) -> None:
+        self.failure = error
+        self.query_one(".inspect-dialog").loading = False
+        self.query_one("#attention-title", Static).update(f"Attention could not be computed: {error}")
+
+    def _computed(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        self.query_one(".inspect-dialog").loading = False
+        self.redraw()
+
+    @property
+    def row(self) -> torch.Tensor | None:
+        """The weights on screen now: the selected (last) token's attention for the current layer and head."""
+        if self.weights is None:
+            return None
+        return attention_row(self.weights, self.current_layer, self.current_head)
+
+    def redraw(self) -> None:
+        row = self.row
+        if row is None or self.weights is None:
+            return
+        layers, heads = self.weights.shape[0], self.weights.shape[1]
+        selected = _token_label(self.tokenizer, self.token_ids[-1])
+        self.query_one("#attention-title", Static).update(
+            f"Attention of {show_token(selected)} · layer {self.current_layer + 1}/{layers} · "
+            f"{head_label(self.current_head)} ({heads} heads)"
+        )
+        strongest = float(row.max()) or 1.0
+        text = Text()
+        for position, (token_id, weight) in enumerate(zip(self.token_ids, row.tolist(), strict=True)):
+            shade = _COLD.blend(_HOT, weight / strongest)
+            style = f"{'#101010' if weight / strongest > 0.6 else '#e6e6e6'} on {shade.hex}"
+            if position == len(self.token_ids) - 1:
+                style += " bold underline"
+            label = _token_label(self.tokenizer, token_id)
+            text.append(label, style=style)
+            if label.endswith("↵"):
+                text.append("\n")
+        self.query_one("#attention-tokens", Static).update(text)
+        values, positions = torch.topk(row, min(TOP_WEIGHTS, row.shape[0]))
+        top = Text("strongest: ", style="bold")
+        for value, position in zip(values.tolist(), positions.tolist(), strict=True):
+            label = show_token(_token_label(self.tokenizer, self.token_ids[position]))
+            top.append(f"{label}@{position} {value:.4f}   ")
+        self.query_one("#attention-top", Static).update(top)
+
+        def key(binding_id: str) -> str:
+            return key_display(self.app, binding_id)
+
+        self.query_one("#attention-note", Static).update(
+            f"{key('attention.layer-previous')}/{key('attention.layer-next')} layer · "
+            f"{key('attention.head-previous')}/{key('attention.head-next')} head (before head 1: the mean) · "
+            f"{key('dialog.cancel')} back. Brighter = more attention; each row of weights sums to 1."
+        )
+
+    def action_layer(self, delta: int) -> None:
+        if self.weights is None:
+            return
+        self.current_layer = (self.current_layer + delta) % self.weights.shape[0]
+        self.redraw()
+
+    def action_head(self, delta: int) -> None:
+        if self.weights is None:
+            return
+        heads = self.weights.shape[1]
+        self.current_head = (self.current_head + 1 + delta) % (heads + 1) - 1  # -1 (mean), 0, ..., heads-1, round again
+        self.redraw()
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
+    """The lens as a table: one line per layer (embeddings first, output last), its top predictions across."""
+    first = first_layer_with_final_answer(layers)
+    last = len(layers) - 1
+    text = Text()
+    for lens in layers:
+        name = (
+            "embeddings" if lens.layer == 0 else f"output {lens.layer}" if lens.layer == last else f"layer {lens.layer}"
+        )
+        marker = "★" if lens.layer == first else " "
+        line = Text(f"{marker} {name:>10}  ", style="bold" if lens.layer == first else "")
+        for rank, candidate in enumerate(lens.top):
+            cell = f"{show_token(candidate.text)} {format_prob(candidate.prob)}"
+            style = "bold reverse" if lens.layer >= first and rank == 0 else ""
+            line.append(f"{cell:<22}"[:22], style=style)
+            line.append(" ")
+        text.append_text(line)
+        text.append("\n")
+    text.append(f"★ first layer whose top prediction is already the final answer: {layers[first].layer}", style="dim")
+    if chosen is not None:
+        text.append(f" · the token generated here: {chosen}", style="dim")
+    return text
+
+
+class LensScreen(ModalScreen[None]):
+    """The logit lens at the position that chose the selected token: what each layer would have predicted."""
+
+    DEFAULT_CSS = INSPECT_CSS
+    BINDINGS = [bind("dialog.cancel", "close")]
+
+    def __init__(self, model: GPTModel, tokenizer: Tokenizer, context_ids: Sequence[int], chosen_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_ids = list(context_ids)
+        self.chosen_id = chosen_id
+        self.lens_layers: list[LensLayer] | None = None
+        self.failure: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="inspect-dialog"):
+            yield Static("computing the logit lens…", id="lens-title", classes="inspect-title", markup=False)
+            with VerticalScroll(classes="inspect-body"):
+                yield Static(id="lens-table", markup=False)
+            yield Static(id="lens-note", classes="inspect-note", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(".inspect-dialog").loading = True
+        self._compute()
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def _compute(self) -> None:
+        try:
+            layers = logit_lens(self.model, self.tokenizer, self.context_ids, -1, LENS_TOP_K)
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self._failed, str(exc))
+            return
+        self.app.call_from_thread(self._computed, layers)
+
+    def _failed(self, error: str) -> None:
+        self.failure = error
+        self.query_one(".inspect-dialog").loading = False
+        self.query_one("#lens-title", Static).update(f"The logit lens could not be computed: {error}")
+
+    def _computed(self, layers: list[LensLayer]) -> None:
+        self.lens_layers = layers
+        self.query_one(".inspect-dialog").loading = False
+        chosen = show_token(_token_label(self.tokenizer, self.chosen_id))
+        last = _token_label(self.tokenizer, self.context_ids[-1])
+        self.query_one("#lens-title", Static).update(
+            f"Logit lens after {show_token(last)}: what each layer predicts next (top {LENS_TOP_K})"
+        )
+        self.query_one("#lens-table", Static).update(lens_lines(layers, chosen))
+        self.query_one("#lens-note", Static).update(
+            "Each layer's residual stream sent straight through the final LayerNorm and output head; the last "
+            f"line is the model's real output. {key_display(self.app, 'dialog.cancel')} back."
+        )
+
+    def action_close(self) -> None:
+        self.dismiss(None)
