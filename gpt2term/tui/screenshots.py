@@ -54,6 +54,7 @@ async def _shoot(
     colours: bool,
     boundaries: bool,
     dialog: bool,
+    inspect_keys: tuple[str, ...] = (),
 ) -> Path:
     app = make_app(checkpoint, keymap={})  # default keys, whatever the user's keymap says
     async with app.run_test(size=size) as pilot:
@@ -69,6 +70,16 @@ async def _shoot(
             await pilot.press("tab", *["left"] * cursor_back)
         if dialog:
             await pilot.press("ctrl+o")
+        if inspect_keys:  # open a look-inside view from the token cursor, wait for its worker, move in it
+            for _ in range(100):  # a word reads better than a space or a newline
+                turn, index = screen.transcript.selected_turn_and_index
+                if turn is None or index is None or turn.steps[index].text.strip().isalpha():
+                    break
+                await pilot.press("left")
+            await pilot.press(inspect_keys[0])
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            await pilot.press(*inspect_keys[1:])
         app.clear_notifications()
         await pilot.pause()
         path = out / f"{name}.svg"
@@ -126,10 +137,11 @@ async def _shoot_training(
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--screens",
-    type=click.Choice(["all", "prompt", "train"]),
+    type=click.Choice(["all", "prompt", "train", "inspect"]),
     default="all",
     show_default=True,
-    help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen.",
+    help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen; "
+    "inspect: the attention and logit-lens views.",
 )
 @click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
 @click.option("--run-steps", default=300, show_default=True, help="Steps of that run (it is stopped after the shot).")
@@ -154,8 +166,8 @@ def main(
     shot_at: int,
     run_form: str,
 ) -> None:
-    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, train.svg, train-80x24.svg and
-    checkpoints.svg."""
+    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, attention.svg, lens.svg, train.svg,
+    train-80x24.svg and checkpoints.svg."""
     out.mkdir(parents=True, exist_ok=True)
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
@@ -174,9 +186,17 @@ def main(
         ("tokens", (110, 30), prompts_list[-1:], 0, True, True, False),
         ("settings", (100, 30), prompts_list[-1:], 0, False, False, True),
     ]
+    if screens == "inspect":
+        shots = []
     for name, size, shot_prompts, back, colours, boundaries, dialog in shots:
         path = asyncio.run(
             _shoot(checkpoint, out, size, name, shot_prompts, settings, back, colours, boundaries, dialog)
+        )
+        click.echo(f"wrote {path}")
+    # The cursor on a token a few from the end; attention shown for the last layer's mean, the lens as it opens.
+    for name, keys in (("attention", ("a", "up")), ("lens", ("l",))):
+        path = asyncio.run(
+            _shoot(checkpoint, out, (110, 32), name, prompts_list[-1:], settings, 4, False, False, False, keys)
         )
         click.echo(f"wrote {path}")
 

@@ -28,13 +28,14 @@ from gpt2term.tui.widgets.probabilities import show_token
 
 TOP_WEIGHTS = 5  # how many of the strongest attention weights are listed as numbers
 LENS_TOP_K = 5
+LENS_CELL_WIDTH = 20  # a longer token's cell is cut, so the five columns fit 110 columns
 _COLD = Color.parse("#1b2230")  # no attention
 _HOT = Color.parse("#e8872b")  # the strongest weight of the row
 
 INSPECT_CSS = """
 AttentionScreen, LensScreen { align: center middle; }
 .inspect-dialog {
-    width: 92%; height: 90%; border: round $primary; background: $surface; padding: 0 1;
+    width: 96%; height: 90%; border: round $primary; background: $surface; padding: 0 1;
 }
 .inspect-title { height: auto; text-style: bold; }
 .inspect-note { height: auto; color: $text-muted; }
@@ -59,7 +60,9 @@ def attention_row(weights: torch.Tensor, layer: int, head: int) -> torch.Tensor:
 
 
 def _token_label(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.token_text(token_id).replace("\n", "↵").replace("\t", "→") or "∅"
+    """A token as shaded text: newlines as ↵, and a token of spaces as dots so its shade has something to show."""
+    text = tokenizer.token_text(token_id).replace("\n", "↵").replace("\t", "→") or "∅"
+    return text.replace(" ", "·") if not text.strip() else text
 
 
 class AttentionScreen(ModalScreen[None]):
@@ -140,9 +143,7 @@ class AttentionScreen(ModalScreen[None]):
             if position == len(self.token_ids) - 1:
                 style += " bold underline"
             label = _token_label(self.tokenizer, token_id)
-            text.append(label, style=style)
-            if label.endswith("↵"):
-                text.append("\n")
+            text.append(label.replace("↵", "↵\n"), style=style)  # a newline token also starts a new line
         self.query_one("#attention-tokens", Static).update(text)
         values, positions = torch.topk(row, min(TOP_WEIGHTS, row.shape[0]))
         top = Text("strongest: ", style="bold")
@@ -181,18 +182,20 @@ def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
     """The lens as a table: one line per layer (embeddings first, output last), its top predictions across."""
     first = first_layer_with_final_answer(layers)
     last = len(layers) - 1
+    cells = [[f"{show_token(c.text)} {format_prob(c.prob)}" for c in lens.top] for lens in layers]
+    width = min(LENS_CELL_WIDTH, max(len(cell) for row in cells for cell in row))
     text = Text()
-    for lens in layers:
+    for lens, row in zip(layers, cells, strict=True):
         name = (
             "embeddings" if lens.layer == 0 else f"output {lens.layer}" if lens.layer == last else f"layer {lens.layer}"
         )
-        marker = "★" if lens.layer == first else " "
-        line = Text(f"{marker} {name:>10}  ", style="bold" if lens.layer == first else "")
-        for rank, candidate in enumerate(lens.top):
-            cell = f"{show_token(candidate.text)} {format_prob(candidate.prob)}"
-            style = "bold reverse" if lens.layer >= first and rank == 0 else ""
-            line.append(f"{cell:<22}"[:22], style=style)
-            line.append(" ")
+        marker = "★" if lens.layer == first else "·"
+        label = f"{marker} {name:<10}  "
+        line = Text(label + "".join(f"{cell[:width]:<{width}}  " for cell in row))
+        if lens.layer == first:
+            line.stylize("bold")
+        if lens.layer >= first:  # the final answer, from the layer where it first comes out on top
+            line.stylize("reverse", len(label), len(label) + len(row[0][:width]))
         text.append_text(line)
         text.append("\n")
     text.append(f"★ first layer whose top prediction is already the final answer: {layers[first].layer}", style="dim")
