@@ -11,11 +11,12 @@ import torch
 
 from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
+from gpt2term.core.generation import DecodingSettings, beam_search, generate, sequence_logprob
 from gpt2term.core.inspection import attention_weights, first_layer_with_final_answer, logit_lens
 from gpt2term.core.model import GPTModel
 from gpt2term.formatting import format_prob
 from gpt2term.tui.app import make_app
-from gpt2term.tui.screens.inspect import AttentionScreen, LensScreen
+from gpt2term.tui.screens.inspect import COMPARE_BEAMS, AttentionScreen, CompareScreen, LensScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.probabilities import show_token
 
@@ -126,6 +127,33 @@ def test_lens_view_shows_each_layers_top_prediction_and_marks_where_the_final_an
             # the greedy choice is the output layer's top prediction
             assert expected[-1].top[0].token_id == screen.turns[-1].steps[1].token_id
             assert f"already the final answer: {first}" in lines[-1]
+            await pilot.press("escape")
+            assert app.screen is screen
+
+    asyncio.run(scenario())
+
+
+def test_compare_view_shows_greedy_sampled_and_beam_with_the_engines_log_probabilities(tiny_checkpoint):
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await generated(pilot)
+            await pilot.press("ctrl+b")
+            view = app.screen
+            assert isinstance(view, CompareScreen)
+            await settle(pilot, lambda: view.results is not None, "the three decodings finished")
+            model, prompt_ids = app.app_model.model, screen.turns[-1].prompt_ids
+            greedy = list(generate(model, app.tokenizer, prompt_ids, DecodingSettings(max_new_tokens=NEW_TOKENS)))
+            greedy_ids = [step.token_id for step in greedy]
+            beam = beam_search(model, app.tokenizer, prompt_ids, COMPARE_BEAMS, NEW_TOKENS)[0]
+            shown = str(view.query_one("#compare-table").render())
+            heads = [line for line in shown.splitlines() if "log-probability" in line]
+            assert len(heads) == 3 and "greedy" in heads[0] and "beam search" in heads[2]
+            assert f"log-probability {sequence_logprob(model, prompt_ids, greedy_ids):.3f}" in heads[0]
+            assert f"log-probability {beam.logprob:.3f} · perplexity {beam.perplexity:.2f}" in heads[2]
+            assert beam.logprob >= sequence_logprob(model, prompt_ids, greedy_ids) - 1e-4  # the search is no worse
+            logprobs = [float(head.split("log-probability ")[1].split(" ")[0]) for head in heads]
+            assert heads[logprobs.index(max(logprobs))].startswith("★")
             await pilot.press("escape")
             assert app.screen is screen
 

@@ -16,7 +16,7 @@ from gpt2term.tui.app import Gpt2termApp, make_app
 from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
-from gpt2term.tui.screens.inspect import AttentionScreen, LensScreen
+from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
 from gpt2term.tui.screens.modals import (
     ConfirmScreen,
     ExportScreen,
@@ -38,7 +38,7 @@ def test_every_binding_of_the_app_has_an_id_from_the_table():
     owners = (
         *(Gpt2termApp, PromptScreen, PromptInput, Transcript, SettingsScreen, SavePathScreen, TrainScreen),
         *(CheckpointsScreen, ConfirmScreen, LeaveRunScreen, NameScreen, ExportScreen, ImportScreen, FollowScreen),
-        *(AttentionScreen, LensScreen),
+        *(AttentionScreen, LensScreen, CompareScreen),
     )
     for owner in owners:
         for binding in owner.BINDINGS:

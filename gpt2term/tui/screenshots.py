@@ -166,8 +166,8 @@ def main(
     shot_at: int,
     run_form: str,
 ) -> None:
-    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, attention.svg, lens.svg, train.svg,
-    train-80x24.svg and checkpoints.svg."""
+    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, attention.svg, lens.svg, compare.svg,
+    train.svg, train-80x24.svg and checkpoints.svg."""
     out.mkdir(parents=True, exist_ok=True)
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
@@ -194,9 +194,9 @@ def main(
         )
         click.echo(f"wrote {path}")
     # The cursor on a token a few from the end; attention shown for the last layer's mean, the lens as it opens.
-    for name, keys in (("attention", ("a", "up")), ("lens", ("l",))):
+    for name, back, keys in (("attention", 4, ("a", "up")), ("lens", 4, ("l",)), ("compare", 0, ("ctrl+b",))):
         path = asyncio.run(
-            _shoot(checkpoint, out, (110, 32), name, prompts_list[-1:], settings, 4, False, False, False, keys)
+            _shoot(checkpoint, out, (110, 32), name, prompts_list[-1:], settings, back, False, False, False, keys)
         )
         click.echo(f"wrote {path}")
 

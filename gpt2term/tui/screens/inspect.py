@@ -6,6 +6,7 @@ layers and heads only redraws: the UI never waits on the model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.generation import Continuation, DecodingSettings, beam_search, generate, sequence_logprob
 from gpt2term.core.inspection import LensLayer, attention_weights, first_layer_with_final_answer, logit_lens
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
@@ -33,7 +35,7 @@ _COLD = Color.parse("#1b2230")  # no attention
 _HOT = Color.parse("#e8872b")  # the strongest weight of the row
 
 INSPECT_CSS = """
-AttentionScreen, LensScreen { align: center middle; }
+AttentionScreen, LensScreen, CompareScreen { align: center middle; }
 .inspect-dialog {
     width: 96%; height: 90%; border: round $primary; background: $surface; padding: 0 1;
 }
@@ -256,6 +258,125 @@ class LensScreen(ModalScreen[None]):
         self.query_one("#lens-note", Static).update(
             "Each layer's residual stream sent straight through the final LayerNorm and output head; the last "
             f"line is the model's real output. {key_display(self.app, 'dialog.cancel')} back."
+        )
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+COMPARE_BEAMS = 4
+COMPARE_MAX_TOKENS = 30  # long enough to tell the texts apart, short enough that three decodings stay quick
+
+
+def decode_three_ways(
+    model: GPTModel, tokenizer: Tokenizer, prompt_ids: Sequence[int], settings: DecodingSettings
+) -> list[tuple[str, Continuation]]:
+    """The same prompt decoded greedily, by sampling (with a seed) and by beam search, each with the model's own
+    log-probability of its text, so they compare like with like."""
+    n = min(settings.max_new_tokens, COMPARE_MAX_TOKENS)
+    temperature = settings.temperature or 1.0
+    seed = settings.seed if settings.seed is not None else 1
+    sampled = DecodingSettings(
+        max_new_tokens=n,
+        temperature=temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        seed=seed,
+        stop_at_eos=settings.stop_at_eos,
+        top_n=1,
+    )
+    runs = [
+        ("greedy", DecodingSettings(max_new_tokens=n, stop_at_eos=settings.stop_at_eos, top_n=1)),
+        (f"sampled (T={temperature:g}{_filters(settings)}, seed {seed})", sampled),
+    ]
+    results = []
+    for label, decoding in runs:
+        ids = [step.token_id for step in generate(model, tokenizer, list(prompt_ids), decoding)]
+        text = tokenizer.decode(ids)
+        results.append((label, Continuation(tuple(ids), text, sequence_logprob(model, prompt_ids, ids))))
+    best = beam_search(model, tokenizer, prompt_ids, COMPARE_BEAMS, n, settings.stop_at_eos)[0]
+    results.append((f"beam search ({COMPARE_BEAMS} beams)", best))
+    return results
+
+
+def _filters(settings: DecodingSettings) -> str:
+    return (f", top-k {settings.top_k}" if settings.top_k else "") + (
+        f", top-p {settings.top_p:g}" if settings.top_p else ""
+    )
+
+
+def visible_whitespace(text: str) -> str:
+    """Newlines as ↵ and indentation as dots: a code model's continuation is often mostly whitespace."""
+    return re.sub(r"(?<=\n) +", lambda match: "·" * len(match.group()), text.replace("\n", "↵\n"))
+
+
+class CompareScreen(ModalScreen[None]):
+    """Greedy, sampling and beam search side by side for one prompt: is greedy the most probable text?"""
+
+    DEFAULT_CSS = INSPECT_CSS
+    BINDINGS = [bind("dialog.cancel", "close")]
+
+    def __init__(
+        self, model: GPTModel, tokenizer: Tokenizer, prompt: str, prompt_ids: Sequence[int], settings: DecodingSettings
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.settings = settings
+        self.results: list[tuple[str, Continuation]] | None = None
+        self.failure: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="inspect-dialog"):
+            yield Static(
+                "decoding three ways (greedy, sampling, beam search)…",
+                id="compare-title",
+                classes="inspect-title",
+                markup=False,
+            )
+            with VerticalScroll(classes="inspect-body"):
+                yield Static(id="compare-table", markup=False)
+            yield Static(id="compare-note", classes="inspect-note", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one(".inspect-dialog").loading = True
+        self._compute()
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def _compute(self) -> None:
+        try:
+            results = decode_three_ways(self.model, self.tokenizer, self.prompt_ids, self.settings)
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self._failed, str(exc))
+            return
+        self.app.call_from_thread(self._computed, results)
+
+    def _failed(self, error: str) -> None:
+        self.failure = error
+        self.query_one(".inspect-dialog").loading = False
+        self.query_one("#compare-title", Static).update(f"Could not decode: {error}")
+
+    def _computed(self, results: list[tuple[str, Continuation]]) -> None:
+        self.results = results
+        self.query_one(".inspect-dialog").loading = False
+        self.query_one("#compare-title", Static).update(Text(f"Three decodings of: {self.prompt}", style="bold"))
+        best = max(range(len(results)), key=lambda i: results[i][1].logprob)
+        table = Text()
+        for i, (label, found) in enumerate(results):
+            perplexity = f"{found.perplexity:.2f}" if found.perplexity is not None else "-"
+            head = (
+                f"{'★' if i == best else '·'} {label}: {len(found.token_ids)} tokens, log-probability "
+                f"{found.logprob:.3f} · perplexity {perplexity}"
+            )
+            table.append(head + "\n", style="bold" if i == best else "")
+            table.append(visible_whitespace(found.text) + "\n\n")
+        self.query_one("#compare-table", Static).update(table)
+        self.query_one("#compare-note", Static).update(
+            "★ the most probable text of the three (total log-probability, higher is more probable; perplexity per "
+            "token, lower is less surprising). Greedy picks the best next token, not the best text; the most probable "
+            f"text is often dull and repetitive. {key_display(self.app, 'dialog.cancel')} back."
         )
 
     def action_close(self) -> None:

@@ -26,7 +26,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
-from gpt2term.tui.screens.inspect import AttentionScreen, LensScreen, sequence_for
+from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
 from gpt2term.tui.widgets.header import ModelHeader
@@ -64,6 +64,7 @@ class PromptScreen(Screen):
         bind("prompt.toggle-boundaries", "toggle_boundaries"),
         bind("prompt.copy", "copy_last", show=False),  # in the command palette; the footer has no room at 80 columns
         bind("prompt.save", "save", show=False),
+        bind("prompt.compare", "compare", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
@@ -337,6 +338,17 @@ class PromptScreen(Screen):
             return
         context = sequence_for(turn, index, app_model.context_length + 1)[:-1][-app_model.context_length :]
         self.app.push_screen(LensScreen(app_model.model, self.app.tokenizer, context, turn.steps[index].token_id))
+
+    def action_compare(self) -> None:
+        """The last prompt decoded three ways, each with its log-probability (computed in the view's worker)."""
+        app_model: AppModel | None = self.app.app_model
+        if not self.turns or app_model is None:
+            self.notify("Generate something first: the comparison decodes the last prompt.", severity="warning")
+            return
+        turn = self.turns[-1]
+        self.app.push_screen(
+            CompareScreen(app_model.model, self.app.tokenizer, turn.prompt, turn.prompt_ids, self.settings)
+        )
 
     # ------------------------------------------------------------------ toggles, settings, copy, save
 
