@@ -329,7 +329,12 @@ def test_a_missing_checkpoint_is_reported_in_the_app_which_keeps_running():
         app = make_app("no-such-model", keymap={})
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot, lambda: app.loading_label == "no model loaded", "the load failed")
-            assert any("no checkpoint of that name" in n.message for n in app._notifications)
+            # notify() posts a message: the notification is recorded when the app handles it, not at once.
+            await settle(
+                pilot,
+                lambda: any("no checkpoint of that name" in n.message for n in app._notifications),
+                "the failure was notified",
+            )
             hint = str(app.screen.query_one("#transcript-hint").render())
             assert hint.startswith("Could not load the model: 'no-such-model': no checkpoint of that name")
             assert not app.screen.query_one("#body").loading
