@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import torch
 
@@ -16,6 +15,7 @@ from gpt2term.tui.screens.modals import ConfirmScreen, ExportScreen, ImportScree
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.checkpoint_table import CheckpointDetails
 from gpt2term.tui.widgets.training_charts import LossPlot
+from tests.pilot_helpers import settle
 from tests.test_interop_export import TINY, make_hf_cache, tiny_model
 
 SMALL = GPTConfig(emb_dim=32, n_heads=2, n_layers=1, context_length=16)
@@ -28,16 +28,6 @@ def small_model(seed: int = 0) -> GPTModel:
 
 def small_app():
     return make_app(model=small_model(), model_name="small", keymap={})
-
-
-async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
-    """Let store operations (thread workers) finish and their messages be handled until `condition` holds."""
-    for _ in range(100):
-        if condition():
-            return
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-    raise AssertionError(f"never happened: {what}")
 
 
 async def open_checkpoints(pilot) -> CheckpointsScreen:  # noqa: ANN001

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.inspect import COMPARE_BEAMS, AttentionScreen, CompareScreen, LensScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.probabilities import show_token
+from tests.pilot_helpers import settle
 
 TINY = GPTConfig(emb_dim=32, n_heads=4, n_layers=2, context_length=64)
 PROMPT = "The quick brown fox"
@@ -30,16 +30,6 @@ def tiny_checkpoint() -> str:
     torch.manual_seed(0)
     CheckpointStore().save("tiny", GPTModel(TINY).eval(), meta={"step": 0})
     return "tiny"
-
-
-async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
-    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
-    for _ in range(100):
-        if condition():
-            return
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-    raise AssertionError(f"never happened: {what}")
 
 
 async def generated(pilot) -> PromptScreen:  # noqa: ANN001

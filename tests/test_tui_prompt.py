@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel, show_token
+from tests.pilot_helpers import settle
 
 TINY = GPTConfig(emb_dim=64, n_heads=4, n_layers=2, context_length=64)
 PROMPT = "The quick brown fox"
@@ -42,16 +42,6 @@ def tiny_checkpoint() -> str:
     """A tiny untrained model saved in the test's own store, so the CLI and the app load the same weights."""
     CheckpointStore().save("tiny", tiny_model(), meta={"step": 0})
     return "tiny"
-
-
-async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
-    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
-    for _ in range(100):
-        if condition():
-            return
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
-    raise AssertionError(f"never happened: {what}")
 
 
 async def loaded(pilot) -> PromptScreen:  # noqa: ANN001

@@ -1,0 +1,15 @@
+"""What Pilot tests of the app share: waiting on real conditions, never on sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
+    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
+    for _ in range(100):
+        if condition():
+            return
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+    raise AssertionError(f"never happened: {what}")
