@@ -55,6 +55,7 @@ DEFAULT_KEYS: dict[str, KeySpec] = {
     "prompt.copy": KeySpec("ctrl+g", "Copy", "copy the last completion to the clipboard (OSC 52)"),
     "prompt.save": KeySpec("ctrl+s", "Save", "save the transcript to a file (.md, or .json with every token)"),
     "prompt.compare": KeySpec("ctrl+b", "Compare", "the last prompt decoded greedily, sampled and by beam search"),
+    "prompt.versus": KeySpec("ctrl+n", "Versus", "the last prompt answered by this model and another checkpoint"),
     "tokens.previous": KeySpec("left", "Prev token", "token cursor: previous generated token"),
     "tokens.next": KeySpec("right", "Next token", "token cursor: next generated token"),
     "tokens.first": KeySpec("home", "First", "token cursor: first token of the completion"),

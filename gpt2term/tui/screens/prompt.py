@@ -27,6 +27,7 @@ from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerat
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
+from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
 from gpt2term.tui.widgets.header import ModelHeader
@@ -65,6 +66,7 @@ class PromptScreen(Screen):
         bind("prompt.copy", "copy_last", show=False),  # in the command palette; the footer has no room at 80 columns
         bind("prompt.save", "save", show=False),
         bind("prompt.compare", "compare", show=False),
+        bind("prompt.versus", "versus", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
@@ -348,6 +350,19 @@ class PromptScreen(Screen):
         turn = self.turns[-1]
         self.app.push_screen(
             CompareScreen(app_model.model, self.app.tokenizer, turn.prompt, turn.prompt_ids, self.settings)
+        )
+
+    def action_versus(self) -> None:
+        """The last prompt answered greedily by this model and a checkpoint picked in the view."""
+        app_model: AppModel | None = self.app.app_model
+        if not self.turns or app_model is None:
+            self.notify("Generate something first: the comparison answers the last prompt.", severity="warning")
+            return
+        turn = self.turns[-1]
+        self.app.push_screen(
+            VersusScreen(
+                app_model.model, app_model.name, self.app.tokenizer, turn.prompt, turn.prompt_ids, self.settings
+            )
         )
 
     # ------------------------------------------------------------------ toggles, settings, copy, save
