@@ -80,6 +80,8 @@ async def _shoot(
             await app.workers.wait_for_complete()
             await pilot.pause()
             await pilot.press(*inspect_keys[1:])
+            await app.workers.wait_for_complete()  # a key in the view may start its own worker (versus: the pick)
+            await pilot.pause()
         app.clear_notifications()
         await pilot.pause()
         path = out / f"{name}.svg"
@@ -167,7 +169,7 @@ def main(
     run_form: str,
 ) -> None:
     """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, attention.svg, lens.svg, compare.svg,
-    train.svg, train-80x24.svg and checkpoints.svg."""
+    versus.svg (it needs a second checkpoint in the store), train.svg, train-80x24.svg and checkpoints.svg."""
     out.mkdir(parents=True, exist_ok=True)
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
@@ -194,7 +196,12 @@ def main(
         )
         click.echo(f"wrote {path}")
     # The cursor on a token a few from the end; attention shown for the last layer's mean, the lens as it opens.
-    for name, back, keys in (("attention", 4, ("a", "up")), ("lens", 4, ("l",)), ("compare", 0, ("ctrl+b",))):
+    for name, back, keys in (
+        ("attention", 4, ("a", "up")),
+        ("lens", 4, ("l",)),
+        ("compare", 0, ("ctrl+b",)),
+        ("versus", 0, ("ctrl+n", "enter")),
+    ):
         path = asyncio.run(
             _shoot(checkpoint, out, (110, 32), name, prompts_list[-1:], settings, back, False, False, False, keys)
         )

@@ -51,7 +51,10 @@ def column_text(name: str, steps: Sequence[Step]) -> Text:
     """One model's answer: its tokens coloured by probability, the probabilities in order, then mean and perplexity."""
     text = Text(name + "\n\n", style="bold")
     for step in steps:
-        text.append(step.text.replace("\n", "↵\n"), style=prob_color(step.prob))
+        shown = step.text.replace("\n", "↵\n")
+        if not shown.strip():  # indentation as dots: a code model's answer is often mostly whitespace
+            shown = shown.replace(" ", "·")
+        text.append(shown, style=prob_color(step.prob))
     text.append("\n\nprobabilities: ", style="dim")
     text.append(" ".join(format_prob(step.prob) for step in steps))
     summary = Summary.of(steps)
