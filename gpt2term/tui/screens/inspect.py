@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from rich.text import Text
@@ -67,10 +68,53 @@ def _token_label(tokenizer: Tokenizer, token_id: int) -> str:
     return text.replace(" ", "·") if not text.strip() else text
 
 
-class AttentionScreen(ModalScreen[None]):
-    """The selected token's attention over the earlier tokens, one layer and head (or their mean) at a time."""
+class ComputedView(ModalScreen[None]):
+    """A view whose numbers come from one computation on the model, run in a thread worker behind a loading
+    indicator; a user error shows in the title instead of the numbers. Subclasses give `calculate` and `show`."""
 
     DEFAULT_CSS = INSPECT_CSS
+    TITLE_ID = ""
+    FAILURE = "Could not compute"
+
+    failure: str | None = None
+
+    def calculate(self) -> Any:
+        raise NotImplementedError
+
+    def show(self, result: Any) -> None:
+        raise NotImplementedError
+
+    def on_mount(self) -> None:
+        self.query_one(".inspect-dialog").loading = True
+        self._compute()
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def _compute(self) -> None:
+        try:
+            result = self.calculate()
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self._failed, str(exc))
+            return
+        self.app.call_from_thread(self._computed, result)
+
+    def _failed(self, error: str) -> None:
+        self.failure = error
+        self.query_one(".inspect-dialog").loading = False
+        self.query_one(f"#{self.TITLE_ID}", Static).update(f"{self.FAILURE}: {error}")
+
+    def _computed(self, result: Any) -> None:
+        self.query_one(".inspect-dialog").loading = False
+        self.show(result)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class AttentionScreen(ComputedView):
+    """The selected token's attention over the earlier tokens, one layer and head (or their mean) at a time."""
+
+    TITLE_ID = "attention-title"
+    FAILURE = "Attention could not be computed"
     BINDINGS = [
         bind("dialog.cancel", "close"),
         bind("attention.layer-previous", "layer(-1)"),
@@ -85,7 +129,6 @@ class AttentionScreen(ModalScreen[None]):
         self.tokenizer = tokenizer
         self.token_ids = list(token_ids)
         self.weights: torch.Tensor | None = None  # [layers, heads, query, key]
-        self.failure: str | None = None
         self.current_layer = 0
         self.current_head = -1  # -1: the mean over heads
 
@@ -97,27 +140,11 @@ class AttentionScreen(ModalScreen[None]):
             yield Static(id="attention-top", markup=False)
             yield Static(id="attention-note", classes="inspect-note", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one(".inspect-dialog").loading = True
-        self._compute()
+    def calculate(self) -> torch.Tensor:
+        return attention_weights(self.model, self.token_ids)
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def _compute(self) -> None:
-        try:
-            weights = attention_weights(self.model, self.token_ids)
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, weights)
-
-    def _failed(self, error: str) -> None:
-        self.failure = error
-        self.query_one(".inspect-dialog").loading = False
-        self.query_one("#attention-title", Static).update(f"Attention could not be computed: {error}")
-
-    def _computed(self, weights: torch.Tensor) -> None:
+    def show(self, weights: torch.Tensor) -> None:
         self.weights = weights
-        self.query_one(".inspect-dialog").loading = False
         self.redraw()
 
     @property
@@ -176,9 +203,6 @@ class AttentionScreen(ModalScreen[None]):
         self.current_head = (self.current_head + 1 + delta) % (heads + 1) - 1  # -1 (mean), 0, ..., heads-1, round again
         self.redraw()
 
-    def action_close(self) -> None:
-        self.dismiss(None)
-
 
 def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
     """The lens as a table: one line per layer (embeddings first, output last), its top predictions across."""
@@ -206,10 +230,11 @@ def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
     return text
 
 
-class LensScreen(ModalScreen[None]):
+class LensScreen(ComputedView):
     """The logit lens at the position that chose the selected token: what each layer would have predicted."""
 
-    DEFAULT_CSS = INSPECT_CSS
+    TITLE_ID = "lens-title"
+    FAILURE = "The logit lens could not be computed"
     BINDINGS = [bind("dialog.cancel", "close")]
 
     def __init__(self, model: GPTModel, tokenizer: Tokenizer, context_ids: Sequence[int], chosen_id: int) -> None:
@@ -219,7 +244,6 @@ class LensScreen(ModalScreen[None]):
         self.context_ids = list(context_ids)
         self.chosen_id = chosen_id
         self.lens_layers: list[LensLayer] | None = None
-        self.failure: str | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="inspect-dialog"):
@@ -228,27 +252,11 @@ class LensScreen(ModalScreen[None]):
                 yield Static(id="lens-table", markup=False)
             yield Static(id="lens-note", classes="inspect-note", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one(".inspect-dialog").loading = True
-        self._compute()
+    def calculate(self) -> list[LensLayer]:
+        return logit_lens(self.model, self.tokenizer, self.context_ids, -1, LENS_TOP_K)
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def _compute(self) -> None:
-        try:
-            layers = logit_lens(self.model, self.tokenizer, self.context_ids, -1, LENS_TOP_K)
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, layers)
-
-    def _failed(self, error: str) -> None:
-        self.failure = error
-        self.query_one(".inspect-dialog").loading = False
-        self.query_one("#lens-title", Static).update(f"The logit lens could not be computed: {error}")
-
-    def _computed(self, layers: list[LensLayer]) -> None:
+    def show(self, layers: list[LensLayer]) -> None:
         self.lens_layers = layers
-        self.query_one(".inspect-dialog").loading = False
         chosen = show_token(_token_label(self.tokenizer, self.chosen_id))
         last = _token_label(self.tokenizer, self.context_ids[-1])
         self.query_one("#lens-title", Static).update(
@@ -259,9 +267,6 @@ class LensScreen(ModalScreen[None]):
             "Each layer's residual stream sent straight through the final LayerNorm and output head; the last "
             f"line is the model's real output. {key_display(self.app, 'dialog.cancel')} back."
         )
-
-    def action_close(self) -> None:
-        self.dismiss(None)
 
 
 COMPARE_BEAMS = 4
@@ -310,10 +315,11 @@ def visible_whitespace(text: str) -> str:
     return re.sub(r"(?<=\n) +", lambda match: "·" * len(match.group()), text.replace("\n", "↵\n"))
 
 
-class CompareScreen(ModalScreen[None]):
+class CompareScreen(ComputedView):
     """Greedy, sampling and beam search side by side for one prompt: is greedy the most probable text?"""
 
-    DEFAULT_CSS = INSPECT_CSS
+    TITLE_ID = "compare-title"
+    FAILURE = "Could not decode"
     BINDINGS = [bind("dialog.cancel", "close")]
 
     def __init__(
@@ -326,7 +332,6 @@ class CompareScreen(ModalScreen[None]):
         self.prompt_ids = list(prompt_ids)
         self.settings = settings
         self.results: list[tuple[str, Continuation]] | None = None
-        self.failure: str | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="inspect-dialog"):
@@ -340,27 +345,11 @@ class CompareScreen(ModalScreen[None]):
                 yield Static(id="compare-table", markup=False)
             yield Static(id="compare-note", classes="inspect-note", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one(".inspect-dialog").loading = True
-        self._compute()
+    def calculate(self) -> list[tuple[str, Continuation]]:
+        return decode_three_ways(self.model, self.tokenizer, self.prompt_ids, self.settings)
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def _compute(self) -> None:
-        try:
-            results = decode_three_ways(self.model, self.tokenizer, self.prompt_ids, self.settings)
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, results)
-
-    def _failed(self, error: str) -> None:
-        self.failure = error
-        self.query_one(".inspect-dialog").loading = False
-        self.query_one("#compare-title", Static).update(f"Could not decode: {error}")
-
-    def _computed(self, results: list[tuple[str, Continuation]]) -> None:
+    def show(self, results: list[tuple[str, Continuation]]) -> None:
         self.results = results
-        self.query_one(".inspect-dialog").loading = False
         self.query_one("#compare-title", Static).update(Text(f"Three decodings of: {self.prompt}", style="bold"))
         best = max(range(len(results)), key=lambda i: results[i][1].logprob)
         table = Text()
@@ -378,6 +367,3 @@ class CompareScreen(ModalScreen[None]):
             "token, lower is less surprising). Greedy picks the best next token, not the best text; the most probable "
             f"text is often dull and repetitive. {key_display(self.app, 'dialog.cancel')} back."
         )
-
-    def action_close(self) -> None:
-        self.dismiss(None)
