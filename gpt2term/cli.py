@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gpt2term.core.errors import Gpt2termError
-from gpt2term.formatting import format_prob
+from gpt2term.formatting import format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
 
@@ -288,17 +288,6 @@ def _store():  # noqa: ANN202 (CheckpointStore, lazily imported)
     return CheckpointStore()
 
 
-def _local_time(iso: str | None) -> str:
-    import datetime as dt
-
-    if not iso:
-        return "-"
-    try:
-        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return iso
-
-
 def _number(value, fmt: str = "{:.3f}") -> str:  # noqa: ANN001
     return "-" if value is None else fmt.format(value)
 
@@ -336,7 +325,7 @@ def ckpt_list(as_json: bool) -> None:
                     "-" if row.get("tokens_seen") is None else format_count(row.get("tokens_seen")),
                     _number(row.get("val_loss")),
                     format_bytes(row.size_bytes),
-                    _local_time(row.updated),
+                    format_time(row.updated),
                     str(row.get("source") or "-"),
                 )
             )

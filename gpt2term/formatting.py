@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 
 def format_prob(p: float) -> str:
     """A probability as a percentage with enough digits to tell small ones apart (0.02%, 0.0018%)."""
@@ -26,3 +28,13 @@ def format_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def format_time(iso: str | None) -> str:
+    """2025-01-02T10:00:00+00:00 -> 2025-01-02 11:00 in the user's time zone ("-" when unknown)."""
+    if not iso:
+        return "-"
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +10,7 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 
 from gpt2term.core.checkpoints import CheckpointInfo, LockHolder
-from gpt2term.formatting import format_bytes, format_count
+from gpt2term.formatting import format_bytes, format_count, format_time
 
 # (column key, header, value used for sorting)
 COLUMNS: tuple[tuple[str, str, Callable[[CheckpointInfo], Any]], ...] = (
@@ -27,16 +26,6 @@ COLUMNS: tuple[tuple[str, str, Callable[[CheckpointInfo], Any]], ...] = (
 NEWEST_FIRST = {"updated", "step", "tokens_seen", "parameters", "size"}  # first click sorts these descending
 
 
-def local_time(iso: str | None) -> str:
-    """2025-01-02T10:00:00+00:00 -> 2025-01-02 11:00 in the user's time zone."""
-    if not iso:
-        return "-"
-    try:
-        return dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return iso
-
-
 def _number(value: Any, fmt: Callable[[float], str]) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return "-"
@@ -46,7 +35,7 @@ def _number(value: Any, fmt: Callable[[float], str]) -> str:
 def cells(row: CheckpointInfo) -> list[Text]:
     if row.damaged:
         cells_ = [Text(row.name, style="bold red")] + [Text("-", style="dim")] * 4
-        cells_ += [Text(format_bytes(row.size_bytes)), Text(local_time(row.updated))]
+        cells_ += [Text(format_bytes(row.size_bytes)), Text(format_time(row.updated))]
         return [*cells_, Text(f"damaged: {row.damaged}", style="red")]
     return [
         Text(row.name, style="bold"),
@@ -55,7 +44,7 @@ def cells(row: CheckpointInfo) -> list[Text]:
         Text(_number(row.get("tokens_seen"), format_count), justify="right"),
         Text(_number(row.get("val_loss"), lambda v: f"{v:.3f}"), justify="right"),
         Text(format_bytes(row.size_bytes), justify="right"),
-        Text(local_time(row.updated)),
+        Text(format_time(row.updated)),
         Text(str(row.get("source") or "-"), style="dim"),
     ]
 
@@ -171,7 +160,7 @@ def describe(row: CheckpointInfo | None, writer: LockHolder | None = None) -> Te
         text.append(f"corpus {corpus} · batch {training.get('batch_size')} · lr {training.get('lr')} · ")
         text.append("resumable (t)\n" if row.has_optimizer else "no optimizer state\n")
     text.append("dates   ", style="dim")
-    text.append(f"created {local_time(row.get('created'))} · updated {local_time(row.updated)}\n")
+    text.append(f"created {format_time(row.get('created'))} · updated {format_time(row.updated)}\n")
     text.append("folder  ", style="dim")
     text.append(f"{row.path} ({format_bytes(row.size_bytes)})\n")
     return text
