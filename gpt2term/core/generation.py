@@ -83,7 +83,7 @@ class DecodingSettings:
         if self.max_new_tokens < 0:
             raise InputError(f"max new tokens must be 0 or more, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # inf would sample uniformly
-            raise InputError(f"temperature must be 0 (greedy) or a positive number, got {self.temperature}")
+            raise InputError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
         check_seed(self.seed)
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"top-k must be at least 1, got {self.top_k}")
@@ -332,10 +332,8 @@ def beam_search(
     search found", the quantity greedy decoding only approximates. Uses the KV cache, one row per beam, until the
     context is full; then crops and recomputes, like `generate`.
     """
-    if not 1 <= beams <= min(MAX_BEAMS, model.cfg.vocab_size):
-        raise InputError(
-            f"the number of beams must be between 1 and {min(MAX_BEAMS, model.cfg.vocab_size)}, got {beams}"
-        )
+    if not 1 <= beams <= MAX_BEAMS:  # each beam is a row of the KV cache: a million of them exhaust memory
+        raise InputError(f"the number of beams must be between 1 and {MAX_BEAMS}, got {beams}")
     if not prompt_ids:
         raise InputError("the prompt is empty; type some text to continue")
     check_max_new_tokens(max_new_tokens, model.cfg.context_length, no_limit)
