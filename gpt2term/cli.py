@@ -53,10 +53,9 @@ def cli(ctx: click.Context, checkpoint: str | None) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    from gpt2term.core.devices import set_threads
 
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 (returns GPTModel, lazily imported)
@@ -101,6 +100,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 
 @click.option("--show-probs", is_flag=True, help="Show each token's probability after it.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary line.")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam search with K beams instead of one token at a time.")
+@click.option("--no-limit", is_flag=True, help="Allow -n beyond 16 times the model's context.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option(
     "--dtype",
@@ -122,6 +122,7 @@ def generate(
     show_probs: bool,
     as_json: bool,
     beams: int | None,
+    no_limit: bool,
     threads: int | None,
     dtype: str,
 ) -> None:
@@ -142,11 +143,13 @@ def generate(
         seed=seed,
         stop_at_eos=not no_stop,
         top_n=top_n,
+        no_limit=no_limit,
     )
     _set_threads(threads)
     tokenizer = default_tokenizer()
     model = prepare_for_inference(load_model(checkpoint), dtype)
     ids = tokenizer.encode(prompt)
+    settings.check_for(model.cfg)
     ctx = model.cfg.context_length
     if len(ids) > ctx:
         click.echo(f"note: the prompt has {len(ids)} tokens; keeping its last {ctx} (the model's context)", err=True)
@@ -193,7 +196,9 @@ def generate(
 def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, settings, as_json: bool) -> None:  # noqa: ANN001
     from gpt2term.core.generation import beam_search
 
-    found = beam_search(model, tokenizer, ids, beams, settings.max_new_tokens, settings.stop_at_eos)
+    found = beam_search(
+        model, tokenizer, ids, beams, settings.max_new_tokens, settings.stop_at_eos, no_limit=settings.no_limit
+    )
     if as_json:
         records = [
             {"token_ids": list(b.token_ids), "text": b.text, "logprob": b.logprob, "perplexity": b.perplexity}

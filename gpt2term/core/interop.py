@@ -7,12 +7,14 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 import secrets
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,11 +407,26 @@ class ExportResult:
     notices: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _writing_to(target: Path) -> Iterator[None]:
+    """An output path the user picked that cannot be written is their problem to fix: one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot write {exc.filename or target}: {reason}; choose another output path") from exc
+
+
 def export_hf(
     state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, *, overwrite: bool = False
 ) -> ExportResult:
     """A folder `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads: `model.safetensors` + `config.json`."""
     folder = Path(folder).expanduser()
+    with _writing_to(folder):
+        return _export_hf(state_dict, cfg, folder, overwrite)
+
+
+def _export_hf(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, overwrite: bool) -> ExportResult:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; the Hugging Face format is a folder, pass a folder path to -o")
     weights, config_file = folder / "model.safetensors", folder / "config.json"
@@ -473,6 +490,18 @@ def export_book_pth(
     `model_and_optimizer.pth` (`{"model_state_dict": ..., "optimizer_state_dict": ...}`). A folder path gets the
     book's file name inside it. Both load with `weights_only=True`, as torch.load does by default."""
     path = Path(path).expanduser()
+    with _writing_to(path):
+        return _export_book_pth(state_dict, cfg, path, optimizer_state, with_optimizer, overwrite)
+
+
+def _export_book_pth(
+    state_dict: dict[str, torch.Tensor],
+    cfg: GPTConfig,
+    path: Path,
+    optimizer_state: dict | None,
+    with_optimizer: bool,
+    overwrite: bool,
+) -> ExportResult:
     if path.is_dir():
         path = path / ("model_and_optimizer.pth" if with_optimizer else "model.pth")
     _refuse_overwrite(path, overwrite)

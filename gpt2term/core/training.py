@@ -36,9 +36,10 @@ from gpt2term.core.data import (
     normalize_sources,
     require_windows,
 )
-from gpt2term.core.devices import autocast, resolve_device, resolve_dtype
+from gpt2term.core.devices import autocast, check_threads, resolve_device, resolve_dtype
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
-from gpt2term.core.generation import DecodingSettings, generate
+from gpt2term.core.generation import DecodingSettings, check_max_new_tokens, check_seed, generate
+from gpt2term.core.memory import require_inference_memory, require_training_memory
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import default_tokenizer
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = 1
 DEFAULT_EPOCHS = 1
+MAX_GRAD_ACCUM = 4096  # far past any real use; a larger count is a typo that would make one step run for days
 OVERFIT_EVALS = 3  # validation loss rising this many evaluations in a row (while training loss falls) warns
 PYDOC_PROMPT = 'The "for" statement is used to'
 COURSE_PROMPT = "Every effort moves you"
@@ -120,12 +122,23 @@ class TrainingSettings:
             value = getattr(self, option)
             if value is not None and value <= 0:
                 raise InputError(f"--{option.replace('_', '-')} must be positive, got {value}")
+        for option in ("epochs", "lr", "weight_decay", "grad_clip"):  # nan passes every comparison below
+            value = getattr(self, option)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"--{option.replace('_', '-')} must be a finite number, got {value}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.save_interval < 0 or (self.warmup_steps or 0) < 0:
             raise InputError("--weight-decay, --save-interval and --warmup-steps cannot be negative")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise InputError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.grad_accum > MAX_GRAD_ACCUM:
+            raise InputError(
+                f"--grad-accum {self.grad_accum} is more than {MAX_GRAD_ACCUM} micro-batches per step; "
+                "for bigger steps raise --batch-size (or use fewer, longer steps)"
+            )
+        check_seed(self.seed)
+        check_threads(self.threads)
         if not 0.0 < self.val_ratio < 1.0:
             raise InputError(f"--val-ratio must be between 0 and 1 (exclusive), got {self.val_ratio}")
         if self.encoding_errors not in ENCODING_ERRORS:
@@ -701,10 +714,13 @@ class Trainer:
                 f"--context-length {context_length} is longer than the model's context ({cfg.context_length}); "
                 f"use {cfg.context_length} or less"
             )
+        check_max_new_tokens(s.sample_tokens, cfg.context_length)  # before the first sample, not at it
+        require_training_memory(cfg, 1, context_length, device)  # the model alone, before reading the corpus
         corpus = self._load_corpus(context_length)
         train_set = GPTDataset(corpus.train_ids, context_length, s.stride)
         val_set = GPTDataset(corpus.val_ids, context_length)
         batches = ShuffledBatches(len(train_set), s.batch_size, s.seed, dist.world_size)
+        require_training_memory(cfg, batches.batch_size, context_length, device)
         per_epoch = batches.batches_per_epoch / s.grad_accum
         if s.max_steps:
             self.total_steps = s.max_steps
@@ -1111,6 +1127,7 @@ def evaluate_ids(
     was_training = model.training
     model.eval()
     full = (n - 1) // context  # windows of exactly `context` targets
+    require_inference_memory(model.cfg, max(1, min(batch_size, full)), context, device)
     total_nll, total_tokens = 0.0, 0
     try:
         dataset = GPTDataset(ids, context)
