@@ -370,9 +370,18 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write and fsync a safetensors file (in place: callers write into a temporary folder or file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    try:
+        save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as exc:
+        # A failed write (a full disk) arrives as "I/O error: ... (os error 28)": raise it as the OSError it is.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from None
     fsync_path(path)
 
 
