@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from gpt2term.cli import cli
 from gpt2term.core.checkpoints import LOCK_GRACE_S, CheckpointLocked, CheckpointStore
 from gpt2term.core.config import GPTConfig
+from gpt2term.core.data import load_corpus
 from gpt2term.core.errors import CheckpointError, StorageError
+from gpt2term.core.interop import export_book_pth, export_hf
 from gpt2term.core.model import GPTModel
 from gpt2term.core.training import Trainer, TrainingSettings
 
@@ -50,7 +54,8 @@ RACER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from gpt2term.core.checkpoints import CheckpointLocked, CheckpointStore
+    from gpt2term.cli import cli
+from gpt2term.core.checkpoints import CheckpointLocked, CheckpointStore
 
     store, signals, rounds = CheckpointStore(Path(sys.argv[1])), Path(sys.argv[2]), int(sys.argv[3])
     print("ready", flush=True)
@@ -73,7 +78,7 @@ RACER = textwrap.dedent(
 
 
 def test_two_processes_starting_at_the_same_moment_never_both_get_the_lock(tmp_path):
-    rounds = 20
+    rounds = 40
     root, signals = tmp_path / "store", tmp_path / "signals"
     root.mkdir()
     signals.mkdir()
@@ -210,6 +215,24 @@ def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(sma
     assert hidden_entries(store.root) == []  # no temporary folder, no lock file
 
 
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    model = tiny_model(1)
+    fill(small_disk, leave=16 << 10)  # room to start writing, not to finish
+    for export, target in ((export_hf, small_disk / "hf"), (export_book_pth, small_disk / "book.pth")):
+        with pytest.raises(StorageError, match=r"could not export to .*: the disk is full at") as caught:
+            export(model.state_dict(), TINY, target)
+        assert "\n" not in str(caught.value) and str(target) in str(caught.value)
+    assert sorted(p.name for p in small_disk.rglob("*") if p.is_file()) == ["filler-16384"]
+
+
+def test_tokenizing_a_corpus_onto_a_full_disk_is_one_line_and_leaves_nothing(small_disk, corpus_file):
+    fill(small_disk)
+    with pytest.raises(StorageError, match=r"could not cache the tokenized corpus: the disk is full at") as caught:
+        load_corpus([str(corpus_file)])
+    assert "\n" not in str(caught.value) and str(small_disk / "cache") in str(caught.value)
+    assert [p for p in (small_disk / "cache").rglob("*") if p.is_file()] == []
+
+
 def test_train_on_a_full_disk_is_one_line_exit_2_and_leaves_no_lock(small_disk, corpus_file):
     fill(small_disk)
     command = [sys.executable, "-m", "gpt2term", "train", str(corpus_file), "--name", "run", *SMALL, "--max-steps", "2"]
@@ -285,17 +308,17 @@ def test_generate_works_on_a_read_only_or_full_data_folder(small_disk):
     store = CheckpointStore()
     torch.manual_seed(0)
     store.save("run", GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=8, n_heads=2, n_layers=1)))
-    command = [sys.executable, "-m", "gpt2term", "generate", "Hello", "-c", "run", "-n", "3", "--no-stop", "--json"]
+    command = ["generate", "Hello", "-c", "run", "-n", "3", "--no-stop", "--json"]
     remount = ["mount", "-o", "remount,ro", str(small_disk)]
     assert subprocess.run(remount, capture_output=True).returncode == 0
     with pytest.raises(OSError):
         (small_disk / "probe").touch()
-    read_only = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S)
+    read_only = CliRunner().invoke(cli, command, catch_exceptions=False)
     assert subprocess.run([*remount[:2], "remount,rw", str(small_disk)], capture_output=True).returncode == 0
     fill(small_disk)
-    full = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S)
+    full = CliRunner().invoke(cli, command, catch_exceptions=False)
     for done in (read_only, full):
-        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.exit_code == 0, done.output
         assert json.loads(done.stdout.splitlines()[-1])["summary"]["tokens"] == 3
     assert read_only.stdout.splitlines()[:3] == full.stdout.splitlines()[:3]  # greedy: the same tokens
     assert hidden_entries(small_disk) == []  # no half-written state file left

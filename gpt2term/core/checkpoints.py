@@ -49,6 +49,7 @@ from gpt2term import locations
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
 from gpt2term.core.interop import (
+    WriteRecorder,
     find_hf_cached,
     fsync_path,
     load_hf_cached,
@@ -627,24 +628,6 @@ class CheckpointLock:
         self.release()
 
 
-class _WriteRecorder:
-    """A file for torch.save that remembers the OSError of a failed write, which torch replaces by a RuntimeError."""
-
-    def __init__(self, file: Any) -> None:
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 # -------------------------------------------------------------------------------------------------------- store
 
 
@@ -916,7 +899,7 @@ class CheckpointStore:
     @staticmethod
     def _torch_save(obj: Any, path: Path) -> None:
         with open(path, "wb") as f:
-            writer = _WriteRecorder(f)
+            writer = WriteRecorder(f)
             try:
                 torch.save(obj, writer)
             except RuntimeError:

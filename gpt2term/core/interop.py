@@ -7,12 +7,14 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import re
 import secrets
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,9 +387,33 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     fsync_path(path)
 
 
+class WriteRecorder:
+    """A file for torch.save that remembers the OSError of a failed write, which torch replaces by a RuntimeError."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _torch_save_synced(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "enforce fail at inline_container"
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -414,6 +440,25 @@ class ExportResult:
     notices: list[str] = field(default_factory=list)
 
 
+def _disk_errors(export: Callable[..., ExportResult]) -> Callable[..., ExportResult]:
+    """A full or read-only disk under an export is one line naming the target, not a traceback."""
+
+    @functools.wraps(export)
+    def wrapper(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, target: Path, **options: Any) -> ExportResult:
+        try:
+            return export(state_dict, cfg, target, **options)
+        except OSError as exc:
+            from gpt2term.core.checkpoints import storage_error
+
+            target = Path(target).expanduser().absolute()
+            raise storage_error(
+                exc, f"export to {target}", target.parent, "any file already there is untouched"
+            ) from exc
+
+    return wrapper
+
+
+@_disk_errors
 def export_hf(
     state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, *, overwrite: bool = False
 ) -> ExportResult:
@@ -469,6 +514,7 @@ def _count_params(optimizer_state: dict) -> int:
     return sum(len(g.get("params", [])) for g in optimizer_state.get("param_groups", []))
 
 
+@_disk_errors
 def export_book_pth(
     state_dict: dict[str, torch.Tensor],
     cfg: GPTConfig,
