@@ -8,6 +8,7 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -372,15 +373,48 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write and fsync a safetensors file (in place: callers write into a temporary folder or file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    try:
+        save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as exc:
+        # A failed write (a full disk) arrives as "I/O error: ... (os error 28)": raise it as the OSError it is.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from None
     fsync_path(path)
+
+
+class WriteRecorder:
+    """A file for torch.save that remembers the OSError of a failed write, which torch replaces by a RuntimeError."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _torch_save_synced(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "enforce fail at inline_container"
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -409,12 +443,18 @@ class ExportResult:
 
 @contextlib.contextmanager
 def _writing_to(target: Path) -> Iterator[None]:
-    """An output path the user picked that cannot be written is their problem to fix: one line naming it."""
+    """An output path that cannot be written is one line naming it: a full or read-only disk with its free space
+    (the user makes room), anything else (a missing folder, /proc) as a path to change."""
     try:
         yield
     except OSError as exc:
+        where = Path(exc.filename or target).expanduser().absolute()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            from gpt2term.core.checkpoints import storage_error
+
+            raise storage_error(exc, f"export to {where}", where.parent, "any file already there is untouched") from exc
         reason = exc.strerror or str(exc)
-        raise InputError(f"cannot write {exc.filename or target}: {reason}; choose another output path") from exc
+        raise InputError(f"cannot write {where}: {reason}; choose another output path") from exc
 
 
 def export_hf(

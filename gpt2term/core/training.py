@@ -37,7 +37,7 @@ from gpt2term.core.data import (
     require_windows,
 )
 from gpt2term.core.devices import autocast, check_threads, resolve_device, resolve_dtype
-from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
 from gpt2term.core.generation import DecodingSettings, check_max_new_tokens, check_seed, generate
 from gpt2term.core.memory import require_inference_memory, require_training_memory
 from gpt2term.core.model import GPTModel
@@ -572,6 +572,9 @@ def _cpu_copy(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------- trainer
 
 
+UNWRITTEN_EVENTS = 100_000  # metrics lines kept in memory while the disk refuses them; the oldest go first
+
+
 class Trainer:
     """Runs one training run to its end (max steps or epochs), a stop, or a failure; see the module docstring.
 
@@ -606,6 +609,8 @@ class Trainer:
         self._elapsed_before = 0.0  # training time of earlier sessions of this run (resume)
         self._replace_existing = False
         self._started = False  # failures before the start event are only raised, not logged
+        self._unwritten: deque[dict[str, Any]] = deque(maxlen=UNWRITTEN_EVENTS)  # metrics lines the disk refused
+        self._metrics_warned = False
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -616,9 +621,32 @@ class Trainer:
         if not self._dist.is_main:
             return
         if self.store is not None:
-            self.store.append_metrics(self.settings.name, event.to_dict())
+            self._append_metrics(event.to_dict())
         for listener in list(self.listeners):
             listener(event)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        """A failed append (a full disk) must not lose the run: its lines wait in memory and are written, in
+        order, by the next append that succeeds; the user is warned once per failure."""
+        assert self.store is not None
+        self._unwritten.append(record)
+        try:
+            while self._unwritten:
+                self.store.append_metrics(self.settings.name, self._unwritten[0])
+                self._unwritten.popleft()
+        except StorageError as exc:
+            if not self._metrics_warned:
+                self._metrics_warned = True
+                warning = WarningEvent(
+                    step=self.step,
+                    kind="metrics-unwritten",
+                    message=f"{exc} (training goes on; its events wait in memory until they can be written)",
+                )
+                self._unwritten.append(warning.to_dict())
+                for listener in list(self.listeners):
+                    listener(warning)
+        else:
+            self._metrics_warned = False
 
     def run(self) -> FinishedEvent:
         """Train; returns the finished event. Raises `TrainingDiverged` on a NaN loss, `Gpt2termError` on bad input."""
