@@ -1,0 +1,155 @@
+"""What `gpt2term train` promises across processes: exact resume after a real Ctrl-C, a last good checkpoint that is
+good after a divergence, `--overwrite` that keeps the old checkpoint until the new one is saved, SIGTERM handled
+like Ctrl-C, and a second Ctrl-C during a save that leaves no traceback. Real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from gpt2term.core.checkpoints import CheckpointStore
+from gpt2term.core.interop import torch_load_safely
+
+SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]
+QUIET = ["--eval-interval", "100000", "--sample-tokens", "0"]
+DEADLINE_S = 120
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    lines = ["Once upon a time there was a small model.", "It learned to count: one, two, three, four."]
+    path.write_text("\n".join(lines * 40))
+    return path
+
+
+class Train:
+    """A `gpt2term train ... --json` process whose stdout events are read as they come."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "gpt2term", "train", *map(str, args), "--json"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": ""}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.events: list[dict] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.stderr = ""
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def until(self, predicate) -> dict:  # noqa: ANN001
+        """Read events until one matches (fails if the process ends first)."""
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            line = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, f"the run ended first: {self.finish()}"
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+                if predicate(self.events[-1]):
+                    return self.events[-1]
+
+    def finish(self) -> int:
+        """Wait for the exit; all events and stderr are read."""
+        try:
+            rc = self.process.wait(timeout=DEADLINE_S)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        while (line := self._lines.get(timeout=DEADLINE_S)) is not None:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+        self.stderr = self.process.stderr.read()
+        return rc
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def train(*args: str) -> Train:
+    run = Train(*args)
+    run.finish()
+    return run
+
+
+def step_is(n: int):  # noqa: ANN201
+    return lambda e: e["type"] == "step" and e["step"] >= n
+
+
+def losses(records: list[dict]) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in records if r["type"] == "step"]
+
+
+def weights(name: str) -> dict[str, torch.Tensor]:
+    return CheckpointStore().load(name).state_dict
+
+
+def tensors_equal(a, b) -> bool:  # noqa: ANN001
+    """Exact equality of nested state (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+# ----------------------------------------------------------------------------------- 1: resume in a fresh process
+
+
+def test_sigint_then_resume_in_a_fresh_process_is_bit_exact_with_dropout_on(corpus_file):
+    """A straight run and one interrupted by a real SIGINT and resumed by another process end with the same weights,
+    optimizer state and logged losses, exactly (dropout on, so every random number drawn counts)."""
+    common = [corpus_file, *SMALL, "--drop-rate", "0.1", "--max-steps", "12", *QUIET, "--save-interval", "0"]
+    straight = train("--name", "straight", *common)
+    assert straight.process.returncode == 0, straight.stderr
+
+    split = Train("--name", "split", *common)
+    split.until(step_is(3))
+    split.process.send_signal(signal.SIGINT)
+    assert split.finish() == 130, split.stderr
+    stopped = max(s for s, _ in losses(split.events))
+    assert 3 <= stopped < 12, "the run must stop between its steps, after the signal"
+    resumed = train("--name", "split", "--resume")
+    assert resumed.process.returncode == 0, resumed.stderr
+    assert losses(resumed.events)[0][0] == stopped + 1
+
+    store = CheckpointStore()
+    assert losses(store.read_metrics("split")) == losses(store.read_metrics("straight"))
+    assert losses(split.events + resumed.events) == losses(straight.events)
+    a, b = weights("straight"), weights("split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    optimizers = [torch_load_safely(store.path(n) / "optimizer.pt") for n in ("straight", "split")]
+    assert tensors_equal(*optimizers)
+    rng = [torch_load_safely(store.path(n) / "trainer.pt")["rng"]["torch_cpu"] for n in ("straight", "split")]
+    assert torch.equal(*rng)
+
+
+def test_sampling_without_a_seed_leaves_the_global_rng_alone():
+    """The app samples while a run trains in another thread: reseeding the global RNG would change its dropout."""
+    from gpt2term.core.config import GPTConfig
+    from gpt2term.core.generation import DecodingSettings, generate
+    from gpt2term.core.model import GPTModel
+    from gpt2term.core.tokenizer import default_tokenizer
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1)).eval()
+    before = torch.get_rng_state()
+    settings = DecodingSettings(max_new_tokens=3, temperature=1.0)
+    steps = list(generate(model, default_tokenizer(), [1, 2, 3], settings))
+    assert len(steps) == 3 and torch.equal(torch.get_rng_state(), before)
