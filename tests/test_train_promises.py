@@ -35,10 +35,17 @@ def corpus_file(tmp_path):
 class Train:
     """A `gpt2term train ... --json` process whose stdout events are read as they come."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, nice: int = 0) -> None:
         command = [sys.executable, "-m", "gpt2term", "train", *map(str, args), "--json"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": ""}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
         self.events: list[dict] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -153,3 +160,53 @@ def test_sampling_without_a_seed_leaves_the_global_rng_alone():
     settings = DecodingSettings(max_new_tokens=3, temperature=1.0)
     steps = list(generate(model, default_tokenizer(), [1, 2, 3], settings))
     assert len(steps) == 3 and torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------------------------------ 6: SIGTERM, 2nd Ctrl-C
+
+
+def test_sigterm_saves_at_the_step_reached_exits_143_and_releases_the_lock(corpus_file):
+    run = Train(corpus_file, "--name", "term", *SMALL, "--max-steps", "100000", *QUIET, "--save-interval", "0")
+    run.until(step_is(2))
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 143, run.stderr
+    reached = max(s for s, _ in losses(run.events))
+    assert [e["type"] for e in run.events][-2:] == ["checkpoint", "finished"]
+    assert f"at step {reached}; saved checkpoint 'term'" in run.stderr and "SIGTERM" in run.stderr
+    assert "Traceback" not in run.stderr
+    store = CheckpointStore()
+    assert not store.lock_path("term").exists()
+    checkpoint = store.load("term", with_state=True)
+    assert checkpoint.meta["step"] == reached and checkpoint.trainer_state["step"] == reached
+    resumed = train("--name", "term", "--resume", "--max-steps", reached + 1)
+    assert resumed.process.returncode == 0, resumed.stderr
+    assert losses(resumed.events)[0][0] == reached + 1
+
+
+def _saving_now(store: CheckpointStore, name: str) -> bool:
+    """A save of `name` is under way: its temporary folder exists and has files in it."""
+    return any(any(p.iterdir()) for p in store.root.glob(f".{name}.tmp-*"))
+
+
+def test_a_second_ctrl_c_during_the_save_lets_it_finish_no_traceback(corpus_file):
+    """Raised inside torch.save, a KeyboardInterrupt comes out as a RuntimeError with a traceback (exit 1)."""
+    # A wider model than the others, so that its save lasts long enough to be caught in the middle; the run is
+    # niced so that this process, watching for the save, is not the one kept waiting for a core.
+    args = ["--emb-dim", "96", "--n-layers", "1", "--n-heads", "2", "--context-length", "8", "--batch-size", "2"]
+    run = Train(corpus_file, "--name", "twice", *args, "--max-steps", "100000", *QUIET, "--save-interval", "0", nice=10)
+    run.until(step_is(2))
+    store = CheckpointStore()
+    run.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + DEADLINE_S
+    while not _saving_now(store, "twice"):
+        assert run.process.poll() is None and time.monotonic() < deadline, f"no save was seen: {run.finish()}"
+    run.process.send_signal(signal.SIGINT)
+    rc = run.finish()
+    assert "Traceback" not in run.stderr, run.stderr
+    assert rc == 130, run.stderr
+    reached = max(s for s, _ in losses(run.events))
+    assert f"interrupted at step {reached}; saved checkpoint 'twice'" in run.stderr
+    assert not store.lock_path("twice").exists()
+    assert not list(store.root.glob(".twice.*")), "a temporary folder is left"
+    checkpoint = store.load("twice", with_state=True)
+    assert checkpoint.meta["step"] == reached and checkpoint.trainer_state["step"] == reached

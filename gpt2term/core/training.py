@@ -397,6 +397,20 @@ class TrainingControl:
         self._paused = False
         self._stop_reason: str | None = None
         self._save_requested = False
+        self._saving = False
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Marks a checkpoint being written: a second Ctrl-C then waits for it instead of breaking it half-way."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    @property
+    def saving_now(self) -> bool:
+        return self._saving
 
     def pause(self) -> None:
         with self._cond:
@@ -409,7 +423,7 @@ class TrainingControl:
             self._cond.notify_all()
 
     def stop(self, reason: str = "stopped") -> None:
-        """Finish the current step, save, and end the run (`reason` "interrupted" is Ctrl-C's)."""
+        """Finish the current step, save, and end the run ("interrupted" is Ctrl-C's reason, "terminated" SIGTERM's)."""
         with self._cond:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -445,10 +459,15 @@ class TrainingControl:
 
 @contextlib.contextmanager
 def stop_on_signals(
-    control: TrainingControl, signals: Iterable[int] = (signal.SIGINT,), *, second_interrupts: bool = True
+    control: TrainingControl,
+    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+    *,
+    second_interrupts: bool = True,
 ) -> Iterator[None]:
-    """First Ctrl-C: stop after the current step and save. A second one interrupts at once (nothing saved), unless
-    `second_interrupts` is False: under torchrun the launcher passes the user's Ctrl-C on to its workers again.
+    """First Ctrl-C (or any SIGTERM, what `kill`, systemd, Docker and job schedulers send): stop after the current
+    step and save. A second Ctrl-C interrupts at once (nothing new saved), unless `second_interrupts` is False: under
+    torchrun the launcher passes the user's Ctrl-C on to its workers again. During a save the second one waits for
+    the save to finish (the run then ends): raised inside torch.save it would come out as a RuntimeError.
 
     Only the main thread can own signal handlers; elsewhere this does nothing (the app stops runs with the control).
     """
@@ -458,11 +477,12 @@ def stop_on_signals(
     signals = list(signals)
 
     def handler(signum: int, frame: object) -> None:
-        if control.stop_requested and second_interrupts:
+        if signum == signal.SIGTERM or not control.stop_requested or not second_interrupts:
+            control.stop("terminated" if signum == signal.SIGTERM else "interrupted")
+        elif not control.saving_now:  # a stop is already asked for, so the run ends right after the save
             for sig in signals:
                 signal.signal(sig, signal.SIG_DFL)
             raise KeyboardInterrupt
-        control.stop("interrupted")
 
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
@@ -822,7 +842,8 @@ class Trainer:
 
         def save(reason: str) -> None:
             if dist.is_main:
-                self._save(model, optimizer, reason, source, data_state, device)
+                with self.control.saving():
+                    self._save(model, optimizer, reason, source, data_state, device)
             self._saved_step = self.step
 
         recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent steps, for tokens/s
@@ -844,7 +865,7 @@ class Trainer:
                         save("requested")
                 self._emit(PauseEvent(step=self.step, paused=False))
             reason = self.control.stop_reason
-            stop_code = 0.0 if reason is None else 2.0 if reason == "interrupted" else 1.0
+            stop_code = 0.0 if reason is None else 2.0 if reason in ("interrupted", "terminated") else 1.0
             flags = torch.tensor([stop_code, float(self.control.take_save_request())], dtype=torch.float64)
             if dist.enabled:
                 flags = dist.all_reduce(flags.to(device), op="max").cpu()
@@ -929,6 +950,8 @@ class Trainer:
                 "stopped": f"stopped at step {self.step}",
                 "interrupted": f"interrupted at step {self.step}",
             }[status]
+            if status == "interrupted" and self.control.stop_reason == "terminated":
+                message = f"stopped by SIGTERM at step {self.step}"
             if saved:
                 message += f"; saved checkpoint {s.name!r}"
             if status != "completed" and saved:
