@@ -5,6 +5,7 @@ like Ctrl-C, and a second Ctrl-C during a save that leaves no traceback. Real pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import signal
@@ -17,7 +18,10 @@ import pytest
 import torch
 
 from gpt2term.core.checkpoints import CheckpointStore
-from gpt2term.core.interop import torch_load_safely
+from gpt2term.core.data import load_corpus
+from gpt2term.core.errors import CheckpointError
+from gpt2term.core.interop import torch_load_safely, write_safetensors
+from gpt2term.core.training import evaluate_ids
 
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]
 QUIET = ["--eval-interval", "100000", "--sample-tokens", "0"]
@@ -160,6 +164,52 @@ def test_sampling_without_a_seed_leaves_the_global_rng_alone():
     settings = DecodingSettings(max_new_tokens=3, temperature=1.0)
     steps = list(generate(model, default_tokenizer(), [1, 2, 3], settings))
     assert len(steps) == 3 and torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------------------- 2: the last good checkpoint is good
+
+
+def test_after_a_divergence_the_kept_checkpoint_is_the_last_good_one(corpus_file):
+    """A huge learning rate without clipping: the weights grow by orders of magnitude each step until the loss is
+    NaN. Saving every step, the checkpoint kept must still give a finite loss, and be the step the message names."""
+    run = train(corpus_file, "--name", "div", *SMALL, "--lr", "1e6", "--grad-clip", "0", "--max-steps", "30",
+                *QUIET, "--save-interval", "1")  # fmt: skip
+    assert run.process.returncode == 2, run.stderr
+    failed = CheckpointStore().read_metrics("div")[-1]
+    assert failed["type"] == "failed" and failed["kind"] == "diverged"
+    good = failed["last_good_step"]
+    assert good is not None and f"'div' (step {good}) is kept" in run.stderr
+    assert len([line for line in run.stderr.splitlines() if line.startswith("error:")]) == 1
+    checkpoint = CheckpointStore().load("div", with_state=True)
+    assert checkpoint.meta["step"] == good and checkpoint.trainer_state["step"] == good
+    assert all(torch.isfinite(t).all() for t in checkpoint.state_dict.values())
+    model = checkpoint.build_model()
+    assert math.isfinite(evaluate_ids(model, load_corpus([str(corpus_file)], val_ratio=0.0).train_ids).loss)
+
+
+def test_non_finite_weights_are_never_saved_and_generate_refuses_them_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from gpt2term.cli import cli
+    from gpt2term.core.config import GPTConfig
+    from gpt2term.core.model import GPTModel
+
+    store = CheckpointStore()
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1))
+    store.save("broken", model, meta={"step": 1})
+    with torch.no_grad():
+        model.out_head.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="nan or inf"):
+        store.save("broken", model, meta={"step": 2})
+    assert store.load("broken").meta["step"] == 1  # the previous version is kept
+
+    # A file written by something else (or an older version) with NaN weights: refused where it is loaded.
+    state = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+    write_safetensors(state, store.path("broken") / "model.safetensors")
+    result = CliRunner().invoke(cli, ["generate", "Hello", "-c", "broken", "-n", "3"])
+    assert result.exit_code == 2, result.output
+    assert "non-finite weights" in result.stderr and "perplexity" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ 6: SIGTERM, 2nd Ctrl-C

@@ -320,6 +320,25 @@ def load_folder(path: Path, name: str | None = None, *, with_state: bool = False
     return Checkpoint(name, cfg, state_dict, info.meta, optimizer_state, trainer_state)
 
 
+def non_finite_tensor(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding NaN or inf (weights of a run that diverged), or None."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def _usable(checkpoint: Checkpoint) -> Checkpoint:
+    """Weights with NaN or inf would only print `perplexity nan`: refuse them in one line instead."""
+    bad = non_finite_tensor(checkpoint.state_dict)
+    if bad is not None:
+        raise CheckpointError(
+            f"{checkpoint.name!r} has non-finite weights (nan or inf in {bad}): the run that wrote it diverged; "
+            "use an earlier checkpoint, or train again with a lower --lr"
+        )
+    return checkpoint
+
+
 def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
@@ -696,6 +715,11 @@ class CheckpointStore:
             _check_loadable_state(optimizer_state, "optimizer_state")
         if trainer_state is not None:
             _check_loadable_state(trainer_state, "trainer_state")
+        bad = non_finite_tensor(model.state_dict())
+        if bad is not None:
+            raise CheckpointError(
+                f"not saving {name!r}: its weights hold nan or inf ({bad}); the previous version (if any) is kept"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         with self._writing(name, "save", any_thread=True):
             self._recover_own(name)
@@ -962,11 +986,11 @@ def resolve_weights(
     spec = str(spec)
     is_name = bool(NAME_RE.match(spec)) and ".." not in spec and len(spec) <= MAX_NAME_LENGTH
     if prefer_store and is_name and store.exists(spec):
-        return store.load(spec)
+        return _usable(store.load(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if is_checkpoint_folder(path):
-            return load_folder(path, suggest_name(path.name))
+            return _usable(load_folder(path, suggest_name(path.name)))
         loaded = load_weights_file(path)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
     else:
@@ -984,7 +1008,7 @@ def resolve_weights(
         loaded.config = loaded.config.with_(n_heads=n_heads)
         loaded.notices = [n for n in loaded.notices if "heads" not in n]
         loaded.notices.append(f"using {n_heads} attention heads of {loaded.config.head_dim} dims, as given")
-    return Checkpoint(
+    checkpoint = Checkpoint(
         name=suggest_name(stem),
         config=loaded.config,
         # Half-precision files compute in float32 on CPU, as they did before the store existed.
@@ -994,3 +1018,4 @@ def resolve_weights(
         trainer_state=None,
         notices=list(loaded.notices),
     )
+    return _usable(checkpoint)

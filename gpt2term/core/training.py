@@ -841,6 +841,7 @@ class Trainer:
         }
 
         def save(reason: str) -> None:
+            self._check_weights(model, train_set, batches, device, amp_dtype)
             if dist.is_main:
                 with self.control.saving():
                     self._save(model, optimizer, reason, source, data_state, device)
@@ -975,14 +976,40 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- pieces
 
-    def _diverged(self, loss: float, grad_norm: float) -> None:
-        what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    @torch.no_grad()
+    def _check_weights(self, model, train_set, batches, device, amp_dtype) -> None:  # noqa: ANN001
+        """Before a save: weights that hold NaN or inf, or that give a non-finite loss (weights of 1e10 are finite
+        and give NaN), are never published over the last good checkpoint. The loss is taken in eval mode on the
+        next training batch, so no random number is drawn and the run goes on exactly as it would have."""
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        loss = math.nan
+        if bad is None:
+            inputs, targets = train_set.batch(batches.indices(self.epoch, self.position, 0))
+            model.eval()
+            try:
+                with autocast(device, amp_dtype):
+                    loss = float(model(inputs.to(device), targets=targets.to(device)))
+            finally:
+                model.train()
+        broken = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
+        if self._dist.enabled:
+            broken = self._dist.all_reduce(broken.to(device), op="max").cpu()
+        if broken[0] > 0:
+            what = f"{bad} holds nan or inf" if bad else f"the loss on the weights became {loss}"
+            self._diverged(math.nan, math.nan, what=f"{what} after step {self.step}")
+
+    def _diverged(self, loss: float, grad_norm: float, *, what: str | None = None) -> None:
+        what = what or (
+            f"the loss became {loss} at step {self.step + 1}"
+            if not math.isfinite(loss)
+            else f"the gradient norm became {grad_norm} at step {self.step + 1}"
+        )
         kept = (
             f"the last good checkpoint {self.settings.name!r} (step {self._saved_step}) is kept"
             if self._saved_step is not None and self.store is not None and self.store.exists(self.settings.name)
             else "no checkpoint had been saved yet"
         )
-        message = f"{what} at step {self.step + 1}, so training stopped; {kept}; lower --lr or set --grad-clip"
+        message = f"{what}, so training stopped; {kept}; lower --lr or set --grad-clip"
         last_good = self._saved_step if "kept" in kept else None
         self._emit(FailedEvent(step=self.step, kind="diverged", message=message, last_good_step=last_good))
         raise TrainingDiverged(message)
