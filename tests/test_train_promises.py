@@ -97,6 +97,15 @@ def train(*args: str) -> Train:
     return run
 
 
+def invoke(*args: str):  # noqa: ANN201
+    """In this process, where no signal or crash is part of the test (quicker than starting one)."""
+    from click.testing import CliRunner
+
+    from gpt2term.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
 def step_is(n: int):  # noqa: ANN201
     return lambda e: e["type"] == "step" and e["step"] >= n
 
@@ -210,6 +219,39 @@ def test_non_finite_weights_are_never_saved_and_generate_refuses_them_in_one_lin
     assert result.exit_code == 2, result.output
     assert "non-finite weights" in result.stderr and "perplexity" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------- 5: --overwrite keeps the old one until it saves
+
+
+def test_overwrite_keeps_the_old_checkpoint_and_its_history_until_the_new_run_saves(corpus_file):
+    first = invoke("train", corpus_file, "--name", "keep", *SMALL, "--max-steps", "2", *QUIET)
+    assert first.exit_code == 0, first.output
+    store = CheckpointStore()
+    old_metrics = store.read_metrics("keep")
+
+    # Killed (no chance to clean up) before its first save: the old checkpoint loads as it was, history and all.
+    doomed = Train(corpus_file, "--name", "keep", "--overwrite", *SMALL, "--max-steps", "100000", *QUIET,
+                   "--save-interval", "0")  # fmt: skip
+    doomed.until(step_is(2))
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.finish()
+    checkpoint = store.load("keep", with_state=True)
+    assert checkpoint.meta["step"] == 2 and checkpoint.trainer_state["step"] == 2
+    assert checkpoint.meta["training"]["max_steps"] == 2
+    assert store.read_metrics("keep") == old_metrics
+    assert [info.name for info in store.list()] == ["keep"] and store.info("keep").damaged is None
+
+    # An overwrite that saves replaces it: new weights, new history only, no leftovers of the killed run.
+    second = invoke("train", corpus_file, "--name", "keep", "--overwrite", *SMALL, "--max-steps", "3", "--seed", "7",
+                    *QUIET, "--json")  # fmt: skip
+    assert second.exit_code == 0, second.output
+    checkpoint = store.load("keep", with_state=True)
+    assert checkpoint.meta["step"] == 3 and checkpoint.meta["training"]["seed"] == 7
+    records = store.read_metrics("keep")
+    assert [r["type"] for r in records].count("start") == 1 and records[0]["settings"]["seed"] == 7
+    assert records == [json.loads(line) for line in second.stdout.splitlines()]
+    assert not list(store.root.glob(".keep.*tmp*")) and not list(store.root.glob(".keep.old*"))
 
 
 # ------------------------------------------------------------------------------------------ 6: SIGTERM, 2nd Ctrl-C

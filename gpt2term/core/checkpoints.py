@@ -682,12 +682,22 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- writing
 
-    def append_metrics(self, name: str, record: dict) -> None:
+    def pending_metrics(self, name: str) -> Path:
+        """Where a run that will replace `name` (train --overwrite) logs until its first save moves the file in:
+        a temporary folder beside it, so the old checkpoint keeps its own history until then (and a crash
+        leaves it as it was; the folder is removed like any a dead writer left)."""
+        folder = self._staging(validate_name(name), "tmp")
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        return folder / METRICS_FILE
+
+    def append_metrics(self, name: str, record: dict, path: Path | None = None) -> None:
         """One JSON line, flushed, so another process (the app following a headless run) sees it at once.
-        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive."""
+        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive.
+        `path`: a file from `pending_metrics` instead of the checkpoint's own."""
         line = json.dumps(record, default=_json_default, ensure_ascii=False)
         with _name_mutex(self.path(name)):
-            path = self.metrics_path(name)
+            path = path or self.metrics_path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
@@ -701,11 +711,14 @@ class CheckpointStore:
         meta: dict | None = None,
         optimizer_state: dict | None = None,
         trainer_state: dict | None = None,
+        metrics_from: Path | None = None,
     ) -> CheckpointInfo:
         """Save atomically: the old checkpoint (if any) stays intact until the new one is complete on disk.
 
         `meta` is merged into the existing meta.json; `created` is kept, `updated` set now, `config` and
-        `parameters` come from the model. Losses without perplexities get them filled in."""
+        `parameters` come from the model. Losses without perplexities get them filled in.
+        With `metrics_from` (a `pending_metrics` file) the checkpoint starts over: nothing of the old one's meta
+        is kept and its metrics are that file's."""
         validate_name(name)
         model = getattr(model, "_orig_mod", model)  # torch.compile'd
         model = getattr(model, "module", model)  # DistributedDataParallel
@@ -724,7 +737,7 @@ class CheckpointStore:
         with self._writing(name, "save", any_thread=True):
             self._recover_own(name)
             final = self.root / name
-            old_meta = self._read_meta(final)
+            old_meta = self._read_meta(final) if metrics_from is None else {}
             record = self._merged_meta(old_meta, meta or {}, model)
             tmp = self._staging(name, "tmp")
             try:
@@ -735,8 +748,9 @@ class CheckpointStore:
                 if trainer_state is not None:
                     self._torch_save(trainer_state, tmp / TRAINER_FILE)
                 self._write_json(tmp / META_FILE, record)
-                if (final / METRICS_FILE).is_file():
-                    self._carry_metrics(final / METRICS_FILE, tmp / METRICS_FILE)
+                metrics = final / METRICS_FILE if metrics_from is None else metrics_from
+                if metrics.is_file():
+                    self._carry_metrics(metrics, tmp / METRICS_FILE)
                 fsync_path(tmp)
                 self._put_in_place(tmp, final, name)
             except OSError as exc:

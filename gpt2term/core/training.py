@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -612,6 +613,7 @@ class Trainer:
         self._overfitting = OverfittingWatch()
         self._elapsed_before = 0.0  # training time of earlier sessions of this run (resume)
         self._replace_existing = False
+        self._pending_metrics = None  # train --overwrite: this run's metrics.jsonl until its first save
         self._started = False  # failures before the start event are only raised, not logged
 
     def add_listener(self, listener: Listener) -> None:
@@ -623,7 +625,7 @@ class Trainer:
         if not self._dist.is_main:
             return
         if self.store is not None:
-            self.store.append_metrics(self.settings.name, event.to_dict())
+            self.store.append_metrics(self.settings.name, event.to_dict(), path=self._pending_metrics)
         for listener in list(self.listeners):
             listener(event)
 
@@ -651,6 +653,9 @@ class Trainer:
                     message = str(exc) or type(exc).__name__
                     self._emit(FailedEvent(step=self.step, kind=kind, message=message, last_good_step=self._saved_step))
                     raise
+                finally:
+                    if self._pending_metrics is not None:  # never saved: the old checkpoint stays as it was
+                        shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
         finally:
             self._dist.close()
 
@@ -677,7 +682,7 @@ class Trainer:
                     f"a checkpoint named {s.name!r} already exists; continue it with --resume, "
                     "choose another --name, or pass --overwrite to replace it"
                 )
-            # Replaced once the new run is ready to start (a folder with only metrics is a run that never saved).
+            # Replaced by the first save; until then it stays, with its own metrics (see `_pending_metrics`).
             self._replace_existing = True
         if s.init_from:
             from gpt2term.core.checkpoints import resolve_weights
@@ -767,7 +772,7 @@ class Trainer:
         else:
             source = f"fine-tuned from {s.init_from}" if s.init_from else "trained from scratch"
         if self._replace_existing:
-            self.store.delete(s.name)
+            self._pending_metrics = self.store.pending_metrics(s.name)
         self._started = True
         self._emit(
             StartEvent(
@@ -1007,6 +1012,8 @@ class Trainer:
         kept = (
             f"the last good checkpoint {self.settings.name!r} (step {self._saved_step}) is kept"
             if self._saved_step is not None and self.store is not None and self.store.exists(self.settings.name)
+            else f"the earlier checkpoint {self.settings.name!r} is left as it was"
+            if self._pending_metrics is not None
             else "no checkpoint had been saved yet"
         )
         message = f"{what}, so training stopped; {kept}; lower --lr or set --grad-clip"
@@ -1123,7 +1130,11 @@ class Trainer:
             meta=meta,
             optimizer_state=_cpu_copy(optimizer.state_dict()),
             trainer_state=self._trainer_state(data_state, device),
+            metrics_from=self._pending_metrics,
         )
+        if self._pending_metrics is not None:  # its file now is the checkpoint's metrics.jsonl
+            shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
+            self._pending_metrics = None
         self._emit(CheckpointEvent(step=self.step, name=self.settings.name, path=str(info.path), reason=reason))
 
 
