@@ -620,7 +620,7 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:  # noqa: ANN003
     """Train a GPT on CORPUS (text files, folders of .txt/.md, or `pydoc`, the default built-in corpus).
 
-    Ctrl-C finishes the current step, saves, and exits with status 130; continue with --resume.
+    Ctrl-C (or SIGTERM) finishes the current step, saves, and exits with status 130 (143); continue with --resume.
     Under `torchrun --nproc_per_node=K -m gpt2term train ...` it trains with DistributedDataParallel.
     """
     import os
@@ -651,15 +651,14 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
     control = TrainingControl()
     printer = _TrainingPrinter(as_json)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    signals = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
-    with stop_on_signals(control, signals, second_interrupts=not distributed):
+    with stop_on_signals(control, (signal.SIGINT, signal.SIGTERM), second_interrupts=not distributed):
         result = Trainer(settings, control=control, listeners=[printer]).run()
     if printer.live:
         sys.stderr.write("\n")
     if as_json:
         click.echo(result.message, err=True)
     if result.status == "interrupted":
-        ctx.exit(130)
+        ctx.exit(128 + (signal.SIGTERM if control.stop_reason == "terminated" else signal.SIGINT))
 
 
 @cli.command("eval")

@@ -358,6 +358,25 @@ def load_folder(path: Path, name: str | None = None, *, with_state: bool = False
     return Checkpoint(name, cfg, state_dict, info.meta, optimizer_state, trainer_state)
 
 
+def non_finite_tensor(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding NaN or inf (weights of a run that diverged), or None."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def _usable(checkpoint: Checkpoint) -> Checkpoint:
+    """Weights with NaN or inf would only print `perplexity nan`: refuse them in one line instead."""
+    bad = non_finite_tensor(checkpoint.state_dict)
+    if bad is not None:
+        raise CheckpointError(
+            f"{checkpoint.name!r} has non-finite weights (nan or inf in {bad}): the run that wrote it diverged; "
+            "use an earlier checkpoint, or train again with a lower --lr"
+        )
+    return checkpoint
+
+
 def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
@@ -795,12 +814,22 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- writing
 
-    def append_metrics(self, name: str, record: dict) -> None:
+    def pending_metrics(self, name: str) -> Path:
+        """Where a run that will replace `name` (train --overwrite) logs until its first save moves the file in:
+        a temporary folder beside it, so the old checkpoint keeps its own history until then (and a crash
+        leaves it as it was; the folder is removed like any a dead writer left)."""
+        folder = self._staging(validate_name(name), "tmp")
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        return folder / METRICS_FILE
+
+    def append_metrics(self, name: str, record: dict, path: Path | None = None) -> None:
         """One JSON line, flushed, so another process (the app following a headless run) sees it at once.
-        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive."""
+        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive.
+        `path`: a file from `pending_metrics` instead of the checkpoint's own."""
         line = json.dumps(record, default=_json_default, ensure_ascii=False)
         with _name_mutex(self.path(name)):
-            path = self.metrics_path(name)
+            path = path or self.metrics_path(name)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _append_line(path, (line + "\n").encode("utf-8"))
@@ -817,11 +846,14 @@ class CheckpointStore:
         meta: dict | None = None,
         optimizer_state: dict | None = None,
         trainer_state: dict | None = None,
+        metrics_from: Path | None = None,
     ) -> CheckpointInfo:
         """Save atomically: the old checkpoint (if any) stays intact until the new one is complete on disk.
 
         `meta` is merged into the existing meta.json; `created` is kept, `updated` set now, `config` and
-        `parameters` come from the model. Losses without perplexities get them filled in."""
+        `parameters` come from the model. Losses without perplexities get them filled in.
+        With `metrics_from` (a `pending_metrics` file) the checkpoint starts over: nothing of the old one's meta
+        is kept and its metrics are that file's."""
         validate_name(name)
         model = getattr(model, "_orig_mod", model)  # torch.compile'd
         model = getattr(model, "module", model)  # DistributedDataParallel
@@ -831,6 +863,11 @@ class CheckpointStore:
             _check_loadable_state(optimizer_state, "optimizer_state")
         if trainer_state is not None:
             _check_loadable_state(trainer_state, "trainer_state")
+        bad = non_finite_tensor(model.state_dict())
+        if bad is not None:
+            raise CheckpointError(
+                f"not saving {name!r}: its weights hold nan or inf ({bad}); the previous version (if any) is kept"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -838,7 +875,7 @@ class CheckpointStore:
         with self._writing(name, "save", any_thread=True):
             self._recover_own(name)
             final = self.root / name
-            old_meta = self._read_meta(final)
+            old_meta = self._read_meta(final) if metrics_from is None else {}
             kept = _what_is_kept(final, name)
             record = self._merged_meta(old_meta, meta or {}, model)
             tmp = self._staging(name, "tmp")
@@ -850,8 +887,9 @@ class CheckpointStore:
                 if trainer_state is not None:
                     self._torch_save(trainer_state, tmp / TRAINER_FILE)
                 self._write_json(tmp / META_FILE, record)
-                if (final / METRICS_FILE).is_file():
-                    self._carry_metrics(final / METRICS_FILE, tmp / METRICS_FILE)
+                metrics = final / METRICS_FILE if metrics_from is None else metrics_from
+                if metrics.is_file():
+                    self._carry_metrics(metrics, tmp / METRICS_FILE)
                 fsync_path(tmp)
                 self._put_in_place(tmp, final, name)
             except OSError as exc:
@@ -1110,11 +1148,11 @@ def resolve_weights(
     spec = str(spec)
     is_name = bool(NAME_RE.match(spec)) and ".." not in spec and len(spec) <= MAX_NAME_LENGTH
     if prefer_store and is_name and store.exists(spec):
-        return store.load(spec)
+        return _usable(store.load(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if is_checkpoint_folder(path):
-            return load_folder(path, suggest_name(path.name))
+            return _usable(load_folder(path, suggest_name(path.name)))
         loaded = load_weights_file(path)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
     else:
@@ -1132,7 +1170,7 @@ def resolve_weights(
         loaded.config = loaded.config.with_(n_heads=n_heads)
         loaded.notices = [n for n in loaded.notices if "heads" not in n]
         loaded.notices.append(f"using {n_heads} attention heads of {loaded.config.head_dim} dims, as given")
-    return Checkpoint(
+    checkpoint = Checkpoint(
         name=suggest_name(stem),
         config=loaded.config,
         # Half-precision files compute in float32 on CPU, as they did before the store existed.
@@ -1142,3 +1180,4 @@ def resolve_weights(
         trainer_state=None,
         notices=list(loaded.notices),
     )
+    return _usable(checkpoint)

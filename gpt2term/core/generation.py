@@ -199,7 +199,8 @@ def generate(
     rng = None
     if not settings.greedy:
         rng = torch.Generator(device="cpu")
-        rng.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        # Generator.seed(), not torch.seed(): that one would reseed the global RNG a training run draws dropout from.
+        rng.manual_seed(settings.seed) if settings.seed is not None else rng.seed()
     decoder = tokenizer.stream_decoder()
     was_training = model.training
     model.eval()

@@ -59,7 +59,8 @@ def _onednn_fp32_linear_available() -> bool:
         try:
             ok = torch.backends.mkldnn.is_available()
             if ok:
-                w, x = torch.randn(8, 16), torch.randn(3, 16)
+                g = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw what it would have
+                w, x = torch.randn(8, 16, generator=g), torch.randn(3, 16, generator=g)
                 y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                 ok = bool(torch.allclose(y, x @ w.t(), atol=1e-5, rtol=1e-5))
         except (AttributeError, RuntimeError):
@@ -508,8 +509,9 @@ def _mkldnn_bf16_linear_available() -> bool:
         try:
             ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
             if ok:
-                w = torch.randn(8, 16)
-                x = torch.randn(1, 16)
+                g = torch.Generator().manual_seed(0)  # never the global RNG (see _onednn_fp32_linear_available)
+                w = torch.randn(8, 16, generator=g)
+                x = torch.randn(1, 16, generator=g)
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
                 y = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
                 ok = bool(torch.allclose(y.float(), x @ w.t(), atol=0.1, rtol=0.05))

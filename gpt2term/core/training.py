@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -410,6 +411,20 @@ class TrainingControl:
         self._paused = False
         self._stop_reason: str | None = None
         self._save_requested = False
+        self._saving = False
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Marks a checkpoint being written: a second Ctrl-C then waits for it instead of breaking it half-way."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    @property
+    def saving_now(self) -> bool:
+        return self._saving
 
     def pause(self) -> None:
         with self._cond:
@@ -422,7 +437,7 @@ class TrainingControl:
             self._cond.notify_all()
 
     def stop(self, reason: str = "stopped") -> None:
-        """Finish the current step, save, and end the run (`reason` "interrupted" is Ctrl-C's)."""
+        """Finish the current step, save, and end the run ("interrupted" is Ctrl-C's reason, "terminated" SIGTERM's)."""
         with self._cond:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -458,10 +473,15 @@ class TrainingControl:
 
 @contextlib.contextmanager
 def stop_on_signals(
-    control: TrainingControl, signals: Iterable[int] = (signal.SIGINT,), *, second_interrupts: bool = True
+    control: TrainingControl,
+    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+    *,
+    second_interrupts: bool = True,
 ) -> Iterator[None]:
-    """First Ctrl-C: stop after the current step and save. A second one interrupts at once (nothing saved), unless
-    `second_interrupts` is False: under torchrun the launcher passes the user's Ctrl-C on to its workers again.
+    """First Ctrl-C (or any SIGTERM, what `kill`, systemd, Docker and job schedulers send): stop after the current
+    step and save. A second Ctrl-C interrupts at once (nothing new saved), unless `second_interrupts` is False: under
+    torchrun the launcher passes the user's Ctrl-C on to its workers again. During a save the second one waits for
+    the save to finish (the run then ends): raised inside torch.save it would come out as a RuntimeError.
 
     Only the main thread can own signal handlers; elsewhere this does nothing (the app stops runs with the control).
     """
@@ -471,11 +491,12 @@ def stop_on_signals(
     signals = list(signals)
 
     def handler(signum: int, frame: object) -> None:
-        if control.stop_requested and second_interrupts:
+        if signum == signal.SIGTERM or not control.stop_requested or not second_interrupts:
+            control.stop("terminated" if signum == signal.SIGTERM else "interrupted")
+        elif not control.saving_now:  # a stop is already asked for, so the run ends right after the save
             for sig in signals:
                 signal.signal(sig, signal.SIG_DFL)
             raise KeyboardInterrupt
-        control.stop("interrupted")
 
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
@@ -608,6 +629,7 @@ class Trainer:
         self._overfitting = OverfittingWatch()
         self._elapsed_before = 0.0  # training time of earlier sessions of this run (resume)
         self._replace_existing = False
+        self._pending_metrics = None  # train --overwrite: this run's metrics.jsonl until its first save
         self._started = False  # failures before the start event are only raised, not logged
         self._unwritten: deque[dict[str, Any]] = deque(maxlen=UNWRITTEN_EVENTS)  # metrics lines the disk refused
         self._metrics_warned = False
@@ -632,7 +654,7 @@ class Trainer:
         self._unwritten.append(record)
         try:
             while self._unwritten:
-                self.store.append_metrics(self.settings.name, self._unwritten[0])
+                self.store.append_metrics(self.settings.name, self._unwritten[0], path=self._pending_metrics)
                 self._unwritten.popleft()
         except StorageError as exc:
             if not self._metrics_warned:
@@ -672,6 +694,9 @@ class Trainer:
                     message = str(exc) or type(exc).__name__
                     self._emit(FailedEvent(step=self.step, kind=kind, message=message, last_good_step=self._saved_step))
                     raise
+                finally:
+                    if self._pending_metrics is not None:  # never saved: the old checkpoint stays as it was
+                        shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
         finally:
             self._dist.close()
 
@@ -698,7 +723,7 @@ class Trainer:
                     f"a checkpoint named {s.name!r} already exists; continue it with --resume, "
                     "choose another --name, or pass --overwrite to replace it"
                 )
-            # Replaced once the new run is ready to start (a folder with only metrics is a run that never saved).
+            # Replaced by the first save; until then it stays, with its own metrics (see `_pending_metrics`).
             self._replace_existing = True
         if s.init_from:
             from gpt2term.core.checkpoints import resolve_weights
@@ -791,7 +816,7 @@ class Trainer:
         else:
             source = f"fine-tuned from {s.init_from}" if s.init_from else "trained from scratch"
         if self._replace_existing:
-            self.store.delete(s.name)
+            self._pending_metrics = self.store.pending_metrics(s.name)
         self._started = True
         self._emit(
             StartEvent(
@@ -865,8 +890,10 @@ class Trainer:
         }
 
         def save(reason: str) -> None:
+            self._check_weights(model, train_set, batches, device, amp_dtype)
             if dist.is_main:
-                self._save(model, optimizer, reason, source, data_state, device)
+                with self.control.saving():
+                    self._save(model, optimizer, reason, source, data_state, device)
             self._saved_step = self.step
 
         recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent steps, for tokens/s
@@ -888,7 +915,7 @@ class Trainer:
                         save("requested")
                 self._emit(PauseEvent(step=self.step, paused=False))
             reason = self.control.stop_reason
-            stop_code = 0.0 if reason is None else 2.0 if reason == "interrupted" else 1.0
+            stop_code = 0.0 if reason is None else 2.0 if reason in ("interrupted", "terminated") else 1.0
             flags = torch.tensor([stop_code, float(self.control.take_save_request())], dtype=torch.float64)
             if dist.enabled:
                 flags = dist.all_reduce(flags.to(device), op="max").cpu()
@@ -973,6 +1000,8 @@ class Trainer:
                 "stopped": f"stopped at step {self.step}",
                 "interrupted": f"interrupted at step {self.step}",
             }[status]
+            if status == "interrupted" and self.control.stop_reason == "terminated":
+                message = f"stopped by SIGTERM at step {self.step}"
             if saved:
                 message += f"; saved checkpoint {s.name!r}"
             if status != "completed" and saved:
@@ -996,14 +1025,42 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- pieces
 
-    def _diverged(self, loss: float, grad_norm: float) -> None:
-        what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    @torch.no_grad()
+    def _check_weights(self, model, train_set, batches, device, amp_dtype) -> None:  # noqa: ANN001
+        """Before a save: weights that hold NaN or inf, or that give a non-finite loss (weights of 1e10 are finite
+        and give NaN), are never published over the last good checkpoint. The loss is taken in eval mode on the
+        next training batch, so no random number is drawn and the run goes on exactly as it would have."""
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        loss = math.nan
+        if bad is None:
+            inputs, targets = train_set.batch(batches.indices(self.epoch, self.position, 0))
+            model.eval()
+            try:
+                with autocast(device, amp_dtype):
+                    loss = float(model(inputs.to(device), targets=targets.to(device)))
+            finally:
+                model.train()
+        broken = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
+        if self._dist.enabled:
+            broken = self._dist.all_reduce(broken.to(device), op="max").cpu()
+        if broken[0] > 0:
+            what = f"{bad} holds nan or inf" if bad else f"the loss on the weights became {loss}"
+            self._diverged(math.nan, math.nan, what=f"{what} after step {self.step}")
+
+    def _diverged(self, loss: float, grad_norm: float, *, what: str | None = None) -> None:
+        what = what or (
+            f"the loss became {loss} at step {self.step + 1}"
+            if not math.isfinite(loss)
+            else f"the gradient norm became {grad_norm} at step {self.step + 1}"
+        )
         kept = (
             f"the last good checkpoint {self.settings.name!r} (step {self._saved_step}) is kept"
             if self._saved_step is not None and self.store is not None and self.store.exists(self.settings.name)
+            else f"the earlier checkpoint {self.settings.name!r} is left as it was"
+            if self._pending_metrics is not None
             else "no checkpoint had been saved yet"
         )
-        message = f"{what} at step {self.step + 1}, so training stopped; {kept}; lower --lr or set --grad-clip"
+        message = f"{what}, so training stopped; {kept}; lower --lr or set --grad-clip"
         last_good = self._saved_step if "kept" in kept else None
         self._emit(FailedEvent(step=self.step, kind="diverged", message=message, last_good_step=last_good))
         raise TrainingDiverged(message)
@@ -1117,7 +1174,11 @@ class Trainer:
             meta=meta,
             optimizer_state=_cpu_copy(optimizer.state_dict()),
             trainer_state=self._trainer_state(data_state, device),
+            metrics_from=self._pending_metrics,
         )
+        if self._pending_metrics is not None:  # its file now is the checkpoint's metrics.jsonl
+            shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
+            self._pending_metrics = None
         self._emit(CheckpointEvent(step=self.step, name=self.settings.name, path=str(info.path), reason=reason))
 
 
