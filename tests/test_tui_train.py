@@ -33,10 +33,10 @@ from gpt2term.core.training import (
     WarningEvent,
 )
 from gpt2term.tui.app import make_app
+from gpt2term.tui.dialogs import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.messages import TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState, Series
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.modals import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets.train_form import DEFAULT_STEPS
 from gpt2term.tui.widgets.training_charts import MetricSparkline

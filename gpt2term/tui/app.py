@@ -15,11 +15,11 @@ from textual.screen import Screen
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
+from gpt2term.tui.dialogs import ConfirmScreen, LeaveRunScreen
 from gpt2term.tui.keymap import bind, load_keymap
 from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
 from gpt2term.tui.model_source import AppModel, load_app_model
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.modals import ConfirmScreen, LeaveRunScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 

@@ -18,12 +18,9 @@ from textual.widgets import DataTable, Footer
 
 from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore
 from gpt2term.core.errors import Gpt2termError
-from gpt2term.core.interop import export_book_pth, export_hf, find_hf_cached_models
+from gpt2term.core.interop import find_hf_cached_models
 from gpt2term.formatting import format_bytes
-from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import StoreOperationDone
-from gpt2term.tui.run_state import Series
-from gpt2term.tui.screens.modals import (
+from gpt2term.tui.dialogs import (
     ConfirmScreen,
     ExportRequest,
     ExportScreen,
@@ -31,6 +28,9 @@ from gpt2term.tui.screens.modals import (
     ImportScreen,
     NameScreen,
 )
+from gpt2term.tui.keymap import bind, key_display
+from gpt2term.tui.messages import StoreOperationDone
+from gpt2term.tui.run_state import Series
 from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, CheckpointTable, describe
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import resumable
@@ -232,18 +232,7 @@ class CheckpointsScreen(Screen):
         self.app.push_screen(ExportScreen(row.name, Path.cwd()), export)
 
     def _export(self, name: str, request: ExportRequest) -> str:
-        checkpoint = self.store.load(name, with_state=request.fmt == "pth-optimizer")
-        if request.fmt == "hf":
-            result = export_hf(checkpoint.state_dict, checkpoint.config, request.path, overwrite=request.overwrite)
-        else:
-            result = export_book_pth(
-                checkpoint.state_dict,
-                checkpoint.config,
-                request.path,
-                optimizer_state=checkpoint.optimizer_state,
-                with_optimizer=request.fmt == "pth-optimizer",
-                overwrite=request.overwrite,
-            )
+        result = self.store.export(name, request.fmt, request.path, overwrite=request.overwrite)
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Exported {name} to {', '.join(str(p) for p in result.paths)}{notes}"
 

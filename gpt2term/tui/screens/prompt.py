@@ -22,10 +22,10 @@ from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, generate, score
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
+from gpt2term.tui.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
-from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript

@@ -39,11 +39,11 @@ from gpt2term.core.training import (
     WarningEvent,
     event_from_dict,
 )
-from gpt2term.formatting import format_count
+from gpt2term.formatting import format_count, format_duration
+from gpt2term.tui.dialogs import FollowCandidate, FollowScreen
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import TrainingEnded, TrainingEventsReady
-from gpt2term.tui.run_state import EventRelay, RunState, format_duration
-from gpt2term.tui.screens.modals import FollowCandidate, FollowScreen
+from gpt2term.tui.run_state import EventRelay, RunState
 from gpt2term.tui.widgets.event_log import EventLog
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import ModelChoice, TrainForm
