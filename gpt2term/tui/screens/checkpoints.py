@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer
+from textual.worker import Worker
 
 from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore
-from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.interop import find_hf_cached_models
 from gpt2term.formatting import format_bytes
 from gpt2term.tui.dialogs import (
@@ -35,6 +36,10 @@ from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, Ch
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import resumable
 from gpt2term.tui.widgets.training_charts import LossPlot
+from gpt2term.tui.workers import WorkerErrors
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 
 def loss_history(records: list[dict]) -> tuple[Series, Series]:
@@ -51,7 +56,7 @@ def loss_history(records: list[dict]) -> tuple[Series, Series]:
     return train, val
 
 
-class CheckpointsScreen(Screen):
+class CheckpointsScreen(WorkerErrors, Screen):
     BINDINGS = [
         bind("checkpoints.load", "load"),
         bind("checkpoints.train", "train"),
@@ -64,6 +69,9 @@ class CheckpointsScreen(Screen):
         bind("checkpoints.sort", "sort", show=False),
         bind("checkpoints.refresh", "refresh", show=False),
     ]
+
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
@@ -164,13 +172,13 @@ class CheckpointsScreen(Screen):
     def action_load(self) -> None:
         row = self._require_selected()
         if row is not None:
-            self.app.open_in_prompt(row.name)  # type: ignore[attr-defined]
+            self.app.open_in_prompt(row.name)
 
     def action_train(self) -> None:
         row = self._require_selected()
         if row is not None:
             kind = "resume" if resumable(row) else "from"
-            self.app.open_train(kind, row.name)  # type: ignore[attr-defined]
+            self.app.open_train(kind, row.name)
 
     def action_follow(self) -> None:
         row = self._require_selected(loadable=False)
@@ -179,7 +187,7 @@ class CheckpointsScreen(Screen):
         if not self.store.metrics_path(row.name).is_file():
             self.notify(f"{row.name} has no metrics.jsonl: it was not made by a training run.", severity="warning")
             return
-        self.app.open_train("follow", row.name)  # type: ignore[attr-defined]
+        self.app.open_train("follow", row.name)
 
     def action_rename(self) -> None:
         row = self._require_selected(loadable=False)
@@ -264,19 +272,20 @@ class CheckpointsScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="store")
     def _operation(self, operation: Callable[[], object], done: str | None, select: str | None) -> None:
-        try:
-            result = operation()
-        except Gpt2termError as exc:
-            self.post_message(StoreOperationDone(None, str(exc)))
-            return
-        except OSError as exc:  # disk full, permissions: the store's writes are atomic, nothing half-done stays
-            self.post_message(StoreOperationDone(None, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")))
-            return
+        result = operation()
         if isinstance(result, tuple):
             done, select = result
         elif isinstance(result, str):
             done = result
         self.post_message(StoreOperationDone(done, None, select))
+
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        """An operation refused or failed (a disk full, permissions): the store's writes are atomic, so nothing
+        half-done stays; say why and show the store as it is."""
+        if worker.group == "store":
+            self.post_message(StoreOperationDone(None, error))
+        else:
+            super().worker_failed(worker, error)
 
     def on_store_operation_done(self, message: StoreOperationDone) -> None:
         if message.error:

@@ -15,15 +15,16 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
 from gpt2term.core.checkpoints import CheckpointStore, LockHolder
 from gpt2term.core.errors import Gpt2termError
@@ -55,6 +56,10 @@ from gpt2term.tui.widgets.training_charts import (
     format_perplexity,
     format_rate,
 )
+from gpt2term.tui.workers import WorkerErrors
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 NARROW = 110  # below this width, the form and the loss plot do not both fit: the plot shows during runs only
 FOLLOW_INTERVAL_S = 0.5
@@ -86,7 +91,7 @@ def show_sample(prompt: str, text: str) -> Text:
     return shown
 
 
-class TrainScreen(Screen):
+class TrainScreen(WorkerErrors, Screen):
     BINDINGS = [
         bind("train.start", "start"),
         bind("train.pause", "pause"),
@@ -97,6 +102,9 @@ class TrainScreen(Screen):
         bind("train.unfollow", "unfollow"),
         bind("train.prompt", "prompt"),
     ]
+
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
@@ -160,7 +168,7 @@ class TrainScreen(Screen):
         return self.query_one(EventLog)
 
     def on_mount(self) -> None:
-        self.app.train_screen = self  # type: ignore[attr-defined] (the app asks it before quitting)
+        self.app.train_screen = self  # the app asks it before quitting
         self.query_one("#run-sample", Static).border_title = "sample"
         self.query_one("#run-view").border_title = "training run"
         self.query_one("#run-log").border_title = "events"
@@ -169,8 +177,7 @@ class TrainScreen(Screen):
 
     def on_screen_resume(self) -> None:
         """Coming back (or sent here by the checkpoints screen): pick up its request, refresh the choices."""
-        request = getattr(self.app, "train_request", None)
-        self.app.train_request = None  # type: ignore[attr-defined]
+        request = self.app.take_train_request()
         if self.mode == "setup":
             self.form.refresh_models()
         if request is None:
@@ -351,14 +358,7 @@ class TrainScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="train")
     def _train(self, trainer: Trainer, run_id: int) -> None:
-        try:
-            trainer.run()
-        except Gpt2termError as exc:
-            self.post_message(TrainingEnded(run_id, str(exc)))
-            return
-        except Exception as exc:  # shown in the app, which keeps running
-            self.post_message(TrainingEnded(run_id, f"{type(exc).__name__}: {exc}"))
-            return
+        trainer.run()
         self.post_message(TrainingEnded(run_id))
 
     def on_training_events_ready(self, message: TrainingEventsReady) -> None:
@@ -385,9 +385,12 @@ class TrainScreen(Screen):
         for callback in callbacks:
             callback()
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.worker.group == "train" and event.state == WorkerState.ERROR:  # a bug, not a user error
-            self.post_message(TrainingEnded(self.run_id, f"{type(event.worker.error).__name__}: {event.worker.error}"))
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        """The run could not start or failed: shown in the app, which keeps running."""
+        if worker.group == "train":
+            self.post_message(TrainingEnded(self.run_id, error))
+        else:
+            super().worker_failed(worker, error)
 
     def action_pause(self) -> None:
         if self.control is not None and self.run_active:
@@ -435,7 +438,7 @@ class TrainScreen(Screen):
         if not name or not self.store.exists(name):
             self.notify("This run has not saved a checkpoint yet.", severity="warning")
             return
-        self.app.open_in_prompt(name)  # type: ignore[attr-defined]
+        self.app.open_in_prompt(name)
 
     # ------------------------------------------------------------------ following a run written elsewhere
 

@@ -9,28 +9,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
 from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
-from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
-from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.screens.inspect import COMPARE_MAX_TOKENS
+from gpt2term.tui.keymap import key_display
+from gpt2term.tui.screens.inspect import COMPARE_MAX_TOKENS, ComputedView
 from gpt2term.tui.widgets.colors import prob_color
 
 VERSUS_CSS = """
-VersusScreen { align: center middle; }
-VersusScreen .versus-dialog { width: 96%; height: 90%; border: round $primary; background: $surface; padding: 0 1; }
-VersusScreen .versus-title { height: auto; text-style: bold; }
-VersusScreen .versus-note { height: auto; color: $text-muted; }
 VersusScreen #versus-pick { height: auto; max-height: 10; }
 VersusScreen #versus-columns { height: 1fr; }
 VersusScreen .versus-column { width: 1fr; height: 1fr; padding: 0 1; }
@@ -69,11 +63,13 @@ def comparable_checkpoints(exclude: str | None) -> list[str]:
     return [info.name for info in CheckpointStore().list() if info.damaged is None and info.name != exclude]
 
 
-class VersusScreen(ModalScreen[None]):
+class VersusScreen(ComputedView):
     """The current model and a second checkpoint answer the same prompt greedily, side by side."""
 
     DEFAULT_CSS = VERSUS_CSS
-    BINDINGS = [bind("dialog.cancel", "close")]
+    TITLE_ID = "versus-title"
+    FAILURE = "Could not compare"
+    BUSY = "#versus-columns"
 
     def __init__(
         self,
@@ -92,15 +88,15 @@ class VersusScreen(ModalScreen[None]):
         self.prompt_ids = list(prompt_ids)
         self.settings = settings
         self.names = comparable_checkpoints(model_name)
+        self.other: str | None = None
         self.results: list[tuple[str, list[Step]]] | None = None
-        self.failure: str | None = None
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="versus-dialog"):
+        with Vertical(classes="inspect-dialog"):
             yield Static(
                 f"Compare {self.model_name} with which checkpoint?" if self.names else "No other checkpoint to compare",
                 id="versus-title",
-                classes="versus-title",
+                classes="inspect-title",
                 markup=False,
             )
             yield OptionList(*(Option(name, id=name) for name in self.names), id="versus-pick")
@@ -109,9 +105,10 @@ class VersusScreen(ModalScreen[None]):
                     yield Static(id="versus-left", markup=False)
                 with VerticalScroll(classes="versus-column"):
                     yield Static(id="versus-right", markup=False)
-            yield Static(id="versus-note", classes="versus-note", markup=False)
+            yield Static(id="versus-note", classes="inspect-note", markup=False)
 
     def on_mount(self) -> None:
+        """Ask for the second checkpoint first; `_picked` starts the computation."""
         cancel = key_display(self.app, "dialog.cancel")
         note = (
             f"Enter picks the checkpoint; both decode the prompt greedily. {cancel} back."
@@ -128,34 +125,22 @@ class VersusScreen(ModalScreen[None]):
 
     @on(OptionList.OptionSelected, "#versus-pick")
     def _picked(self, event: OptionList.OptionSelected) -> None:
-        other = str(event.option.id)
+        self.other = str(event.option.id)
         event.option_list.display = False
-        self.query_one("#versus-title", Static).update(f"decoding with {self.model_name} and {other}…")
-        self.query_one("#versus-columns").loading = True
-        self._compute(other)
+        self.query_one("#versus-title", Static).update(f"decoding with {self.model_name} and {self.other}…")
+        self.compute()
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def _compute(self, other: str) -> None:
-        try:
-            device = next(self.model.parameters()).device
-            other_model = resolve_weights(other, CheckpointStore()).build_model(str(device)).eval()
-            results = [
-                (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
-                (other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
-            ]
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, results)
+    def calculate(self) -> list[tuple[str, list[Step]]]:
+        assert self.other is not None
+        device = next(self.model.parameters()).device
+        other_model = resolve_weights(self.other, CheckpointStore()).build_model(str(device)).eval()
+        return [
+            (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
+            (self.other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
+        ]
 
-    def _failed(self, error: str) -> None:
-        self.failure = error
-        self.query_one("#versus-columns").loading = False
-        self.query_one("#versus-title", Static).update(f"Could not compare: {error}")
-
-    def _computed(self, results: list[tuple[str, list[Step]]]) -> None:
+    def show(self, results: list[tuple[str, list[Step]]]) -> None:
         self.results = results
-        self.query_one("#versus-columns").loading = False
         self.query_one("#versus-title", Static).update(Text(f"Two checkpoints, greedy, on: {self.prompt}"))
         for widget_id, (name, steps) in zip(("#versus-left", "#versus-right"), results, strict=True):
             self.query_one(widget_id, Static).update(column_text(name, steps))
@@ -163,6 +148,3 @@ class VersusScreen(ModalScreen[None]):
             "Green: the model was sure of the token; red: it was surprised (probabilities on a log scale). Lower "
             f"perplexity: the model found its own text less surprising. {key_display(self.app, 'dialog.cancel')} back."
         )
-
-    def action_close(self) -> None:
-        self.dismiss(None)
