@@ -34,6 +34,7 @@ async def open_checkpoints(pilot) -> CheckpointsScreen:  # noqa: ANN001
     await pilot.press("f4")
     screen = pilot.app.screen
     assert isinstance(screen, CheckpointsScreen)
+    await settle(pilot, lambda: screen.listed, "the store listed")  # read in a worker
     return screen
 
 

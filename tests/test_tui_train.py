@@ -202,6 +202,7 @@ def test_a_run_from_the_screen_pauses_resumes_saves_stops_and_lands_in_the_check
             await pilot.press("n")
             checkpoints = app.screen
             assert isinstance(checkpoints, CheckpointsScreen) and screen.run_active
+            await settle(pilot, lambda: checkpoints.listed, "the store listed", 0.05)  # read in a worker
             await pilot.press("d", "y")
             refused = lambda: any("being written" in n.message for n in app._notifications)  # noqa: E731
             await settle(pilot, refused, "the store's refusal", 0.05)
@@ -333,6 +334,7 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
             async with app.run_test(size=(120, 40)) as pilot:
                 screen = await open_train(pilot)
                 await pilot.press("f9")
+                await settle(pilot, lambda: isinstance(app.screen, FollowScreen), "the store listed", 0.05)
                 picker = app.screen
                 assert isinstance(picker, FollowScreen)
                 assert [(c.name, f"process {os.getpid()}" in (c.writer or "")) for c in picker.candidates] == [

@@ -49,6 +49,7 @@ def test_versus_view_shows_both_checkpoints_greedy_answers_with_the_engines_prob
             await pilot.press("ctrl+n")
             view = app.screen
             assert isinstance(view, VersusScreen)
+            await settle(pilot, lambda: view.names is not None, "the store listed")  # read in a worker
             assert view.names == ["late"]  # the model on screen is not offered against itself
             await pilot.press("enter")
             await settle(pilot, lambda: view.results is not None, "both models decoded")

@@ -30,7 +30,7 @@ from gpt2term.tui.dialogs import (
     NameScreen,
 )
 from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import StoreOperationDone
+from gpt2term.tui.messages import StoreListed, StoreOperationDone
 from gpt2term.tui.run_state import Series
 from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, CheckpointTable, describe
 from gpt2term.tui.widgets.header import ModelHeader
@@ -77,6 +77,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         super().__init__(**kwargs)
         self.store = CheckpointStore()
         self._history_cache: dict[str, tuple[tuple[int, int], tuple[Series, Series]]] = {}
+        self.listed = False  # the table shows the store (it is read in a worker)
 
     def compose(self) -> ComposeResult:
         yield ModelHeader("checkpoints")
@@ -101,9 +102,18 @@ class CheckpointsScreen(WorkerErrors, Screen):
         self.reload()
 
     def reload(self, select: str | None = None) -> None:
-        """Read the store again (other processes and the train screen change it)."""
-        rows = self.store.list()
-        self.table.show(rows, select)
+        """Read the store again (other processes and the train screen change it), in a worker: listing it may
+        first repair a save that crashed, which is disk work the UI must not wait on."""
+        self._list_store(select)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self, select: str | None) -> None:
+        self.post_message(StoreListed(self.store.list(), select))
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        rows = message.rows
+        self.listed = True
+        self.table.show(rows, message.select)
         total = sum(row.size_bytes for row in rows)
         self.table.border_title = f"checkpoints ({len(rows)}, {format_bytes(total)})"
         self.table.border_subtitle = str(self.store.root)

@@ -26,7 +26,7 @@ from textual.timer import Timer
 from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
 from textual.worker import Worker
 
-from gpt2term.core.checkpoints import CheckpointStore, LockHolder
+from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, LockHolder
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.follow import MetricsFollower
 from gpt2term.core.training import (
@@ -43,7 +43,7 @@ from gpt2term.core.training import (
 from gpt2term.formatting import format_count, format_duration
 from gpt2term.tui.dialogs import FollowCandidate, FollowScreen
 from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import TrainingEnded, TrainingEventsReady
+from gpt2term.tui.messages import StoreListed, TrainingEnded, TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState
 from gpt2term.tui.widgets.event_log import EventLog
 from gpt2term.tui.widgets.header import ModelHeader
@@ -442,10 +442,10 @@ class TrainScreen(WorkerErrors, Screen):
 
     # ------------------------------------------------------------------ following a run written elsewhere
 
-    def follow_candidates(self) -> list[FollowCandidate]:
+    def follow_candidates(self, rows: list[CheckpointInfo]) -> list[FollowCandidate]:
         now = time.time()
         candidates = []
-        for row in self.store.list():
+        for row in rows:
             metrics = self.store.metrics_path(row.name)
             try:
                 age = now - metrics.stat().st_mtime
@@ -457,14 +457,23 @@ class TrainScreen(WorkerErrors, Screen):
         return candidates
 
     def action_follow(self) -> None:
-        if self.mode != "setup":
+        """Ask which run to follow, once a worker has read the store (listing it may repair a crashed save)."""
+        if self.mode == "setup":
+            self._list_store()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self) -> None:
+        self.post_message(StoreListed(self.store.list()))
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        if self.mode != "setup" or isinstance(self.app.screen, FollowScreen):
             return
 
         def chosen(name: str | None) -> None:
             if name:
                 self.follow(name)
 
-        self.app.push_screen(FollowScreen(self.follow_candidates()), chosen)
+        self.app.push_screen(FollowScreen(self.follow_candidates(message.rows)), chosen)
 
     def follow(self, name: str) -> None:
         """Show the run of checkpoint `name` from its metrics.jsonl, and keep reading it as it grows."""

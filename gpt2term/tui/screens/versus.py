@@ -9,18 +9,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
+from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, resolve_weights
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
 from gpt2term.tui.keymap import key_display
+from gpt2term.tui.messages import StoreListed
 from gpt2term.tui.screens.inspect import COMPARE_MAX_TOKENS, ComputedView
 from gpt2term.tui.widgets.colors import prob_color
 
@@ -58,9 +59,9 @@ def column_text(name: str, steps: Sequence[Step]) -> Text:
     return text
 
 
-def comparable_checkpoints(exclude: str | None) -> list[str]:
+def comparable_checkpoints(rows: Sequence[CheckpointInfo], exclude: str | None) -> list[str]:
     """Store names that can be loaded (damaged ones left out), without the model already on screen."""
-    return [info.name for info in CheckpointStore().list() if info.damaged is None and info.name != exclude]
+    return [info.name for info in rows if info.damaged is None and info.name != exclude]
 
 
 class VersusScreen(ComputedView):
@@ -87,19 +88,14 @@ class VersusScreen(ComputedView):
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.settings = settings
-        self.names = comparable_checkpoints(model_name)
+        self.names: list[str] | None = None  # read from the store by a worker
         self.other: str | None = None
         self.results: list[tuple[str, list[Step]]] | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="inspect-dialog"):
-            yield Static(
-                f"Compare {self.model_name} with which checkpoint?" if self.names else "No other checkpoint to compare",
-                id="versus-title",
-                classes="inspect-title",
-                markup=False,
-            )
-            yield OptionList(*(Option(name, id=name) for name in self.names), id="versus-pick")
+            yield Static("reading the store…", id="versus-title", classes="inspect-title", markup=False)
+            yield OptionList(id="versus-pick")
             with Horizontal(id="versus-columns"):
                 with VerticalScroll(classes="versus-column"):
                     yield Static(id="versus-left", markup=False)
@@ -108,7 +104,17 @@ class VersusScreen(ComputedView):
             yield Static(id="versus-note", classes="inspect-note", markup=False)
 
     def on_mount(self) -> None:
-        """Ask for the second checkpoint first; `_picked` starts the computation."""
+        """Ask for the second checkpoint first (`_picked` starts the computation), once the store is read."""
+        self._list_store()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self) -> None:
+        self.post_message(StoreListed(CheckpointStore().list()))  # listing may repair a crashed save: not here
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        self.names = comparable_checkpoints(message.rows, self.model_name)
+        title = f"Compare {self.model_name} with which checkpoint?" if self.names else "No other checkpoint to compare"
+        self.query_one("#versus-title", Static).update(title)
         cancel = key_display(self.app, "dialog.cancel")
         note = (
             f"Enter picks the checkpoint; both decode the prompt greedily. {cancel} back."
@@ -117,6 +123,7 @@ class VersusScreen(ComputedView):
         )
         self.query_one("#versus-note", Static).update(note)
         picker = self.query_one("#versus-pick", OptionList)
+        picker.add_options(Option(name, id=name) for name in self.names)
         if self.names:
             picker.highlighted = 0
             picker.focus()
