@@ -281,6 +281,7 @@ def test_resume_from_the_checkpoints_screen_continues_the_run(corpus_file):
             screen = app.screen
             assert isinstance(screen, TrainScreen)
             form = screen.form
+            await settle(pilot, lambda: form.choosing is None, "the store listed", 0.05)  # read in a worker
             assert str(form.query_one("#model").value) == "resume:first"
             assert form.query_one("#max_steps").value == "8"  # it did its 4 steps: as many again
             assert form.query_one("#corpus").disabled and form.query_one("#name").value == "first"
