@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import OptionList, Static
@@ -103,8 +103,9 @@ class VersusScreen(ComputedView):
                     yield Static(id="versus-right", markup=False)
             yield Static(id="versus-note", classes="inspect-note", markup=False)
 
-    def on_mount(self) -> None:
+    def on_mount(self, event: events.Mount) -> None:
         """Ask for the second checkpoint first (`_picked` starts the computation), once the store is read."""
+        event.prevent_default()  # not ComputedView's on_mount, which would compute at once
         self._list_store()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="list")
