@@ -355,7 +355,9 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
                 await settle(pilot, lambda: screen.state.step == 6 and screen.state.warning, "step 6", 0.05)
                 assert screen.query_one("#spark-val-loss", MetricSparkline).values == [8.5]
                 assert "⚠ overfitting: val loss rose" in str(screen.query_one("#run-warning").render())
-                assert any(n.title == "Overfitting" for n in app._notifications)
+                overfitting = lambda: any(n.title == "Overfitting" for n in app._notifications)  # noqa: E731
+                await settle(pilot, overfitting, "the notification (the app adds it from a message)", 0.05)
+                assert overfitting()
 
                 # A save that copies the file (no hard links): a new file with the same start. Reopened, no repeats.
                 path = store.metrics_path(name)
