@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gpt2term.core.errors import Gpt2termError
-from gpt2term.formatting import format_prob, format_time
+from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
 
@@ -403,24 +403,13 @@ def ckpt_import(source: str, name: str | None, n_heads: int | None) -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def ckpt_export(name: str, fmt: str, output: Path, force: bool) -> None:
     """Write checkpoint NAME in a format other tools load (transformers, the book's code)."""
-    from gpt2term.core.interop import export_book_pth, export_hf
-
-    checkpoint = _store().load(name, with_state=fmt == "pth-optimizer")
+    result = _store().export(name, fmt, output, overwrite=force)
     if fmt == "hf":
-        result = export_hf(checkpoint.state_dict, checkpoint.config, output, overwrite=force)
         hint = f'GPT2LMHeadModel.from_pretrained("{output}")'
-    else:
-        result = export_book_pth(
-            checkpoint.state_dict,
-            checkpoint.config,
-            output,
-            optimizer_state=checkpoint.optimizer_state,
-            with_optimizer=fmt == "pth-optimizer",
-            overwrite=force,
-        )
+    elif fmt == "pth":
         hint = f'model.load_state_dict(torch.load("{result.paths[0]}", map_location=device))'
-        if fmt == "pth-optimizer":
-            hint = f'checkpoint = torch.load("{result.paths[0]}"); checkpoint["model_state_dict"] ...'
+    else:
+        hint = f'checkpoint = torch.load("{result.paths[0]}"); checkpoint["model_state_dict"] ...'
     for notice in result.notices:
         click.echo(f"note: {notice}", err=True)
     for path in result.paths:
@@ -491,15 +480,6 @@ def locate(as_json: bool) -> None:
 # --------------------------------------------------------------------------------------------- training (issue 4)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds == float("inf"):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 class _TrainingPrinter:
     """The CLI's face of a run: a live progress line on a terminal, plain lines otherwise, or JSON events."""
 
@@ -525,7 +505,7 @@ class _TrainingPrinter:
         ppl = "-" if self.val_perplexity is None else f"{self.val_perplexity:.1f}"
         return (
             f"[{bar}] step {event.step}/{event.total_steps}  loss {event.loss:.3f}  val loss {val}  ppl {ppl}  "
-            f"{format_count(event.tokens_per_second)} tok/s  ETA {_duration(event.eta_s)}"
+            f"{format_count(event.tokens_per_second)} tok/s  ETA {format_duration(event.eta_s)}"
         )
 
     def __call__(self, event) -> None:  # noqa: ANN001 (a TrainingEvent)
@@ -557,7 +537,7 @@ class _TrainingPrinter:
         elif kind == "eval":
             self.val_loss, self.val_perplexity = event.val_loss, event.val_perplexity
             speed = f"  {format_count(self.last_step.tokens_per_second)} tok/s" if self.last_step else ""
-            eta = f"  ETA {_duration(self.last_step.eta_s)}" if self.last_step else ""
+            eta = f"  ETA {format_duration(self.last_step.eta_s)}" if self.last_step else ""
             self._line(
                 f"step {event.step}: train loss {event.train_loss:.3f}  val loss {event.val_loss:.3f}  "
                 f"val perplexity {event.val_perplexity:.1f}{speed}{eta}"

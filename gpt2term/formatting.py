@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 
 def format_prob(p: float) -> str:
@@ -28,6 +29,17 @@ def format_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def format_duration(seconds: float | None) -> str:
+    """A span of time, as short as reads clearly: 42s, 1m05s, 2h05m, 3d04h ("?" when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = max(0, round(seconds))
+    for big, small, size, unit in (("d", "h", 86400, 3600), ("h", "m", 3600, 60), ("m", "s", 60, 1)):
+        if seconds >= size:
+            return f"{seconds // size}{big}{seconds % size // unit:02d}{small}"
+    return f"{seconds}s"
 
 
 def format_time(iso: str | None) -> str:

@@ -262,3 +262,18 @@ def test_download_fetches_config_and_safetensors_through_huggingface_hub(tmp_pat
     cached = download_hf("gpt2-medium")
     assert calls == [("openai-community/gpt2-medium", ["config.json", "model.safetensors"])]
     assert cached.weights == tmp_path / "snap" / "model.safetensors"
+
+
+@pytest.mark.parametrize(("fmt", "written"), [("hf", "model.safetensors"), ("pth", "model.pth"),
+                                              ("pth-optimizer", "model_and_optimizer.pth")])  # fmt: skip
+def test_the_store_exports_a_checkpoint_in_each_format_with_one_call(tmp_path, fmt, written):
+    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.errors import InputError
+
+    store = CheckpointStore()
+    store.save("tiny", tiny_model(3), meta={"step": 1})
+    (tmp_path / "out").mkdir()
+    result = store.export("tiny", fmt, tmp_path / "out")
+    assert result.paths[0] == tmp_path / "out" / written and result.paths[0].stat().st_size > 0
+    with pytest.raises(InputError, match="unknown export format 'onnx'; use one of: hf, pth, pth-optimizer"):
+        store.export("tiny", "onnx", tmp_path / "x")

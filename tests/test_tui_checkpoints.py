@@ -10,8 +10,8 @@ from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.tui.app import make_app
+from gpt2term.tui.dialogs import ConfirmScreen, ExportScreen, ImportScreen, NameScreen
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.modals import ConfirmScreen, ExportScreen, ImportScreen, NameScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.checkpoint_table import CheckpointDetails
 from gpt2term.tui.widgets.training_charts import LossPlot
@@ -34,6 +34,7 @@ async def open_checkpoints(pilot) -> CheckpointsScreen:  # noqa: ANN001
     await pilot.press("f4")
     screen = pilot.app.screen
     assert isinstance(screen, CheckpointsScreen)
+    await settle(pilot, lambda: screen.listed, "the store listed")  # read in a worker
     return screen
 
 

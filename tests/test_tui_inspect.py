@@ -148,3 +148,29 @@ def test_compare_view_shows_greedy_sampled_and_beam_with_the_engines_log_probabi
             assert app.screen is screen
 
     asyncio.run(scenario())
+
+
+def test_a_view_whose_computation_raises_says_so_in_its_title_instead_of_loading_forever(tiny_checkpoint, monkeypatch):
+    from gpt2term.tui.screens import inspect
+
+    def broken(model, token_ids):  # noqa: ANN001 (a bug in the engine, not a user's error)
+        raise RuntimeError("shape mismatch in layer 1")
+
+    monkeypatch.setattr(inspect, "attention_weights", broken)
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 36)) as pilot:
+            await generated(pilot)
+            await pilot.press("tab", "left", "a")
+            view = app.screen
+            assert isinstance(view, AttentionScreen)
+            await settle(pilot, lambda: view.failure is not None, "the failure shown")
+            assert view.failure == "RuntimeError: shape mismatch in layer 1"
+            title = str(view.query_one("#attention-title").render())
+            assert title == "Attention could not be computed: RuntimeError: shape mismatch in layer 1"
+            assert not view.query_one(".inspect-dialog").loading
+            await pilot.press("escape")  # the app goes on
+            assert isinstance(app.screen, PromptScreen)
+
+    asyncio.run(scenario())

@@ -13,18 +13,19 @@ from gpt2term import locations
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.tui.app import Gpt2termApp, make_app
-from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap, read_keymap
-from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
-from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
-from gpt2term.tui.screens.modals import (
+from gpt2term.tui.dialogs import (
     ConfirmScreen,
     ExportScreen,
     FollowScreen,
     ImportScreen,
     LeaveRunScreen,
     NameScreen,
+    SavePathScreen,
+    SettingsScreen,
 )
+from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap, read_keymap
+from gpt2term.tui.screens.checkpoints import CheckpointsScreen
+from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets.prompt_input import PromptInput

@@ -21,7 +21,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import default_tokenizer
 from gpt2term.formatting import format_prob
 from gpt2term.tui.app import make_app
-from gpt2term.tui.screens.dialogs import SettingsScreen
+from gpt2term.tui.dialogs import SettingsScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel

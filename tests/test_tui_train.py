@@ -33,10 +33,10 @@ from gpt2term.core.training import (
     WarningEvent,
 )
 from gpt2term.tui.app import make_app
+from gpt2term.tui.dialogs import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.messages import TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState, Series
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.modals import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets.train_form import DEFAULT_STEPS
 from gpt2term.tui.widgets.training_charts import MetricSparkline
@@ -202,6 +202,7 @@ def test_a_run_from_the_screen_pauses_resumes_saves_stops_and_lands_in_the_check
             await pilot.press("n")
             checkpoints = app.screen
             assert isinstance(checkpoints, CheckpointsScreen) and screen.run_active
+            await settle(pilot, lambda: checkpoints.listed, "the store listed", 0.05)  # read in a worker
             await pilot.press("d", "y")
             refused = lambda: any("being written" in n.message for n in app._notifications)  # noqa: E731
             await settle(pilot, refused, "the store's refusal", 0.05)
@@ -280,6 +281,7 @@ def test_resume_from_the_checkpoints_screen_continues_the_run(corpus_file):
             screen = app.screen
             assert isinstance(screen, TrainScreen)
             form = screen.form
+            await settle(pilot, lambda: form.choosing is None, "the store listed", 0.05)  # read in a worker
             assert str(form.query_one("#model").value) == "resume:first"
             assert form.query_one("#max_steps").value == "8"  # it did its 4 steps: as many again
             assert form.query_one("#corpus").disabled and form.query_one("#name").value == "first"
@@ -333,6 +335,7 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
             async with app.run_test(size=(120, 40)) as pilot:
                 screen = await open_train(pilot)
                 await pilot.press("f9")
+                await settle(pilot, lambda: isinstance(app.screen, FollowScreen), "the store listed", 0.05)
                 picker = app.screen
                 assert isinstance(picker, FollowScreen)
                 assert [(c.name, f"process {os.getpid()}" in (c.writer or "")) for c in picker.candidates] == [
@@ -352,7 +355,9 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
                 await settle(pilot, lambda: screen.state.step == 6 and screen.state.warning, "step 6", 0.05)
                 assert screen.query_one("#spark-val-loss", MetricSparkline).values == [8.5]
                 assert "⚠ overfitting: val loss rose" in str(screen.query_one("#run-warning").render())
-                assert any(n.title == "Overfitting" for n in app._notifications)
+                overfitting = lambda: any(n.title == "Overfitting" for n in app._notifications)  # noqa: E731
+                await settle(pilot, overfitting, "the notification (the app adds it from a message)", 0.05)
+                assert overfitting()
 
                 # A save that copies the file (no hard links): a new file with the same start. Reopened, no repeats.
                 path = store.metrics_path(name)

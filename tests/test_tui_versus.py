@@ -49,6 +49,7 @@ def test_versus_view_shows_both_checkpoints_greedy_answers_with_the_engines_prob
             await pilot.press("ctrl+n")
             view = app.screen
             assert isinstance(view, VersusScreen)
+            await settle(pilot, lambda: view.names is not None, "the store listed")  # read in a worker
             assert view.names == ["late"]  # the model on screen is not offered against itself
             await pilot.press("enter")
             await settle(pilot, lambda: view.results is not None, "both models decoded")
@@ -66,5 +67,28 @@ def test_versus_view_shows_both_checkpoints_greedy_answers_with_the_engines_prob
             assert shown_lines[0] != shown_lines[1]  # two different models, two different answers
             await pilot.press("escape")
             assert app.screen is screen
+
+    asyncio.run(scenario())
+
+
+def test_with_no_other_checkpoint_the_versus_view_says_so_and_computes_nothing():
+    torch.manual_seed(0)
+    CheckpointStore().save("only", GPTModel(TINY).eval(), meta={"step": 0})
+
+    async def scenario() -> None:
+        app = make_app("only", keymap={})
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot, lambda: app.app_model is not None, "the model loaded")
+            screen = app.screen
+            screen.settings = DecodingSettings(max_new_tokens=2, top_n=3)
+            await pilot.press(*PROMPT, "enter")
+            await settle(pilot, lambda: screen.turns and screen.turns[-1].state == "done", "the generation finished")
+            await pilot.press("ctrl+n")
+            view = app.screen
+            assert isinstance(view, VersusScreen)
+            await settle(pilot, lambda: view.names is not None, "the store listed")
+            assert view.names == [] and view.failure is None and view.results is None
+            assert str(view.query_one("#versus-title").render()) == "No other checkpoint to compare"
+            assert not view.query_one("#versus-columns").loading
 
     asyncio.run(scenario())

@@ -49,7 +49,11 @@ from gpt2term import locations
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
 from gpt2term.core.interop import (
+    EXPORT_FORMATS,
+    ExportResult,
     WriteRecorder,
+    export_book_pth,
+    export_hf,
     find_hf_cached,
     fsync_path,
     load_hf_cached,
@@ -1083,6 +1087,25 @@ class CheckpointStore:
             meta["notices"] = loaded.notices
         info = self.save(name, loaded.build_model(), meta=meta, optimizer_state=loaded.optimizer_state)
         return ImportResult(info, loaded.notices)
+
+    # ---------------------------------------------------------------- export
+
+    def export(self, name: str, fmt: str, path: Path, *, overwrite: bool = False) -> ExportResult:
+        """`ckpt export` and the TUI's export dialog: checkpoint `name` written in format `fmt` (a key of
+        `EXPORT_FORMATS`), read with its optimizer state only when the format carries it."""
+        if fmt not in EXPORT_FORMATS:
+            raise InputError(f"unknown export format {fmt!r}; use one of: {', '.join(EXPORT_FORMATS)}")
+        checkpoint = self.load(name, with_state=fmt == "pth-optimizer")
+        if fmt == "hf":
+            return export_hf(checkpoint.state_dict, checkpoint.config, path, overwrite=overwrite)
+        return export_book_pth(
+            checkpoint.state_dict,
+            checkpoint.config,
+            path,
+            optimizer_state=checkpoint.optimizer_state,
+            with_optimizer=fmt == "pth-optimizer",
+            overwrite=overwrite,
+        )
 
     # ---------------------------------------------------------------- app state
 

@@ -433,6 +433,13 @@ def _refuse_overwrite(target: Path, overwrite: bool) -> None:
         raise InputError(f"{target} already exists; pass --force to overwrite it, or choose another output path")
 
 
+EXPORT_FORMATS = {
+    "hf": "Hugging Face folder (transformers' from_pretrained)",
+    "pth": "the book's model.pth",
+    "pth-optimizer": "the book's model_and_optimizer.pth",
+}
+
+
 @dataclass
 class ExportResult:
     """What an export wrote, and what the user should know about it (e.g. an optimizer state made up fresh)."""

@@ -11,20 +11,21 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.worker import Worker
 
-from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
+from gpt2term.tui.dialogs import ConfirmScreen, LeaveRunScreen
 from gpt2term.tui.keymap import bind, read_keymap
 from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
 from gpt2term.tui.model_source import AppModel, load_app_model
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
-from gpt2term.tui.screens.modals import ConfirmScreen, LeaveRunScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
+from gpt2term.tui.workers import WorkerErrors
 
 
-class Gpt2termApp(App):
+class Gpt2termApp(WorkerErrors, App):
     TITLE = "gpt2term"
     CSS_PATH = "app.tcss"
     MODES = {"prompt": PromptScreen, "train": TrainScreen, "checkpoints": CheckpointsScreen}
@@ -79,16 +80,14 @@ class Gpt2termApp(App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load")
     def _load_worker(self, load: Callable[[], AppModel]) -> None:
-        try:
-            self.tokenizer  # noqa: B018 (build the tokenizer off the UI thread too)
-            app_model = load()
-        except Gpt2termError as exc:
-            self.post_message(ModelLoadFailed(str(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 (shown to the user; the app keeps running)
-            self.post_message(ModelLoadFailed(f"{type(exc).__name__}: {exc}"))
-            return
-        self.post_message(ModelLoaded(app_model))
+        self.tokenizer  # noqa: B018 (build the tokenizer off the UI thread too)
+        self.post_message(ModelLoaded(load()))
+
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        if worker.group == "load":
+            self.post_message(ModelLoadFailed(error))  # shown to the user; the app keeps running
+        else:
+            super().worker_failed(worker, error)
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.loading_label = ""
@@ -150,6 +149,11 @@ class Gpt2termApp(App):
         """Load checkpoint `name` (as `gpt2term --checkpoint NAME` does) and show it in the Prompt mode."""
         self.load_model(lambda: load_app_model(name), f"loading {name}…")
         self.request_mode("prompt")
+
+    def take_train_request(self) -> tuple[str, str] | None:
+        """The train screen's pending request from `open_train` (once: taking it clears it)."""
+        request, self.train_request = self.train_request, None
+        return request
 
     def open_train(self, kind: str, name: str) -> None:
         """The Train mode, prefilled to resume or fine-tune `name` (kind "resume" / "from"), or following it."""

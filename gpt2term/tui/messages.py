@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual.message import Message
 
+from gpt2term.core.checkpoints import CheckpointInfo
 from gpt2term.core.generation import Step
 from gpt2term.tui.model_source import AppModel
 
@@ -75,3 +78,20 @@ class StoreOperationDone(Message):
         self.message = message
         self.error = error
         self.select = select  # the checkpoint to show selected afterwards
+
+
+class ViewComputed(Message):
+    """A look-inside view's computation (attention, lens, decodings) finished in its worker."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__()
+        self.result = result
+
+
+class StoreListed(Message):
+    """The checkpoint store, as read by a worker (listing it may repair a crashed save: never on the UI thread)."""
+
+    def __init__(self, rows: list[CheckpointInfo], select: str | None = None) -> None:
+        super().__init__()
+        self.rows = rows
+        self.select = select

@@ -122,6 +122,10 @@ async def _shoot_training(
         await pilot.resize_terminal(*size)
         await pilot.press("f4", "n")  # leave the run training
         table = app.screen.table
+        for _ in range(200):  # the store is read in a worker
+            if form["name"] in table.names:
+                break
+            await pilot.pause(0.05)
         table.move_cursor(row=table.get_row_index(form["name"]))
         await shoot("checkpoints")
         await pilot.press("f3", "f8")

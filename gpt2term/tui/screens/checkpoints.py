@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer
+from textual.worker import Worker
 
 from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore
-from gpt2term.core.errors import Gpt2termError
-from gpt2term.core.interop import export_book_pth, export_hf, find_hf_cached_models
+from gpt2term.core.interop import find_hf_cached_models
 from gpt2term.formatting import format_bytes
-from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import StoreOperationDone
-from gpt2term.tui.run_state import Series
-from gpt2term.tui.screens.modals import (
+from gpt2term.tui.dialogs import (
     ConfirmScreen,
     ExportRequest,
     ExportScreen,
@@ -31,10 +29,17 @@ from gpt2term.tui.screens.modals import (
     ImportScreen,
     NameScreen,
 )
+from gpt2term.tui.keymap import bind, key_display
+from gpt2term.tui.messages import StoreListed, StoreOperationDone
+from gpt2term.tui.run_state import Series
 from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, CheckpointTable, describe
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import resumable
 from gpt2term.tui.widgets.training_charts import LossPlot
+from gpt2term.tui.workers import WorkerErrors
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 
 def loss_history(records: list[dict]) -> tuple[Series, Series]:
@@ -51,7 +56,7 @@ def loss_history(records: list[dict]) -> tuple[Series, Series]:
     return train, val
 
 
-class CheckpointsScreen(Screen):
+class CheckpointsScreen(WorkerErrors, Screen):
     BINDINGS = [
         bind("checkpoints.load", "load"),
         bind("checkpoints.train", "train"),
@@ -65,10 +70,14 @@ class CheckpointsScreen(Screen):
         bind("checkpoints.refresh", "refresh", show=False),
     ]
 
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
+
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
         self.store = CheckpointStore()
         self._history_cache: dict[str, tuple[tuple[int, int], tuple[Series, Series]]] = {}
+        self.listed = False  # the table shows the store (it is read in a worker)
 
     def compose(self) -> ComposeResult:
         yield ModelHeader("checkpoints")
@@ -93,9 +102,18 @@ class CheckpointsScreen(Screen):
         self.reload()
 
     def reload(self, select: str | None = None) -> None:
-        """Read the store again (other processes and the train screen change it)."""
-        rows = self.store.list()
-        self.table.show(rows, select)
+        """Read the store again (other processes and the train screen change it), in a worker: listing it may
+        first repair a save that crashed, which is disk work the UI must not wait on."""
+        self._list_store(select)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self, select: str | None) -> None:
+        self.post_message(StoreListed(self.store.list(), select))
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        rows = message.rows
+        self.listed = True
+        self.table.show(rows, message.select)
         total = sum(row.size_bytes for row in rows)
         self.table.border_title = f"checkpoints ({len(rows)}, {format_bytes(total)})"
         self.table.border_subtitle = str(self.store.root)
@@ -164,13 +182,13 @@ class CheckpointsScreen(Screen):
     def action_load(self) -> None:
         row = self._require_selected()
         if row is not None:
-            self.app.open_in_prompt(row.name)  # type: ignore[attr-defined]
+            self.app.open_in_prompt(row.name)
 
     def action_train(self) -> None:
         row = self._require_selected()
         if row is not None:
             kind = "resume" if resumable(row) else "from"
-            self.app.open_train(kind, row.name)  # type: ignore[attr-defined]
+            self.app.open_train(kind, row.name)
 
     def action_follow(self) -> None:
         row = self._require_selected(loadable=False)
@@ -179,7 +197,7 @@ class CheckpointsScreen(Screen):
         if not self.store.metrics_path(row.name).is_file():
             self.notify(f"{row.name} has no metrics.jsonl: it was not made by a training run.", severity="warning")
             return
-        self.app.open_train("follow", row.name)  # type: ignore[attr-defined]
+        self.app.open_train("follow", row.name)
 
     def action_rename(self) -> None:
         row = self._require_selected(loadable=False)
@@ -232,18 +250,7 @@ class CheckpointsScreen(Screen):
         self.app.push_screen(ExportScreen(row.name, Path.cwd()), export)
 
     def _export(self, name: str, request: ExportRequest) -> str:
-        checkpoint = self.store.load(name, with_state=request.fmt == "pth-optimizer")
-        if request.fmt == "hf":
-            result = export_hf(checkpoint.state_dict, checkpoint.config, request.path, overwrite=request.overwrite)
-        else:
-            result = export_book_pth(
-                checkpoint.state_dict,
-                checkpoint.config,
-                request.path,
-                optimizer_state=checkpoint.optimizer_state,
-                with_optimizer=request.fmt == "pth-optimizer",
-                overwrite=request.overwrite,
-            )
+        result = self.store.export(name, request.fmt, request.path, overwrite=request.overwrite)
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Exported {name} to {', '.join(str(p) for p in result.paths)}{notes}"
 
@@ -275,19 +282,20 @@ class CheckpointsScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="store")
     def _operation(self, operation: Callable[[], object], done: str | None, select: str | None) -> None:
-        try:
-            result = operation()
-        except Gpt2termError as exc:
-            self.post_message(StoreOperationDone(None, str(exc)))
-            return
-        except OSError as exc:  # disk full, permissions: the store's writes are atomic, nothing half-done stays
-            self.post_message(StoreOperationDone(None, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")))
-            return
+        result = operation()
         if isinstance(result, tuple):
             done, select = result
         elif isinstance(result, str):
             done = result
         self.post_message(StoreOperationDone(done, None, select))
+
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        """An operation refused or failed (a disk full, permissions): the store's writes are atomic, so nothing
+        half-done stays; say why and show the store as it is."""
+        if worker.group == "store":
+            self.post_message(StoreOperationDone(None, error))
+        else:
+            super().worker_failed(worker, error)
 
     def on_store_operation_done(self, message: StoreOperationDone) -> None:
         if message.error:

@@ -16,18 +16,20 @@ from textual import work
 from textual.app import ComposeResult
 from textual.color import Color
 from textual.containers import Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import Static
+from textual.worker import Worker
 
-from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import Continuation, DecodingSettings, beam_search, generate, sequence_logprob
 from gpt2term.core.inspection import LensLayer, attention_weights, first_layer_with_final_answer, logit_lens
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
+from gpt2term.tui.dialogs import Dialog
 from gpt2term.tui.keymap import bind, key_display
+from gpt2term.tui.messages import ViewComputed
 from gpt2term.tui.turns import Turn
 from gpt2term.tui.widgets.probabilities import show_token
+from gpt2term.tui.workers import WorkerErrors
 
 TOP_WEIGHTS = 5  # how many of the strongest attention weights are listed as numbers
 LENS_TOP_K = 5
@@ -36,7 +38,7 @@ _COLD = Color.parse("#1b2230")  # no attention
 _HOT = Color.parse("#e8872b")  # the strongest weight of the row
 
 INSPECT_CSS = """
-AttentionScreen, LensScreen, CompareScreen { align: center middle; }
+ComputedView { align: center middle; }
 .inspect-dialog {
     width: 96%; height: 90%; border: round $primary; background: $surface; padding: 0 1;
 }
@@ -68,13 +70,15 @@ def _token_label(tokenizer: Tokenizer, token_id: int) -> str:
     return text.replace(" ", "·") if not text.strip() else text
 
 
-class ComputedView(ModalScreen[None]):
-    """A view whose numbers come from one computation on the model, run in a thread worker behind a loading
-    indicator; a user error shows in the title instead of the numbers. Subclasses give `calculate` and `show`."""
+class ComputedView(WorkerErrors, Dialog[None]):
+    """A view whose numbers come from one computation on the model (attention, the lens, decodings, two models),
+    run in a thread worker behind a loading indicator; a failure shows in the title instead of the numbers.
+    Subclasses give `calculate` and `show`; one that asks something first calls `compute` itself."""
 
     DEFAULT_CSS = INSPECT_CSS
     TITLE_ID = ""
     FAILURE = "Could not compute"
+    BUSY = ".inspect-dialog"  # what shows the loading indicator while it computes
 
     failure: str | None = None
 
@@ -85,29 +89,24 @@ class ComputedView(ModalScreen[None]):
         raise NotImplementedError
 
     def on_mount(self) -> None:
-        self.query_one(".inspect-dialog").loading = True
+        self.compute()
+
+    def compute(self) -> None:
+        self.query_one(self.BUSY).loading = True
         self._compute()
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
+    @work(thread=True, exclusive=True, exit_on_error=False, group="compute")
     def _compute(self) -> None:
-        try:
-            result = self.calculate()
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, result)
+        self.post_message(ViewComputed(self.calculate()))
 
-    def _failed(self, error: str) -> None:
+    def on_view_computed(self, message: ViewComputed) -> None:
+        self.query_one(self.BUSY).loading = False
+        self.show(message.result)
+
+    def worker_failed(self, worker: Worker, error: str) -> None:
         self.failure = error
-        self.query_one(".inspect-dialog").loading = False
+        self.query_one(self.BUSY).loading = False
         self.query_one(f"#{self.TITLE_ID}", Static).update(f"{self.FAILURE}: {error}")
-
-    def _computed(self, result: Any) -> None:
-        self.query_one(".inspect-dialog").loading = False
-        self.show(result)
-
-    def action_close(self) -> None:
-        self.dismiss(None)
 
 
 class AttentionScreen(ComputedView):
@@ -116,7 +115,6 @@ class AttentionScreen(ComputedView):
     TITLE_ID = "attention-title"
     FAILURE = "Attention could not be computed"
     BINDINGS = [
-        bind("dialog.cancel", "close"),
         bind("attention.layer-previous", "layer(-1)"),
         bind("attention.layer-next", "layer(1)"),
         bind("attention.head-previous", "head(-1)"),
@@ -235,7 +233,6 @@ class LensScreen(ComputedView):
 
     TITLE_ID = "lens-title"
     FAILURE = "The logit lens could not be computed"
-    BINDINGS = [bind("dialog.cancel", "close")]
 
     def __init__(self, model: GPTModel, tokenizer: Tokenizer, context_ids: Sequence[int], chosen_id: int) -> None:
         super().__init__()
@@ -320,7 +317,6 @@ class CompareScreen(ComputedView):
 
     TITLE_ID = "compare-title"
     FAILURE = "Could not decode"
-    BINDINGS = [bind("dialog.cancel", "close")]
 
     def __init__(
         self, model: GPTModel, tokenizer: Tokenizer, prompt: str, prompt_ids: Sequence[int], settings: DecodingSettings

@@ -9,23 +9,24 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, generate, score
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
+from gpt2term.tui.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
-from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
@@ -35,6 +36,10 @@ from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel
 from gpt2term.tui.widgets.prompt_input import PromptInput
 from gpt2term.tui.widgets.transcript import TokenDisplay, Transcript
+from gpt2term.tui.workers import WorkerErrors
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 
 def welcome(app) -> str:  # noqa: ANN001 (a textual App)
@@ -53,7 +58,7 @@ def welcome(app) -> str:  # noqa: ANN001 (a textual App)
     )
 
 
-class PromptScreen(Screen):
+class PromptScreen(WorkerErrors, Screen):
     BINDINGS = [
         bind("prompt.stop", "stop", priority=True),
         bind("prompt.back", "back", priority=True),  # the same key as Stop; check_action picks the one that applies
@@ -68,6 +73,9 @@ class PromptScreen(Screen):
         bind("prompt.compare", "compare", show=False),
         bind("prompt.versus", "versus", show=False),
     ]
+
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
@@ -162,9 +170,9 @@ class PromptScreen(Screen):
             text.append(f"generating {done}/{self.generating.settings.max_new_tokens} ({stop} stops) · ", style="bold")
         elif note:
             text.append(note + " · ", style="bold")
-        elif getattr(self.app, "load_error", None):
+        elif self.app.load_error:
             text.append("no model loaded · ", style="bold")
-        elif getattr(self.app, "app_model", None) is None:
+        elif self.app.app_model is None:
             text.append("loading the model… · ", style="bold")
         text.append(self.settings.describe(), style="")
         if self.display_mode.colours:
@@ -231,17 +239,10 @@ class PromptScreen(Screen):
         settings: DecodingSettings,
         cancel: threading.Event,
     ) -> None:
-        try:
-            for step in generate(model, tokenizer, ids, settings, cancel=cancel):
-                self.post_message(TokenGenerated(turn_id, step))
-            # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
-            self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
-        except Gpt2termError as exc:
-            self.post_message(GenerationFinished(turn_id, stopped=False, error=str(exc)))
-            return
-        except Exception as exc:  # shown in the app, which keeps running
-            self.post_message(GenerationFinished(turn_id, stopped=False, error=f"{type(exc).__name__}: {exc}"))
-            return
+        for step in generate(model, tokenizer, ids, settings, cancel=cancel):
+            self.post_message(TokenGenerated(turn_id, step))
+        # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
+        self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
         self.post_message(GenerationFinished(turn_id, stopped=cancel.is_set()))
 
     def on_token_generated(self, message: TokenGenerated) -> None:
@@ -277,11 +278,12 @@ class PromptScreen(Screen):
         self.update_status("stopped" if message.stopped else "")
         self.refresh_bindings()
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.state == WorkerState.ERROR and event.worker.group == "generate":  # a bug, not a user error
-            self.notify(str(event.worker.error), title="Generation failed", severity="error")
-            self.generating = None
-            self.update_status()
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        """Generating raised (the model or the settings refused): the turn ends with the error; the app goes on."""
+        if worker.group == "generate" and self.generating is not None:
+            self.post_message(GenerationFinished(self.generating.id, stopped=False, error=error))
+        else:
+            super().worker_failed(worker, error)
 
     def action_stop(self) -> None:
         """Stop generating between two tokens: `generate()` checks the event before computing the next one."""

@@ -15,17 +15,18 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import on, work
+from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
-from gpt2term.core.checkpoints import CheckpointStore, LockHolder
+from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, LockHolder
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.follow import MetricsFollower
 from gpt2term.core.training import (
@@ -39,11 +40,11 @@ from gpt2term.core.training import (
     WarningEvent,
     event_from_dict,
 )
-from gpt2term.formatting import format_count
+from gpt2term.formatting import format_count, format_duration
+from gpt2term.tui.dialogs import FollowCandidate, FollowScreen
 from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import TrainingEnded, TrainingEventsReady
-from gpt2term.tui.run_state import EventRelay, RunState, format_duration
-from gpt2term.tui.screens.modals import FollowCandidate, FollowScreen
+from gpt2term.tui.messages import StoreListed, TrainingEnded, TrainingEventsReady
+from gpt2term.tui.run_state import EventRelay, RunState
 from gpt2term.tui.widgets.event_log import EventLog
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import ModelChoice, TrainForm
@@ -55,6 +56,10 @@ from gpt2term.tui.widgets.training_charts import (
     format_perplexity,
     format_rate,
 )
+from gpt2term.tui.workers import WorkerErrors
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 NARROW = 110  # below this width, the form and the loss plot do not both fit: the plot shows during runs only
 FOLLOW_INTERVAL_S = 0.5
@@ -86,7 +91,7 @@ def show_sample(prompt: str, text: str) -> Text:
     return shown
 
 
-class TrainScreen(Screen):
+class TrainScreen(WorkerErrors, Screen):
     BINDINGS = [
         bind("train.start", "start"),
         bind("train.pause", "pause"),
@@ -97,6 +102,9 @@ class TrainScreen(Screen):
         bind("train.unfollow", "unfollow"),
         bind("train.prompt", "prompt"),
     ]
+
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
@@ -160,7 +168,7 @@ class TrainScreen(Screen):
         return self.query_one(EventLog)
 
     def on_mount(self) -> None:
-        self.app.train_screen = self  # type: ignore[attr-defined] (the app asks it before quitting)
+        self.app.train_screen = self  # the app asks it before quitting
         self.query_one("#run-sample", Static).border_title = "sample"
         self.query_one("#run-view").border_title = "training run"
         self.query_one("#run-log").border_title = "events"
@@ -169,8 +177,7 @@ class TrainScreen(Screen):
 
     def on_screen_resume(self) -> None:
         """Coming back (or sent here by the checkpoints screen): pick up its request, refresh the choices."""
-        request = getattr(self.app, "train_request", None)
-        self.app.train_request = None  # type: ignore[attr-defined]
+        request = self.app.take_train_request()
         if self.mode == "setup":
             self.form.refresh_models()
         if request is None:
@@ -351,14 +358,7 @@ class TrainScreen(Screen):
 
     @work(thread=True, exit_on_error=False, group="train")
     def _train(self, trainer: Trainer, run_id: int) -> None:
-        try:
-            trainer.run()
-        except Gpt2termError as exc:
-            self.post_message(TrainingEnded(run_id, str(exc)))
-            return
-        except Exception as exc:  # shown in the app, which keeps running
-            self.post_message(TrainingEnded(run_id, f"{type(exc).__name__}: {exc}"))
-            return
+        trainer.run()
         self.post_message(TrainingEnded(run_id))
 
     def on_training_events_ready(self, message: TrainingEventsReady) -> None:
@@ -385,9 +385,12 @@ class TrainScreen(Screen):
         for callback in callbacks:
             callback()
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.worker.group == "train" and event.state == WorkerState.ERROR:  # a bug, not a user error
-            self.post_message(TrainingEnded(self.run_id, f"{type(event.worker.error).__name__}: {event.worker.error}"))
+    def worker_failed(self, worker: Worker, error: str) -> None:
+        """The run could not start or failed: shown in the app, which keeps running."""
+        if worker.group == "train":
+            self.post_message(TrainingEnded(self.run_id, error))
+        else:
+            super().worker_failed(worker, error)
 
     def action_pause(self) -> None:
         if self.control is not None and self.run_active:
@@ -435,14 +438,14 @@ class TrainScreen(Screen):
         if not name or not self.store.exists(name):
             self.notify("This run has not saved a checkpoint yet.", severity="warning")
             return
-        self.app.open_in_prompt(name)  # type: ignore[attr-defined]
+        self.app.open_in_prompt(name)
 
     # ------------------------------------------------------------------ following a run written elsewhere
 
-    def follow_candidates(self) -> list[FollowCandidate]:
+    def follow_candidates(self, rows: list[CheckpointInfo]) -> list[FollowCandidate]:
         now = time.time()
         candidates = []
-        for row in self.store.list():
+        for row in rows:
             metrics = self.store.metrics_path(row.name)
             try:
                 age = now - metrics.stat().st_mtime
@@ -454,14 +457,23 @@ class TrainScreen(Screen):
         return candidates
 
     def action_follow(self) -> None:
-        if self.mode != "setup":
+        """Ask which run to follow, once a worker has read the store (listing it may repair a crashed save)."""
+        if self.mode == "setup":
+            self._list_store()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self) -> None:
+        self.post_message(StoreListed(self.store.list()))
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        if self.mode != "setup" or isinstance(self.app.screen, FollowScreen):
             return
 
         def chosen(name: str | None) -> None:
             if name:
                 self.follow(name)
 
-        self.app.push_screen(FollowScreen(self.follow_candidates()), chosen)
+        self.app.push_screen(FollowScreen(self.follow_candidates(message.rows)), chosen)
 
     def follow(self, name: str) -> None:
         """Show the run of checkpoint `name` from its metrics.jsonl, and keep reading it as it grows."""

@@ -9,28 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
-from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, resolve_weights
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
-from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.screens.inspect import COMPARE_MAX_TOKENS
+from gpt2term.tui.keymap import key_display
+from gpt2term.tui.messages import StoreListed
+from gpt2term.tui.screens.inspect import COMPARE_MAX_TOKENS, ComputedView
 from gpt2term.tui.widgets.colors import prob_color
 
 VERSUS_CSS = """
-VersusScreen { align: center middle; }
-VersusScreen .versus-dialog { width: 96%; height: 90%; border: round $primary; background: $surface; padding: 0 1; }
-VersusScreen .versus-title { height: auto; text-style: bold; }
-VersusScreen .versus-note { height: auto; color: $text-muted; }
 VersusScreen #versus-pick { height: auto; max-height: 10; }
 VersusScreen #versus-columns { height: 1fr; }
 VersusScreen .versus-column { width: 1fr; height: 1fr; padding: 0 1; }
@@ -64,16 +59,18 @@ def column_text(name: str, steps: Sequence[Step]) -> Text:
     return text
 
 
-def comparable_checkpoints(exclude: str | None) -> list[str]:
+def comparable_checkpoints(rows: Sequence[CheckpointInfo], exclude: str | None) -> list[str]:
     """Store names that can be loaded (damaged ones left out), without the model already on screen."""
-    return [info.name for info in CheckpointStore().list() if info.damaged is None and info.name != exclude]
+    return [info.name for info in rows if info.damaged is None and info.name != exclude]
 
 
-class VersusScreen(ModalScreen[None]):
+class VersusScreen(ComputedView):
     """The current model and a second checkpoint answer the same prompt greedily, side by side."""
 
     DEFAULT_CSS = VERSUS_CSS
-    BINDINGS = [bind("dialog.cancel", "close")]
+    TITLE_ID = "versus-title"
+    FAILURE = "Could not compare"
+    BUSY = "#versus-columns"
 
     def __init__(
         self,
@@ -91,27 +88,34 @@ class VersusScreen(ModalScreen[None]):
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.settings = settings
-        self.names = comparable_checkpoints(model_name)
+        self.names: list[str] | None = None  # read from the store by a worker
+        self.other: str | None = None
         self.results: list[tuple[str, list[Step]]] | None = None
-        self.failure: str | None = None
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="versus-dialog"):
-            yield Static(
-                f"Compare {self.model_name} with which checkpoint?" if self.names else "No other checkpoint to compare",
-                id="versus-title",
-                classes="versus-title",
-                markup=False,
-            )
-            yield OptionList(*(Option(name, id=name) for name in self.names), id="versus-pick")
+        with Vertical(classes="inspect-dialog"):
+            yield Static("reading the store…", id="versus-title", classes="inspect-title", markup=False)
+            yield OptionList(id="versus-pick")
             with Horizontal(id="versus-columns"):
                 with VerticalScroll(classes="versus-column"):
                     yield Static(id="versus-left", markup=False)
                 with VerticalScroll(classes="versus-column"):
                     yield Static(id="versus-right", markup=False)
-            yield Static(id="versus-note", classes="versus-note", markup=False)
+            yield Static(id="versus-note", classes="inspect-note", markup=False)
 
-    def on_mount(self) -> None:
+    def on_mount(self, event: events.Mount) -> None:
+        """Ask for the second checkpoint first (`_picked` starts the computation), once the store is read."""
+        event.prevent_default()  # not ComputedView's on_mount, which would compute at once
+        self._list_store()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self) -> None:
+        self.post_message(StoreListed(CheckpointStore().list()))  # listing may repair a crashed save: not here
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        self.names = comparable_checkpoints(message.rows, self.model_name)
+        title = f"Compare {self.model_name} with which checkpoint?" if self.names else "No other checkpoint to compare"
+        self.query_one("#versus-title", Static).update(title)
         cancel = key_display(self.app, "dialog.cancel")
         note = (
             f"Enter picks the checkpoint; both decode the prompt greedily. {cancel} back."
@@ -120,6 +124,7 @@ class VersusScreen(ModalScreen[None]):
         )
         self.query_one("#versus-note", Static).update(note)
         picker = self.query_one("#versus-pick", OptionList)
+        picker.add_options(Option(name, id=name) for name in self.names)
         if self.names:
             picker.highlighted = 0
             picker.focus()
@@ -128,34 +133,22 @@ class VersusScreen(ModalScreen[None]):
 
     @on(OptionList.OptionSelected, "#versus-pick")
     def _picked(self, event: OptionList.OptionSelected) -> None:
-        other = str(event.option.id)
+        self.other = str(event.option.id)
         event.option_list.display = False
-        self.query_one("#versus-title", Static).update(f"decoding with {self.model_name} and {other}…")
-        self.query_one("#versus-columns").loading = True
-        self._compute(other)
+        self.query_one("#versus-title", Static).update(f"decoding with {self.model_name} and {self.other}…")
+        self.compute()
 
-    @work(thread=True, exclusive=True, exit_on_error=False)
-    def _compute(self, other: str) -> None:
-        try:
-            device = next(self.model.parameters()).device
-            other_model = resolve_weights(other, CheckpointStore()).build_model(str(device)).eval()
-            results = [
-                (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
-                (other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
-            ]
-        except Gpt2termError as exc:
-            self.app.call_from_thread(self._failed, str(exc))
-            return
-        self.app.call_from_thread(self._computed, results)
+    def calculate(self) -> list[tuple[str, list[Step]]]:
+        assert self.other is not None
+        device = next(self.model.parameters()).device
+        other_model = resolve_weights(self.other, CheckpointStore()).build_model(str(device)).eval()
+        return [
+            (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
+            (self.other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
+        ]
 
-    def _failed(self, error: str) -> None:
-        self.failure = error
-        self.query_one("#versus-columns").loading = False
-        self.query_one("#versus-title", Static).update(f"Could not compare: {error}")
-
-    def _computed(self, results: list[tuple[str, list[Step]]]) -> None:
+    def show(self, results: list[tuple[str, list[Step]]]) -> None:
         self.results = results
-        self.query_one("#versus-columns").loading = False
         self.query_one("#versus-title", Static).update(Text(f"Two checkpoints, greedy, on: {self.prompt}"))
         for widget_id, (name, steps) in zip(("#versus-left", "#versus-right"), results, strict=True):
             self.query_one(widget_id, Static).update(column_text(name, steps))
@@ -163,6 +156,3 @@ class VersusScreen(ModalScreen[None]):
             "Green: the model was sure of the token; red: it was surprised (probabilities on a log scale). Lower "
             f"perplexity: the model found its own text less surprising. {key_display(self.app, 'dialog.cancel')} back."
         )
-
-    def action_close(self) -> None:
-        self.dismiss(None)

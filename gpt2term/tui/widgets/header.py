@@ -3,10 +3,16 @@ modes with their keys. It picks a compact form when the terminal is narrow, so n
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.text import Text
+from textual import getters
 from textual.widget import Widget
 
 from gpt2term.tui.keymap import key_display
+
+if TYPE_CHECKING:
+    from gpt2term.tui.app import Gpt2termApp
 
 MODES = (("prompt", "Prompt"), ("train", "Train"), ("checkpoints", "Checkpoints"))
 
@@ -15,6 +21,9 @@ class ModelHeader(Widget):
     DEFAULT_CSS = """
     ModelHeader { dock: top; height: 1; background: $panel; color: $foreground; }
     """
+
+    if TYPE_CHECKING:
+        app = getters.app(Gpt2termApp)
 
     def __init__(self, mode: str, **kwargs) -> None:  # noqa: ANN003
         super().__init__(**kwargs)
@@ -35,8 +44,8 @@ class ModelHeader(Widget):
 
     def render(self) -> Text:
         width = self.content_size.width
-        app_model = getattr(self.app, "app_model", None)
-        loading = getattr(self.app, "loading_label", "")
+        app_model = self.app.app_model
+        loading = self.app.loading_label
         for compact, short_modes in ((False, False), (True, False), (True, True)):
             modes = self._modes(short_modes)
             if loading:

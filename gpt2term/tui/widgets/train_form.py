@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
 from textual.widgets import Button, Input, Label, Select
 
 from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, suggest_name
 from gpt2term.core.config import PRESETS, GPTConfig, preset
-from gpt2term.core.errors import Gpt2termError, InputError
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.training import TrainingSettings, resume_settings
 from gpt2term.formatting import format_count
+from gpt2term.tui.messages import StoreListed
 
 DEFAULT_PRESET = "tiny"
 DEFAULT_STEPS = 300
@@ -105,6 +106,8 @@ class TrainForm(VerticalScroll):
         self.store = store
         self._auto_name = ""  # the name the form made up last (replaced when the model changes)
         self._filling = False
+        self._rows: dict[str, CheckpointInfo] = {}  # the store as last listed
+        self.choosing: ModelChoice | None = None  # a choice to make once the store is listed
 
     def compose(self) -> ComposeResult:
         with Grid(id="train-grid"):
@@ -146,18 +149,34 @@ class TrainForm(VerticalScroll):
     def choice(self) -> ModelChoice:
         return ModelChoice.parse(str(self.query_one("#model", Select).value))
 
-    def refresh_models(self) -> None:
-        """The checkpoints to resume or fine-tune, as the store has them now (the current choice is kept)."""
+    def refresh_models(self, then: ModelChoice | None = None) -> None:
+        """The checkpoints to resume or fine-tune, as the store has them now (the current choice is kept), read
+        by a worker: listing the store may repair a crashed save. `then`: the choice to make once they are in."""
+        if then is not None:
+            self.choosing = then
+        self._list_store()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="list")
+    def _list_store(self) -> None:
+        self.post_message(StoreListed(self.store.list()))
+
+    def on_store_listed(self, message: StoreListed) -> None:
+        message.stop()  # the form's own listing, not the screen's
+        self._rows = {row.name: row for row in message.rows}
         select = self.query_one("#model", Select)
         current = str(select.value)
-        options = model_options(self.store.list())
+        options = model_options(message.rows)
+        values = [value for _, value in options]
         self._filling = True
         try:
             select.set_options(options)
-            values = [value for _, value in options]
             select.value = current if current in values else ModelChoice("new", DEFAULT_PRESET).value
         finally:
             self._filling = False
+        choice, self.choosing = self.choosing, None
+        if choice is not None and choice.value in values:
+            select.value = choice.value
+            self._apply_choice(choice)
 
     def reset_defaults(self) -> None:
         """The one-key run: the tiny preset on pydoc, 300 steps, evaluated every 25."""
@@ -211,8 +230,13 @@ class TrainForm(VerticalScroll):
             self.query_one(f"#{field_id}", Input).disabled = False
         self.query_one("#name", Input).disabled = False
 
+    def _info(self, name: str) -> CheckpointInfo:
+        if name not in self._rows:
+            raise CheckpointError(f"no checkpoint named {name!r}; see `gpt2term ckpt list` for the names")
+        return self._rows[name]
+
     def _fill_from(self, name: str) -> None:
-        info = self.store.info(name)
+        info = self._info(name)
         cfg = info.config or GPTConfig()
         for field_id in MODEL_FIELDS:
             self._set(field_id, getattr(cfg, field_id), disabled=True)
@@ -221,7 +245,7 @@ class TrainForm(VerticalScroll):
             self.query_one(f"#{field_id}", Input).disabled = False
 
     def _fill_resume(self, name: str) -> None:
-        info = self.store.info(name)
+        info = self._info(name)
         saved = TrainingSettings.from_dict(info.get("training") or {})
         cfg = info.config or GPTConfig()
         for field_id in MODEL_FIELDS:
@@ -252,9 +276,7 @@ class TrainForm(VerticalScroll):
 
     def choose(self, choice: ModelChoice) -> None:
         """Pick a model choice as if the user had (used by the checkpoints screen's Train action)."""
-        self.refresh_models()
-        self.query_one("#model", Select).value = choice.value
-        self._apply_choice(choice)
+        self.refresh_models(then=choice)
 
     @on(Select.Changed, "#model")
     def _model_changed(self, event: Select.Changed) -> None:

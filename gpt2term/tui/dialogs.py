@@ -1,25 +1,32 @@
-"""Dialogs of the train and checkpoints screens. Each is a typed modal: it returns the answer, or None (cancelled).
+"""Every modal that asks something. Each is a typed `ModalScreen[T]`: it returns the answer, or None (cancelled).
 
-They only ask; the screens then call the store or the trainer.
+They only ask; the screens then call the store, the trainer or the generator. `Dialog` holds what they all do
+(Cancel and Esc, buttons); `FormDialog` adds what every form does (apply with a key, Enter in a field or the
+primary button; a field it cannot use is explained inside the dialog, which stays open).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from gpt2term.core.checkpoints import validate_name
 from gpt2term.core.errors import Gpt2termError
-from gpt2term.core.interop import HFCachedModel
+from gpt2term.core.generation import DecodingSettings
+from gpt2term.core.interop import EXPORT_FORMATS, HFCachedModel
+from gpt2term.formatting import format_duration
 from gpt2term.tui.keymap import bind, key_display
+
+AnswerT = TypeVar("AnswerT")
 
 DIALOG_CSS = """
 {name} {{ align: center middle; }}
@@ -34,7 +41,149 @@ def _hint(app, *pairs: tuple[str, str]) -> str:  # noqa: ANN001 (a textual App)
     return " · ".join(f"{key_display(app, binding_id)} {what}" for binding_id, what in pairs)
 
 
-class ConfirmScreen(ModalScreen[bool]):
+class Dialog(ModalScreen[AnswerT]):
+    """A modal that answers with one of its buttons or keys; Cancel and Esc answer None."""
+
+    BINDINGS = [bind("dialog.cancel", "cancel")]
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_answer(self, answer: AnswerT) -> None:
+        self.dismiss(answer)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.pressed(str(event.button.id))
+
+    def pressed(self, button: str) -> None:
+        """What a button answers; here every button cancels (dialogs with other buttons say theirs)."""
+        self.action_cancel()
+
+
+class FormDialog(Dialog[AnswerT]):
+    """A form: `read()` turns its fields into the answer, or raises a `Gpt2termError` that the dialog shows in its
+    `.dialog-error` line (when it has one) while it stays open for the fix."""
+
+    BINDINGS = [bind("dialog.apply", "apply")]
+
+    def read(self) -> AnswerT:
+        raise NotImplementedError
+
+    def action_apply(self) -> None:
+        try:
+            answer = self.read()
+        except Gpt2termError as exc:
+            for line in self.query(".dialog-error").results(Static):
+                line.update(f"⚠ {exc}")
+            return
+        self.dismiss(answer)
+
+    def on_input_submitted(self) -> None:
+        self.action_apply()
+
+    def pressed(self, button: str) -> None:
+        self.action_apply() if button == "apply" else self.action_cancel()
+
+
+def _buttons(apply: str) -> ComposeResult:
+    with Horizontal(classes="dialog-buttons"):
+        yield Button(apply, variant="primary", id="apply", compact=True)
+        yield Button("Cancel", id="cancel", compact=True)
+
+
+# ------------------------------------------------------------------ the prompt screen's dialogs
+
+
+def _optional(text: str, kind: type) -> int | float | None:
+    text = text.strip()
+    return kind(text) if text else None
+
+
+class SettingsScreen(FormDialog[DecodingSettings | None]):
+    """Greedy by default (temperature 0), as the course's generate(); sampling knobs apply when temperature > 0."""
+
+    def __init__(self, settings: DecodingSettings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        s = self.settings
+        with Vertical(id="dialog", classes="settings-dialog") as dialog:
+            dialog.border_title = "Decoding settings"
+            with Grid(id="settings-grid"):
+                yield Label("Temperature (0 = greedy)")
+                yield Input(f"{s.temperature:g}", id="temperature", type="number", compact=True)
+                yield Label("Top-k (empty = off)")
+                yield Input("" if s.top_k is None else str(s.top_k), id="top_k", type="integer", compact=True)
+                yield Label("Top-p (empty = off)")
+                yield Input("" if s.top_p is None else f"{s.top_p:g}", id="top_p", type="number", compact=True)
+                yield Label("Seed (empty = random)")
+                yield Input("" if s.seed is None else str(s.seed), id="seed", type="integer", compact=True)
+                yield Label("Max new tokens")
+                yield Input(str(s.max_new_tokens), id="max_new_tokens", type="integer", compact=True)
+                yield Label("Alternatives kept per token")
+                yield Input(str(s.top_n), id="top_n", type="integer", compact=True)
+            yield Checkbox("Stop at <|endoftext|>", s.stop_at_eos, id="stop_at_eos", compact=True)
+            yield Static(
+                f"{key_display(self.app, 'dialog.apply')} or Enter in a field applies · "
+                f"{key_display(self.app, 'dialog.cancel')} cancels",
+                classes="dialog-hint",
+                markup=False,
+            )
+            yield Static("", id="settings-error", classes="dialog-error", markup=False)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Apply", variant="primary", id="apply", compact=True)
+                yield Button("Greedy defaults", id="defaults", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
+
+    def read(self) -> DecodingSettings:
+        def value(name: str) -> str:
+            return self.query_one(f"#{name}", Input).value
+
+        try:
+            return replace(  # DecodingSettings checks the ranges and names the fix
+                self.settings,
+                temperature=float(value("temperature") or 0),
+                top_k=_optional(value("top_k"), int),
+                top_p=_optional(value("top_p"), float),
+                seed=_optional(value("seed"), int),
+                max_new_tokens=int(value("max_new_tokens") or 0),
+                top_n=int(value("top_n") or 10),
+                stop_at_eos=self.query_one("#stop_at_eos", Checkbox).value,
+            )
+        except ValueError as exc:
+            raise Gpt2termError(f"not a number ({exc}); fix the field or clear it") from exc
+
+    def pressed(self, button: str) -> None:
+        if button == "defaults":
+            self.dismiss(DecodingSettings(top_n=self.settings.top_n))
+        else:
+            super().pressed(button)
+
+
+class SavePathScreen(FormDialog[Path | None]):
+    """Where to save the transcript: Markdown to read, or JSON (every token, its probability and alternatives)."""
+
+    def __init__(self, default: Path) -> None:
+        super().__init__()
+        self.default = default
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="save-dialog") as dialog:
+            dialog.border_title = "Save transcript"
+            yield Label("File (.md to read; .json keeps every token's alternatives)")
+            yield Input(str(self.default), id="path")
+            yield from _buttons("Save")
+
+    def read(self) -> Path | None:
+        text = self.query_one("#path", Input).value.strip()
+        return Path(text).expanduser() if text else None
+
+
+# ------------------------------------------------------------------ questions
+
+
+class ConfirmScreen(Dialog[bool]):
     """A yes/no question. The safe answer (No) has the focus, so Enter never deletes anything by accident."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="ConfirmScreen")
@@ -68,22 +217,15 @@ class ConfirmScreen(ModalScreen[bool]):
     def on_mount(self) -> None:
         self.query_one("#no" if self.danger else "#yes", Button).focus()
 
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+    def pressed(self, button: str) -> None:
+        self.dismiss(button == "yes")
 
 
-class LeaveRunScreen(ModalScreen[bool | None]):
+class LeaveRunScreen(Dialog[bool | None]):
     """Leaving the train screen while it trains: stop the run (it saves first), keep it going, or stay."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="LeaveRunScreen")
-    BINDINGS = [
-        bind("dialog.yes", "answer(True)"),
-        bind("dialog.no", "answer(False)"),
-        bind("dialog.cancel", "answer(None)"),
-    ]
+    BINDINGS = [bind("dialog.yes", "answer(True)"), bind("dialog.no", "answer(False)")]
 
     def __init__(self, description: str) -> None:
         super().__init__()
@@ -113,18 +255,17 @@ class LeaveRunScreen(ModalScreen[bool | None]):
     def on_mount(self) -> None:
         self.query_one("#keep", Button).focus()
 
-    def action_answer(self, answer: bool | None) -> None:
-        self.dismiss(answer)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss({"stop": True, "keep": False}.get(str(event.button.id)))
+    def pressed(self, button: str) -> None:
+        self.dismiss({"stop": True, "keep": False}.get(button))
 
 
-class NameScreen(ModalScreen[str | None]):
+# ------------------------------------------------------------------ the checkpoints screen's dialogs
+
+
+class NameScreen(FormDialog[str | None]):
     """A checkpoint name (rename, copy): checked here, so a bad one is explained without closing the dialog."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="NameScreen")
-    BINDINGS = [bind("dialog.cancel", "cancel"), bind("dialog.apply", "apply")]
 
     def __init__(self, title: str, label: str, default: str, taken: set[str]) -> None:
         super().__init__()
@@ -139,49 +280,24 @@ class NameScreen(ModalScreen[str | None]):
             yield Label(self.label)
             yield Input(self.default, id="name")
             yield Static("", classes="dialog-error", id="name-error", markup=False)
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("OK", variant="primary", id="apply", compact=True)
-                yield Button("Cancel", id="cancel", compact=True)
+            yield from _buttons("OK")
 
-    def action_apply(self) -> None:
-        name = self.query_one("#name", Input).value.strip()
-        try:
-            validate_name(name)
-        except Gpt2termError as exc:
-            self.query_one("#name-error", Static).update(f"⚠ {exc}")
-            return
+    def read(self) -> str:
+        name = validate_name(self.query_one("#name", Input).value.strip())
         if name in self.taken:
-            self.query_one("#name-error", Static).update(f"⚠ a checkpoint named {name!r} already exists; pick another")
-            return
-        self.dismiss(name)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def on_input_submitted(self) -> None:
-        self.action_apply()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_apply() if event.button.id == "apply" else self.action_cancel()
-
-
-EXPORT_FORMATS = (
-    ("hf", "Hugging Face folder (transformers' from_pretrained)"),
-    ("pth", "the book's model.pth"),
-    ("pth-optimizer", "the book's model_and_optimizer.pth"),
-)
+            raise Gpt2termError(f"a checkpoint named {name!r} already exists; pick another")
+        return name
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    fmt: str
+    fmt: str  # a key of EXPORT_FORMATS
     path: Path
     overwrite: bool
 
 
-class ExportScreen(ModalScreen[ExportRequest | None]):
+class ExportScreen(FormDialog[ExportRequest | None]):
     DEFAULT_CSS = DIALOG_CSS.format(name="ExportScreen")
-    BINDINGS = [bind("dialog.cancel", "cancel"), bind("dialog.apply", "apply")]
 
     def __init__(self, name: str, folder: Path) -> None:
         super().__init__()
@@ -197,14 +313,14 @@ class ExportScreen(ModalScreen[ExportRequest | None]):
         with Vertical(id="dialog") as dialog:
             dialog.border_title = f"Export {self.checkpoint}"
             yield Label("Format")
-            yield Select([(label, fmt) for fmt, label in EXPORT_FORMATS], value="hf", allow_blank=False, id="fmt")
+            yield Select(
+                [(label, fmt) for fmt, label in EXPORT_FORMATS.items()], value="hf", allow_blank=False, id="fmt"
+            )
             yield Label("To (a folder for Hugging Face, a file or folder for .pth)")
             self._suggested = self._default_path("hf")
             yield Input(self._suggested, id="path")
             yield Checkbox("Overwrite what is there", False, id="overwrite", compact=True)
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Export", variant="primary", id="apply", compact=True)
-                yield Button("Cancel", id="cancel", compact=True)
+            yield from _buttons("Export")
 
     def on_mount(self) -> None:
         self.query_one("#path", Input).focus()
@@ -215,21 +331,12 @@ class ExportScreen(ModalScreen[ExportRequest | None]):
         if path.value == self._suggested:  # not edited: follow the format
             self._suggested = path.value = self._default_path(str(event.value))
 
-    def action_apply(self) -> None:
+    def read(self) -> ExportRequest:
         text = self.query_one("#path", Input).value.strip()
         if not text:
-            return
+            raise Gpt2termError("give a folder or file to export to")  # no error line: the dialog just stays
         fmt = str(self.query_one("#fmt", Select).value)
-        self.dismiss(ExportRequest(fmt, Path(text).expanduser(), self.query_one("#overwrite", Checkbox).value))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def on_input_submitted(self) -> None:
-        self.action_apply()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_apply() if event.button.id == "apply" else self.action_cancel()
+        return ExportRequest(fmt, Path(text).expanduser(), self.query_one("#overwrite", Checkbox).value)
 
 
 @dataclass(frozen=True)
@@ -238,11 +345,10 @@ class ImportRequest:
     name: str | None
 
 
-class ImportScreen(ModalScreen[ImportRequest | None]):
+class ImportScreen(FormDialog[ImportRequest | None]):
     """A weights file or folder to import, or one of the GPT-2s found in the local Hugging Face cache."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="ImportScreen") + "ImportScreen #hf-cache { height: auto; max-height: 6; }"
-    BINDINGS = [bind("dialog.cancel", "cancel"), bind("dialog.apply", "apply")]
 
     def __init__(self, cached: list[HFCachedModel]) -> None:
         super().__init__()
@@ -261,9 +367,7 @@ class ImportScreen(ModalScreen[ImportRequest | None]):
             yield Label("Name in the store (empty: from the file's name)")
             yield Input("", id="name", placeholder="e.g. gpt2-small")
             yield Static("", classes="dialog-error", id="import-error", markup=False)
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Import", variant="primary", id="apply", compact=True)
-                yield Button("Cancel", id="cancel", compact=True)
+            yield from _buttons("Import")
 
     def on_mount(self) -> None:
         self.query_one("#spec", Input).focus()
@@ -273,28 +377,15 @@ class ImportScreen(ModalScreen[ImportRequest | None]):
         self.query_one("#spec", Input).value = str(event.option.id)
         self.query_one("#name", Input).focus()
 
-    def action_apply(self) -> None:
+    def read(self) -> ImportRequest:
         spec = self.query_one("#spec", Input).value.strip()
         name = self.query_one("#name", Input).value.strip() or None
         if not spec:
-            self.query_one("#import-error", Static).update("⚠ give a path, or pick a model from the cache")
-            return
-        if name is not None:
-            try:
-                validate_name(name)
-            except Gpt2termError as exc:
-                self.query_one("#import-error", Static).update(f"⚠ {exc}")
-                return
-        self.dismiss(ImportRequest(spec, name))
+            raise Gpt2termError("give a path, or pick a model from the cache")
+        return ImportRequest(spec, validate_name(name) if name is not None else None)
 
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
-    def on_input_submitted(self) -> None:
-        self.action_apply()
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_apply() if event.button.id == "apply" else self.action_cancel()
+# ------------------------------------------------------------------ the train screen's dialog
 
 
 @dataclass(frozen=True)
@@ -305,19 +396,13 @@ class FollowCandidate:
 
 
 def describe_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "no events yet"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"last event {seconds / size:.0f} {unit} ago"
-    return f"last event {seconds:.0f} s ago"
+    return "no events yet" if seconds is None else f"last event {format_duration(seconds)} ago"
 
 
-class FollowScreen(ModalScreen[str | None]):
+class FollowScreen(Dialog[str | None]):
     """Which run to follow: the checkpoints with a metrics.jsonl, those being written right now first."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="FollowScreen") + "FollowScreen OptionList { height: auto; max-height: 16; }"
-    BINDINGS = [bind("dialog.cancel", "cancel")]
 
     def __init__(self, candidates: list[FollowCandidate]) -> None:
         super().__init__()
@@ -351,9 +436,3 @@ class FollowScreen(ModalScreen[str | None]):
     @on(OptionList.OptionSelected)
     def _chosen(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(str(event.option.id))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.action_cancel()
