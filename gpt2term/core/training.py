@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.data import (
     ENCODING_ERRORS,
@@ -713,7 +714,7 @@ class Trainer:
         warmup = s.warmup_steps if s.warmup_steps is not None else min(100, self.total_steps // 10)
 
         torch.manual_seed(s.seed)
-        model = GPTModel(cfg)
+        model = accelerate(GPTModel(cfg))
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state_dict)
         model.to(device)

@@ -16,6 +16,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
@@ -138,7 +139,7 @@ class VersusScreen(ModalScreen[None]):
     def _compute(self, other: str) -> None:
         try:
             device = next(self.model.parameters()).device
-            other_model = resolve_weights(other, CheckpointStore()).build_model(str(device)).eval()
+            other_model = accelerate(resolve_weights(other, CheckpointStore()).build_model(str(device)).eval())
             results = [
                 (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
                 (other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
