@@ -16,7 +16,7 @@ class ModelHeader(Widget):
     ModelHeader { dock: top; height: 1; background: $panel; color: $foreground; }
     """
 
-    def __init__(self, mode: str, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, mode: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.mode = mode
 
