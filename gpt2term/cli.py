@@ -54,10 +54,9 @@ def cli(ctx: click.Context, checkpoint: str | None) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    from gpt2term.core.devices import set_threads
 
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None):  # returns a GPTModel
@@ -103,6 +102,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
 @click.option("--show-probs", is_flag=True, help="Show each token's probability after it.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per token, then a summary line.")
 @click.option("--beams", type=click.IntRange(min=1), help="Beam search with K beams instead of one token at a time.")
+@click.option("--no-limit", is_flag=True, help="Allow -n beyond 16 times the model's context.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option(
     "--dtype",
@@ -124,6 +124,7 @@ def generate(
     show_probs: bool,
     as_json: bool,
     beams: int | None,
+    no_limit: bool,
     threads: int | None,
     dtype: str,
 ) -> None:
@@ -143,11 +144,13 @@ def generate(
         seed=seed,
         stop_at_eos=not no_stop,
         top_n=top_n,
+        no_limit=no_limit,
     )
     _set_threads(threads)
     tokenizer = default_tokenizer()
     model = load_model(checkpoint, dtype=dtype)
     ids = tokenizer.encode(prompt)
+    settings.check_for(model.cfg)
     ctx = model.cfg.context_length
     if len(ids) > ctx:
         click.echo(f"note: the prompt has {len(ids)} tokens; keeping its last {ctx} (the model's context)", err=True)
@@ -194,7 +197,9 @@ def generate(
 def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, settings, as_json: bool) -> None:  # noqa: ANN001
     from gpt2term.core.generation import beam_search
 
-    found = beam_search(model, tokenizer, ids, beams, settings.max_new_tokens, settings.stop_at_eos)
+    found = beam_search(
+        model, tokenizer, ids, beams, settings.max_new_tokens, settings.stop_at_eos, no_limit=settings.no_limit
+    )
     if as_json:
         records = [
             {"token_ids": list(b.token_ids), "text": b.text, "logprob": b.logprob, "perplexity": b.perplexity}
@@ -616,7 +621,7 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:  # noqa: ANN003
     """Train a GPT on CORPUS (text files, folders of .txt/.md, or `pydoc`, the default built-in corpus).
 
-    Ctrl-C finishes the current step, saves, and exits with status 130; continue with --resume.
+    Ctrl-C (or SIGTERM) finishes the current step, saves, and exits with status 130 (143); continue with --resume.
     Under `torchrun --nproc_per_node=K -m gpt2term train ...` it trains with DistributedDataParallel.
     """
     import os
@@ -647,15 +652,14 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
     control = TrainingControl()
     printer = _TrainingPrinter(as_json)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    signals = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
-    with stop_on_signals(control, signals, second_interrupts=not distributed):
+    with stop_on_signals(control, (signal.SIGINT, signal.SIGTERM), second_interrupts=not distributed):
         result = Trainer(settings, control=control, listeners=[printer]).run()
     if printer.live:
         sys.stderr.write("\n")
     if as_json:
         click.echo(result.message, err=True)
     if result.status == "interrupted":
-        ctx.exit(130)
+        ctx.exit(128 + (signal.SIGTERM if control.stop_reason == "terminated" else signal.SIGINT))
 
 
 @cli.command("eval")

@@ -13,7 +13,7 @@ from gpt2term import locations
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.tui.app import Gpt2termApp, make_app
-from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap
+from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap, read_keymap
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
@@ -118,6 +118,52 @@ def test_a_broken_keymap_is_reported_in_the_app_which_uses_the_default_keys():
             assert app.current_mode == "train"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'"mode.train" = "f9"\n# caf\xe9\n', "not UTF-8 text"),
+        (b'"mode.checkpoints" = "not a key!!,ctrl+"\n"mode.train" = "f9"\n', "'notakey!!' is not a key"),
+        (b'"mode.checkpoints" = "ctl+x"\n"mode.train" = "f9"\n', "'ctl+x' is not a key name"),
+        (b'"mode.checkpoints" = "f99"\n"nope" = "x"\n"mode.train" = "f9"\n', "unknown binding id 'nope'"),
+    ],
+)
+def test_a_bad_keymap_entry_is_reported_and_every_binding_still_works(content, message):
+    folder = locations.config_dir()
+    folder.mkdir(parents=True)
+    (folder / "keymap.toml").write_bytes(content)
+    app = make_app(model=GPTModel(GPTConfig(emb_dim=32, n_heads=2, n_layers=1, context_length=32)))
+
+    async def scenario() -> None:
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            shown = [n.message for n in app._notifications]
+            assert any(message in m for m in shown), shown
+            await pilot.press("f4")  # mode.checkpoints keeps its default key
+            assert app.current_mode == "checkpoints"
+            await pilot.press("f2")
+            assert app.current_mode == "prompt"
+            # the good entry of a file with bad entries still applies; an unreadable file applies none
+            await pilot.press("f9" if b"\xe9" not in content else "f3")
+            assert app.current_mode == "train"
+
+    asyncio.run(scenario())
+
+
+def test_read_keymap_keeps_the_good_entries_and_names_each_bad_one():
+    folder = locations.config_dir()
+    folder.mkdir(parents=True)
+    (folder / "keymap.toml").write_text(
+        '"mode.train" = "f9"\n"mode.prompt" = "ctrl+"\n[prompt]\ncopy = "question_mark"\ngenerate = "meh+r"\n'
+    )
+    keymap, problems = read_keymap()
+    assert keymap == {"mode.train": "f9", "prompt.copy": "question_mark"}
+    assert len(problems) == 2
+    assert "mode.prompt" in problems[0] and "'ctrl+' is not a key name" in problems[0]
+    assert "prompt.generate" in problems[1] and "'meh+r'" in problems[1]
+    with pytest.raises(KeymapError, match="is not a key name"):
+        load_keymap()  # the strict reader refuses the file
 
 
 def test_readme_lists_every_binding_with_its_default_key():

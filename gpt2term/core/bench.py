@@ -29,6 +29,7 @@ from gpt2term.core import accel
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.devices import autocast, resolve_dtype
 from gpt2term.core.errors import InputError
+from gpt2term.core.memory import require_memory, require_training_memory
 from gpt2term.core.model import GPTModel
 
 INSTALL_TRANSFORMERS = "pip install transformers (or: pip install 'gpt2term[test]')"
@@ -217,6 +218,7 @@ def bench_generate(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Greedy decoding, ours (in each dtype asked) against transformers' fp32 `generate`, alternating runs."""
+    from gpt2term.core.generation import check_max_new_tokens
     from gpt2term.core.tokenizer import default_tokenizer
 
     if tokens < 2:
@@ -235,6 +237,7 @@ def bench_generate(
         model = resolve_weights(checkpoint).build_model()
         source = checkpoint
     model.eval()
+    check_max_new_tokens(tokens, model.cfg.context_length)
     prompt_ids = default_tokenizer().encode(prompt)[-model.cfg.context_length :]
     if not prompt_ids:
         raise InputError("the benchmark prompt is empty; pass some text with --prompt")
@@ -469,6 +472,10 @@ def bench_train(
     run_hf = compare and transformers_version() is not None
     if compare and not run_hf:
         missing = NO_TRANSFORMERS
+    require_training_memory(cfg, batch_size, context)
+    require_memory(
+        (warmup + steps) * batch_size * (context + 1) * 8, "the benchmark's token batches", "use fewer --steps"
+    )
     generator = torch.Generator().manual_seed(seed)
     batches = torch.randint(0, cfg.vocab_size, (warmup + steps, batch_size, context + 1), generator=generator)
     tokens_per_step = batch_size * context

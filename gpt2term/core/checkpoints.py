@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -45,8 +47,9 @@ import torch
 
 from gpt2term import locations
 from gpt2term.core.config import GPTConfig
-from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
 from gpt2term.core.interop import (
+    WriteRecorder,
     find_hf_cached,
     fsync_path,
     load_hf_cached,
@@ -57,6 +60,7 @@ from gpt2term.core.interop import (
     write_safetensors,
 )
 from gpt2term.core.model import GPTModel
+from gpt2term.formatting import format_bytes
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -81,6 +85,40 @@ META_KEYS = (
 
 class CheckpointLocked(CheckpointError):
     """Another process (or another run in this one) is writing this checkpoint."""
+
+
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def storage_error(exc: OSError, doing: str, where: Path, kept: str) -> StorageError:
+    """One line for a write the disk refused: what failed, why, where (and how much room is left), what is kept."""
+    reason = _WRITE_FAILURES.get(exc.errno or 0, exc.strerror or str(exc))
+    room = ""
+    for folder in (where, *where.parents):
+        with contextlib.suppress(OSError):
+            usage = shutil.disk_usage(folder)
+            room = f" ({format_bytes(usage.free)} free of {format_bytes(usage.total)})"
+            break
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there (or set GPT2TERM_HOME to a folder on a larger disk) and retry"
+    else:
+        fix = "make it writable (or set GPT2TERM_HOME to a writable folder) and retry"
+    return StorageError(f"could not {doing}: {reason} at {where}{room}; {kept}; {fix}")
+
+
+def _what_is_kept(folder: Path, name: str) -> str:
+    """For a failed write's message: the checkpoint as it was before (a failed write never touches it)."""
+    meta = CheckpointStore._read_meta(folder)
+    if not meta:
+        return "nothing was saved"
+    step = f" (step {meta['step']})" if meta.get("step") is not None else ""
+    return f"the previous checkpoint {name!r}{step} is intact"
 
 
 def validate_name(name: str) -> str:
@@ -320,6 +358,25 @@ def load_folder(path: Path, name: str | None = None, *, with_state: bool = False
     return Checkpoint(name, cfg, state_dict, info.meta, optimizer_state, trainer_state)
 
 
+def non_finite_tensor(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor holding NaN or inf (weights of a run that diverged), or None."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def _usable(checkpoint: Checkpoint) -> Checkpoint:
+    """Weights with NaN or inf would only print `perplexity nan`: refuse them in one line instead."""
+    bad = non_finite_tensor(checkpoint.state_dict)
+    if bad is not None:
+        raise CheckpointError(
+            f"{checkpoint.name!r} has non-finite weights (nan or inf in {bad}): the run that wrote it diverged; "
+            "use an earlier checkpoint, or train again with a lower --lr"
+        )
+    return checkpoint
+
+
 def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
@@ -338,7 +395,7 @@ def _process_start(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int, started: str | None = None) -> bool:
-    if pid <= 0:
+    if not 0 < pid <= MAX_PID:
         return False
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
         import ctypes
@@ -366,6 +423,10 @@ def _pid_alive(pid: int, started: str | None = None) -> bool:
     return True
 
 
+MAX_PID = 2**31 - 1  # pid_t is 32 bits: a lock naming a larger process id was not written by a process
+LOCK_GRACE_S = 10.0  # a lock file that cannot be read is taken as being written for this long, then as abandoned
+
+
 @dataclass
 class LockHolder:
     pid: int
@@ -374,12 +435,22 @@ class LockHolder:
     purpose: str | None
     token: str | None
     started: str | None = None
+    unreadable_for: float | None = None  # seconds since a lock file that cannot be parsed was last written
+    invalid: str | None = None  # why the lock path cannot be a lock of ours (a folder, an impossible process id)
 
     @classmethod
     def read(cls, path: Path) -> LockHolder | None:
         try:
-            data = json.loads(path.read_text())
-            return cls(
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            return cls(-1, socket.gethostname(), None, None, None, invalid="is a folder, not a lock file")
+        except OSError:
+            text = ""
+        try:
+            data = json.loads(text)
+            holder = cls(
                 int(data["pid"]),
                 str(data.get("host", "")),
                 data.get("since"),
@@ -387,20 +458,67 @@ class LockHolder:
                 data.get("token"),
                 data.get("started"),
             )
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            # Half-written by a process killed between create and write: nobody can own it.
-            return cls(-1, socket.gethostname(), None, None, None)
+        except (ValueError, KeyError, TypeError):
+            # Being written by a process that has just created it (older versions wrote it after creating it),
+            # or left half-written by one killed in between: held while young, abandoned once old.
+            try:
+                age = max(0.0, time.time() - path.stat().st_mtime)
+            except FileNotFoundError:
+                return None
+            except OSError:
+                age = LOCK_GRACE_S
+            return cls(-1, socket.gethostname(), None, None, None, unreadable_for=age)
+        if not 0 < holder.pid <= MAX_PID:
+            holder.invalid = f"names process id {holder.pid}, which no process can have"
+        return holder
 
     def alive(self) -> bool:
+        if self.invalid:
+            return False
         if self.host and self.host != socket.gethostname():
             return True  # another machine sharing the folder: we cannot tell, so we respect it
+        if self.unreadable_for is not None:
+            return self.unreadable_for < LOCK_GRACE_S
         return _pid_alive(self.pid, self.started)
 
     def describe(self) -> str:
+        if self.unreadable_for is not None:
+            return "a process that is creating its lock file right now"
         what = f" ({self.purpose})" if self.purpose else ""
         return f"process {self.pid} on {self.host or 'this machine'}{what} since {self.since or '?'}"
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create `path` (never an existing one) holding `data`; on a failed write (a full disk) it is removed again."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+def _append_line(path: Path, data: bytes) -> None:
+    """Append all of `data` or nothing: a write cut short (a full disk) is truncated away, so no half line is left
+    for the next line to be glued to."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 _PROCESS_LOCKS: dict[str, tuple[str, int]] = {}  # lock file path -> (token, thread id), for locks held here
@@ -430,29 +548,44 @@ class CheckpointLock:
                     f"checkpoint {self.name!r} is already being written by another run in this program; "
                     "wait for it to finish or stop it first"
                 )
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            token = secrets.token_hex(8)
-            for _ in range(5):
-                if self._create(token):
-                    _PROCESS_LOCKS[str(self.path)] = (token, threading.get_ident())
-                    self.token = token
-                    return self
-                holder = LockHolder.read(self.path)
-                if holder is None:
-                    continue  # released meanwhile: try again
-                if holder.alive():
-                    raise CheckpointLocked(
-                        f"checkpoint {self.name!r} is being written by {holder.describe()}; wait for it to finish "
-                        f"or stop it (if that process is gone, delete {self.path})"
-                    )
-                self._take_over(holder)
-            raise CheckpointLocked(f"could not lock checkpoint {self.name!r} ({self.path}); try again")
+            try:
+                return self._acquire()
+            except OSError as exc:
+                kept = _what_is_kept(self.path.parent / self.name, self.name)
+                raise storage_error(exc, f"lock checkpoint {self.name!r}", self.path.parent, kept) from exc
+
+    def _acquire(self) -> CheckpointLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(8)
+        for _ in range(5):
+            if self._create(token):
+                _PROCESS_LOCKS[str(self.path)] = (token, threading.get_ident())
+                self.token = token
+                return self
+            holder = LockHolder.read(self.path)
+            if holder is None:
+                continue  # released meanwhile: try again
+            if holder.invalid:
+                raise CheckpointLocked(
+                    f"the lock file {self.path} of checkpoint {self.name!r} {holder.invalid}; "
+                    f"remove it if no gpt2term is writing {self.name!r}, then retry"
+                )
+            if holder.alive() and holder.unreadable_for is not None:
+                raise CheckpointLocked(
+                    f"checkpoint {self.name!r} is being locked by another process right now; try again in a "
+                    f"moment (if no other gpt2term is running, delete {self.path})"
+                )
+            if holder.alive():
+                raise CheckpointLocked(
+                    f"checkpoint {self.name!r} is being written by {holder.describe()}; wait for it to finish "
+                    f"or stop it (if that process is gone, delete {self.path})"
+                )
+            self._take_over(holder)
+        raise CheckpointLocked(f"could not lock checkpoint {self.name!r} ({self.path}); try again")
 
     def _create(self, token: str) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+        """Put a complete lock file in place unless one exists: written beside it, then hard-linked (the link
+        fails if the name is taken), so no other process ever reads a lock without its owner in it."""
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -461,9 +594,27 @@ class CheckpointLock:
             "purpose": self.purpose,
             "token": token,
         }
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-        return True
+        data = json.dumps(record).encode("utf-8")
+        new = self.path.with_name(f"{self.path.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            _write_new_file(new, data)
+            try:
+                os.link(new, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                    raise
+            # No hard links on this file system: create it exclusively, then write (readers wait LOCK_GRACE_S).
+            try:
+                _write_new_file(self.path, data)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                new.unlink()
 
     def _take_over(self, stale: LockHolder) -> None:
         """Remove a dead process's lock, unless another process took it over first (then leave theirs alone)."""
@@ -663,16 +814,29 @@ class CheckpointStore:
 
     # ---------------------------------------------------------------- writing
 
-    def append_metrics(self, name: str, record: dict) -> None:
+    def pending_metrics(self, name: str) -> Path:
+        """Where a run that will replace `name` (train --overwrite) logs until its first save moves the file in:
+        a temporary folder beside it, so the old checkpoint keeps its own history until then (and a crash
+        leaves it as it was; the folder is removed like any a dead writer left)."""
+        folder = self._staging(validate_name(name), "tmp")
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        return folder / METRICS_FILE
+
+    def append_metrics(self, name: str, record: dict, path: Path | None = None) -> None:
         """One JSON line, flushed, so another process (the app following a headless run) sees it at once.
-        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive."""
+        Works before the first save: the folder then holds only metrics.jsonl until the weights arrive.
+        `path`: a file from `pending_metrics` instead of the checkpoint's own."""
         line = json.dumps(record, default=_json_default, ensure_ascii=False)
         with _name_mutex(self.path(name)):
-            path = self.metrics_path(name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
+            path = path or self.metrics_path(name)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _append_line(path, (line + "\n").encode("utf-8"))
+            except OSError as exc:
+                raise storage_error(
+                    exc, f"append to {METRICS_FILE} of {name!r}", path.parent, "the lines written before are intact"
+                ) from exc
 
     def save(
         self,
@@ -682,11 +846,14 @@ class CheckpointStore:
         meta: dict | None = None,
         optimizer_state: dict | None = None,
         trainer_state: dict | None = None,
+        metrics_from: Path | None = None,
     ) -> CheckpointInfo:
         """Save atomically: the old checkpoint (if any) stays intact until the new one is complete on disk.
 
         `meta` is merged into the existing meta.json; `created` is kept, `updated` set now, `config` and
-        `parameters` come from the model. Losses without perplexities get them filled in."""
+        `parameters` come from the model. Losses without perplexities get them filled in.
+        With `metrics_from` (a `pending_metrics` file) the checkpoint starts over: nothing of the old one's meta
+        is kept and its metrics are that file's."""
         validate_name(name)
         model = getattr(model, "_orig_mod", model)  # torch.compile'd
         model = getattr(model, "module", model)  # DistributedDataParallel
@@ -696,11 +863,20 @@ class CheckpointStore:
             _check_loadable_state(optimizer_state, "optimizer_state")
         if trainer_state is not None:
             _check_loadable_state(trainer_state, "trainer_state")
-        self.root.mkdir(parents=True, exist_ok=True)
+        bad = non_finite_tensor(model.state_dict())
+        if bad is not None:
+            raise CheckpointError(
+                f"not saving {name!r}: its weights hold nan or inf ({bad}); the previous version (if any) is kept"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(exc, f"save checkpoint {name!r}", self.root, "nothing was written") from exc
         with self._writing(name, "save", any_thread=True):
             self._recover_own(name)
             final = self.root / name
-            old_meta = self._read_meta(final)
+            old_meta = self._read_meta(final) if metrics_from is None else {}
+            kept = _what_is_kept(final, name)
             record = self._merged_meta(old_meta, meta or {}, model)
             tmp = self._staging(name, "tmp")
             try:
@@ -711,15 +887,13 @@ class CheckpointStore:
                 if trainer_state is not None:
                     self._torch_save(trainer_state, tmp / TRAINER_FILE)
                 self._write_json(tmp / META_FILE, record)
-                if (final / METRICS_FILE).is_file():
-                    self._carry_metrics(final / METRICS_FILE, tmp / METRICS_FILE)
+                metrics = final / METRICS_FILE if metrics_from is None else metrics_from
+                if metrics.is_file():
+                    self._carry_metrics(metrics, tmp / METRICS_FILE)
                 fsync_path(tmp)
                 self._put_in_place(tmp, final, name)
             except OSError as exc:
-                raise CheckpointError(
-                    f"could not save checkpoint {name!r} ({exc.strerror or exc}); the previous version is kept. "
-                    "Free disk space or check permissions of " + str(self.root)
-                ) from exc
+                raise storage_error(exc, f"save checkpoint {name!r}", self.root, kept) from exc
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -763,7 +937,13 @@ class CheckpointStore:
     @staticmethod
     def _torch_save(obj: Any, path: Path) -> None:
         with open(path, "wb") as f:
-            torch.save(obj, f)
+            writer = WriteRecorder(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch reports a failed write as "enforce fail at inline_container"
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
 
@@ -914,11 +1094,17 @@ class CheckpointStore:
             return {}
 
     def _write_state(self, state: dict) -> None:
+        """Best effort: the app state (the last checkpoint used) is a convenience, so a full or read-only data
+        folder must not stop `generate` or the app from using a model."""
         path = self._state_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _rename_in_state(self, old: str, new: str) -> None:
         state = self._read_state()
@@ -962,11 +1148,11 @@ def resolve_weights(
     spec = str(spec)
     is_name = bool(NAME_RE.match(spec)) and ".." not in spec and len(spec) <= MAX_NAME_LENGTH
     if prefer_store and is_name and store.exists(spec):
-        return store.load(spec)
+        return _usable(store.load(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if is_checkpoint_folder(path):
-            return load_folder(path, suggest_name(path.name))
+            return _usable(load_folder(path, suggest_name(path.name)))
         loaded = load_weights_file(path)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
     else:
@@ -984,7 +1170,7 @@ def resolve_weights(
         loaded.config = loaded.config.with_(n_heads=n_heads)
         loaded.notices = [n for n in loaded.notices if "heads" not in n]
         loaded.notices.append(f"using {n_heads} attention heads of {loaded.config.head_dim} dims, as given")
-    return Checkpoint(
+    checkpoint = Checkpoint(
         name=suggest_name(stem),
         config=loaded.config,
         # Half-precision files compute in float32 on CPU, as they did before the store existed.
@@ -994,3 +1180,4 @@ def resolve_weights(
         trainer_state=None,
         notices=list(loaded.notices),
     )
+    return _usable(checkpoint)

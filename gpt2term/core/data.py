@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import codecs
+import errno
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2term.core.errors import InputError
+from gpt2term.core.errors import Gpt2termError, InputError
 from gpt2term.core.tokenizer import ENDOFTEXT, Tokenizer, default_tokenizer
 
 BUILTIN_CORPORA = ("pydoc",)
@@ -212,6 +213,12 @@ def _map_ids(path: Path, count: int) -> torch.Tensor:
     return torch.from_file(str(path), shared=False, size=count, dtype=torch.uint16)
 
 
+def _cache_error(exc: OSError, root: Path) -> Gpt2termError:
+    from gpt2term.core.checkpoints import storage_error
+
+    return storage_error(exc, "cache the tokenized corpus", root, "nothing was cached and the corpus is untouched")
+
+
 def _tokens_cache_root() -> Path:
     from gpt2term import locations
 
@@ -273,8 +280,11 @@ def load_corpus(
     if characters == 0:
         raise CorpusError(f"the corpus is empty ({description}); add some text to it")
     split_at = int((1.0 - val_ratio) * characters)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root))
+    except OSError as exc:
+        raise _cache_error(exc, root) from exc
     try:
         train = _IdWriter(tmp / "train.u16", tokenizer)
         val = _IdWriter(tmp / "val.u16", tokenizer)
@@ -313,6 +323,10 @@ def load_corpus(
             # Another process (a second rank) put the same ids in place first: use its copy.
             if not info_path.is_file():
                 raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # never a corpus file's fault (those are read)
+            raise _cache_error(exc, root) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

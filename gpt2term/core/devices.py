@@ -11,6 +11,19 @@ from gpt2term.core.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+
+
+def set_threads(threads: int | None) -> None:
+    """PyTorch's intra-op thread count (None: leave PyTorch's choice)."""
+    check_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def mps_available() -> bool:

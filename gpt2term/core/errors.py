@@ -15,3 +15,7 @@ class CheckpointError(Gpt2termError):
 
 class InputError(Gpt2termError):
     """Bad input on the command line or in the app (empty prompt, bad setting, ...)."""
+
+
+class StorageError(CheckpointError):
+    """The disk refused a write (full, read-only, no permission); the message says what was kept intact."""

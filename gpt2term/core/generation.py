@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 from gpt2term.core.tokenizer import Tokenizer
@@ -44,6 +45,27 @@ class Step:
     elapsed_s: float  # since generation started (the first step's value is the time to first token)
 
 
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; training adds the rank and the step to its seed, so leave room
+MAX_BEAMS = 64
+MAX_NEW_TOKENS_PER_CONTEXT = 16  # beyond this many contexts' worth, a request is more likely a typo than a wish
+
+
+def check_max_new_tokens(max_new_tokens: int, context_length: int, no_limit: bool = False) -> None:
+    """A bound that follows the model: past the context each token costs a full forward pass, so a huge count
+    would run for hours; `no_limit` (the CLI's --no-limit) lifts it for whoever means it."""
+    limit = MAX_NEW_TOKENS_PER_CONTEXT * context_length
+    if max_new_tokens > limit and not no_limit:
+        raise InputError(
+            f"max new tokens {max_new_tokens} is more than {MAX_NEW_TOKENS_PER_CONTEXT} times the model's context "
+            f"of {context_length}; ask for at most {limit}, or pass --no-limit if you mean it"
+        )
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InputError(f"the seed must be between 0 and 2**63-1 ({MAX_SEED}), got {seed}")
+
+
 @dataclass
 class DecodingSettings:
     """The course's `generate()` knobs: temperature 0 means greedy (argmax), as in chapter 5."""
@@ -55,18 +77,24 @@ class DecodingSettings:
     seed: int | None = None
     stop_at_eos: bool = True
     top_n: int = 10
+    no_limit: bool = False  # lifts `check_max_new_tokens`
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise InputError(f"max new tokens must be 0 or more, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # inf would sample uniformly
             raise InputError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        check_seed(self.seed)
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"top-k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_n < 1:
             raise InputError(f"the number of alternatives shown must be at least 1, got {self.top_n}")
+
+    def check_for(self, cfg: GPTConfig) -> None:
+        """The limits that depend on the model (checked before any output)."""
+        check_max_new_tokens(self.max_new_tokens, cfg.context_length, self.no_limit)
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +161,8 @@ def _choose(logits: torch.Tensor, settings: DecodingSettings, rng: torch.Generat
     if settings.greedy:
         return int(torch.argmax(logits))
     scaled = logits / settings.temperature
+    if not bool(torch.isfinite(scaled).all()):  # a temperature so small it overflows: the limit is greedy
+        return int(torch.argmax(logits))
     if settings.top_k is not None and settings.top_k < scaled.numel():
         kth = torch.topk(scaled, settings.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -161,6 +191,7 @@ def generate(
     settings = settings or DecodingSettings()
     if not prompt_ids:
         raise InputError("the prompt is empty; type some text to continue")
+    settings.check_for(model.cfg)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype
@@ -168,7 +199,8 @@ def generate(
     rng = None
     if not settings.greedy:
         rng = torch.Generator(device="cpu")
-        rng.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+        # Generator.seed(), not torch.seed(): that one would reseed the global RNG a training run draws dropout from.
+        rng.manual_seed(settings.seed) if settings.seed is not None else rng.seed()
     decoder = tokenizer.stream_decoder()
     was_training = model.training
     model.eval()
@@ -293,6 +325,7 @@ def beam_search(
     beams: int = 4,
     max_new_tokens: int = 50,
     stop_at_eos: bool = True,
+    no_limit: bool = False,
 ) -> list[Continuation]:
     """Keep the `beams` most probable continuations at every step; return the finished ones, most probable first.
 
@@ -300,10 +333,11 @@ def beam_search(
     search found", the quantity greedy decoding only approximates. Uses the KV cache, one row per beam, until the
     context is full; then crops and recomputes, like `generate`.
     """
-    if beams < 1:
-        raise InputError(f"the number of beams must be at least 1, got {beams}")
+    if not 1 <= beams <= MAX_BEAMS:  # each beam is a row of the KV cache: a million of them exhaust memory
+        raise InputError(f"the number of beams must be between 1 and {MAX_BEAMS}, got {beams}")
     if not prompt_ids:
         raise InputError("the prompt is empty; type some text to continue")
+    check_max_new_tokens(max_new_tokens, model.cfg.context_length, no_limit)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype

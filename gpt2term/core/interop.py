@@ -7,12 +7,15 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` with weights shaped [in, o
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import re
 import secrets
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,15 +373,48 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write and fsync a safetensors file (in place: callers write into a temporary folder or file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    try:
+        save_file(_unshared(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
+    except SafetensorError as exc:
+        # A failed write (a full disk) arrives as "I/O error: ... (os error 28)": raise it as the OSError it is.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from None
     fsync_path(path)
+
+
+class WriteRecorder:
+    """A file for torch.save that remembers the OSError of a failed write, which torch replaces by a RuntimeError."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _torch_save_synced(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = WriteRecorder(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "enforce fail at inline_container"
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -405,11 +441,32 @@ class ExportResult:
     notices: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def _writing_to(target: Path) -> Iterator[None]:
+    """An output path that cannot be written is one line naming it: a full or read-only disk with its free space
+    (the user makes room), anything else (a missing folder, /proc) as a path to change."""
+    try:
+        yield
+    except OSError as exc:
+        where = Path(exc.filename or target).expanduser().absolute()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            from gpt2term.core.checkpoints import storage_error
+
+            raise storage_error(exc, f"export to {where}", where.parent, "any file already there is untouched") from exc
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot write {where}: {reason}; choose another output path") from exc
+
+
 def export_hf(
     state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, *, overwrite: bool = False
 ) -> ExportResult:
     """A folder `transformers.GPT2LMHeadModel.from_pretrained(folder)` loads: `model.safetensors` + `config.json`."""
     folder = Path(folder).expanduser()
+    with _writing_to(folder):
+        return _export_hf(state_dict, cfg, folder, overwrite)
+
+
+def _export_hf(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path, overwrite: bool) -> ExportResult:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file; the Hugging Face format is a folder, pass a folder path to -o")
     weights, config_file = folder / "model.safetensors", folder / "config.json"
@@ -473,6 +530,18 @@ def export_book_pth(
     `model_and_optimizer.pth` (`{"model_state_dict": ..., "optimizer_state_dict": ...}`). A folder path gets the
     book's file name inside it. Both load with `weights_only=True`, as torch.load does by default."""
     path = Path(path).expanduser()
+    with _writing_to(path):
+        return _export_book_pth(state_dict, cfg, path, optimizer_state, with_optimizer, overwrite)
+
+
+def _export_book_pth(
+    state_dict: dict[str, torch.Tensor],
+    cfg: GPTConfig,
+    path: Path,
+    optimizer_state: dict | None,
+    with_optimizer: bool,
+    overwrite: bool,
+) -> ExportResult:
     if path.is_dir():
         path = path / ("model_and_optimizer.pth" if with_optimizer else "model.pth")
     _refuse_overwrite(path, overwrite)

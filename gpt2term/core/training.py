@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,9 +38,10 @@ from gpt2term.core.data import (
     normalize_sources,
     require_windows,
 )
-from gpt2term.core.devices import autocast, resolve_device, resolve_dtype
-from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
-from gpt2term.core.generation import DecodingSettings, generate
+from gpt2term.core.devices import autocast, check_threads, resolve_device, resolve_dtype
+from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
+from gpt2term.core.generation import DecodingSettings, check_max_new_tokens, check_seed, generate
+from gpt2term.core.memory import require_inference_memory, require_training_memory
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import default_tokenizer
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = 1
 DEFAULT_EPOCHS = 1
+MAX_GRAD_ACCUM = 4096  # far past any real use; a larger count is a typo that would make one step run for days
 OVERFIT_EVALS = 3  # validation loss rising this many evaluations in a row (while training loss falls) warns
 PYDOC_PROMPT = 'The "for" statement is used to'
 COURSE_PROMPT = "Every effort moves you"
@@ -121,12 +124,23 @@ class TrainingSettings:
             value = getattr(self, option)
             if value is not None and value <= 0:
                 raise InputError(f"--{option.replace('_', '-')} must be positive, got {value}")
+        for option in ("epochs", "lr", "weight_decay", "grad_clip"):  # nan passes every comparison below
+            value = getattr(self, option)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"--{option.replace('_', '-')} must be a finite number, got {value}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.save_interval < 0 or (self.warmup_steps or 0) < 0:
             raise InputError("--weight-decay, --save-interval and --warmup-steps cannot be negative")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise InputError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.grad_accum > MAX_GRAD_ACCUM:
+            raise InputError(
+                f"--grad-accum {self.grad_accum} is more than {MAX_GRAD_ACCUM} micro-batches per step; "
+                "for bigger steps raise --batch-size (or use fewer, longer steps)"
+            )
+        check_seed(self.seed)
+        check_threads(self.threads)
         if not 0.0 < self.val_ratio < 1.0:
             raise InputError(f"--val-ratio must be between 0 and 1 (exclusive), got {self.val_ratio}")
         if self.encoding_errors not in ENCODING_ERRORS:
@@ -398,6 +412,20 @@ class TrainingControl:
         self._paused = False
         self._stop_reason: str | None = None
         self._save_requested = False
+        self._saving = False
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Marks a checkpoint being written: a second Ctrl-C then waits for it instead of breaking it half-way."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    @property
+    def saving_now(self) -> bool:
+        return self._saving
 
     def pause(self) -> None:
         with self._cond:
@@ -410,7 +438,7 @@ class TrainingControl:
             self._cond.notify_all()
 
     def stop(self, reason: str = "stopped") -> None:
-        """Finish the current step, save, and end the run (`reason` "interrupted" is Ctrl-C's)."""
+        """Finish the current step, save, and end the run ("interrupted" is Ctrl-C's reason, "terminated" SIGTERM's)."""
         with self._cond:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -446,10 +474,15 @@ class TrainingControl:
 
 @contextlib.contextmanager
 def stop_on_signals(
-    control: TrainingControl, signals: Iterable[int] = (signal.SIGINT,), *, second_interrupts: bool = True
+    control: TrainingControl,
+    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+    *,
+    second_interrupts: bool = True,
 ) -> Iterator[None]:
-    """First Ctrl-C: stop after the current step and save. A second one interrupts at once (nothing saved), unless
-    `second_interrupts` is False: under torchrun the launcher passes the user's Ctrl-C on to its workers again.
+    """First Ctrl-C (or any SIGTERM, what `kill`, systemd, Docker and job schedulers send): stop after the current
+    step and save. A second Ctrl-C interrupts at once (nothing new saved), unless `second_interrupts` is False: under
+    torchrun the launcher passes the user's Ctrl-C on to its workers again. During a save the second one waits for
+    the save to finish (the run then ends): raised inside torch.save it would come out as a RuntimeError.
 
     Only the main thread can own signal handlers; elsewhere this does nothing (the app stops runs with the control).
     """
@@ -459,11 +492,12 @@ def stop_on_signals(
     signals = list(signals)
 
     def handler(signum: int, frame: object) -> None:
-        if control.stop_requested and second_interrupts:
+        if signum == signal.SIGTERM or not control.stop_requested or not second_interrupts:
+            control.stop("terminated" if signum == signal.SIGTERM else "interrupted")
+        elif not control.saving_now:  # a stop is already asked for, so the run ends right after the save
             for sig in signals:
                 signal.signal(sig, signal.SIG_DFL)
             raise KeyboardInterrupt
-        control.stop("interrupted")
 
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
@@ -560,6 +594,9 @@ def _cpu_copy(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------- trainer
 
 
+UNWRITTEN_EVENTS = 100_000  # metrics lines kept in memory while the disk refuses them; the oldest go first
+
+
 class Trainer:
     """Runs one training run to its end (max steps or epochs), a stop, or a failure; see the module docstring.
 
@@ -593,7 +630,10 @@ class Trainer:
         self._overfitting = OverfittingWatch()
         self._elapsed_before = 0.0  # training time of earlier sessions of this run (resume)
         self._replace_existing = False
+        self._pending_metrics = None  # train --overwrite: this run's metrics.jsonl until its first save
         self._started = False  # failures before the start event are only raised, not logged
+        self._unwritten: deque[dict[str, Any]] = deque(maxlen=UNWRITTEN_EVENTS)  # metrics lines the disk refused
+        self._metrics_warned = False
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -604,9 +644,32 @@ class Trainer:
         if not self._dist.is_main:
             return
         if self.store is not None:
-            self.store.append_metrics(self.settings.name, event.to_dict())
+            self._append_metrics(event.to_dict())
         for listener in list(self.listeners):
             listener(event)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        """A failed append (a full disk) must not lose the run: its lines wait in memory and are written, in
+        order, by the next append that succeeds; the user is warned once per failure."""
+        assert self.store is not None
+        self._unwritten.append(record)
+        try:
+            while self._unwritten:
+                self.store.append_metrics(self.settings.name, self._unwritten[0], path=self._pending_metrics)
+                self._unwritten.popleft()
+        except StorageError as exc:
+            if not self._metrics_warned:
+                self._metrics_warned = True
+                warning = WarningEvent(
+                    step=self.step,
+                    kind="metrics-unwritten",
+                    message=f"{exc} (training goes on; its events wait in memory until they can be written)",
+                )
+                self._unwritten.append(warning.to_dict())
+                for listener in list(self.listeners):
+                    listener(warning)
+        else:
+            self._metrics_warned = False
 
     def run(self) -> FinishedEvent:
         """Train; returns the finished event. Raises `TrainingDiverged` on a NaN loss, `Gpt2termError` on bad input."""
@@ -632,6 +695,9 @@ class Trainer:
                     message = str(exc) or type(exc).__name__
                     self._emit(FailedEvent(step=self.step, kind=kind, message=message, last_good_step=self._saved_step))
                     raise
+                finally:
+                    if self._pending_metrics is not None:  # never saved: the old checkpoint stays as it was
+                        shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
         finally:
             self._dist.close()
 
@@ -658,7 +724,7 @@ class Trainer:
                     f"a checkpoint named {s.name!r} already exists; continue it with --resume, "
                     "choose another --name, or pass --overwrite to replace it"
                 )
-            # Replaced once the new run is ready to start (a folder with only metrics is a run that never saved).
+            # Replaced by the first save; until then it stays, with its own metrics (see `_pending_metrics`).
             self._replace_existing = True
         if s.init_from:
             from gpt2term.core.checkpoints import resolve_weights
@@ -702,10 +768,13 @@ class Trainer:
                 f"--context-length {context_length} is longer than the model's context ({cfg.context_length}); "
                 f"use {cfg.context_length} or less"
             )
+        check_max_new_tokens(s.sample_tokens, cfg.context_length)  # before the first sample, not at it
+        require_training_memory(cfg, 1, context_length, device)  # the model alone, before reading the corpus
         corpus = self._load_corpus(context_length)
         train_set = GPTDataset(corpus.train_ids, context_length, s.stride)
         val_set = GPTDataset(corpus.val_ids, context_length)
         batches = ShuffledBatches(len(train_set), s.batch_size, s.seed, dist.world_size)
+        require_training_memory(cfg, batches.batch_size, context_length, device)
         per_epoch = batches.batches_per_epoch / s.grad_accum
         if s.max_steps:
             self.total_steps = s.max_steps
@@ -748,7 +817,7 @@ class Trainer:
         else:
             source = f"fine-tuned from {s.init_from}" if s.init_from else "trained from scratch"
         if self._replace_existing:
-            self.store.delete(s.name)
+            self._pending_metrics = self.store.pending_metrics(s.name)
         self._started = True
         self._emit(
             StartEvent(
@@ -822,8 +891,10 @@ class Trainer:
         }
 
         def save(reason: str) -> None:
+            self._check_weights(model, train_set, batches, device, amp_dtype)
             if dist.is_main:
-                self._save(model, optimizer, reason, source, data_state, device)
+                with self.control.saving():
+                    self._save(model, optimizer, reason, source, data_state, device)
             self._saved_step = self.step
 
         recent: deque[tuple[int, float]] = deque(maxlen=20)  # (tokens, seconds) of recent steps, for tokens/s
@@ -845,7 +916,7 @@ class Trainer:
                         save("requested")
                 self._emit(PauseEvent(step=self.step, paused=False))
             reason = self.control.stop_reason
-            stop_code = 0.0 if reason is None else 2.0 if reason == "interrupted" else 1.0
+            stop_code = 0.0 if reason is None else 2.0 if reason in ("interrupted", "terminated") else 1.0
             flags = torch.tensor([stop_code, float(self.control.take_save_request())], dtype=torch.float64)
             if dist.enabled:
                 flags = dist.all_reduce(flags.to(device), op="max").cpu()
@@ -930,6 +1001,8 @@ class Trainer:
                 "stopped": f"stopped at step {self.step}",
                 "interrupted": f"interrupted at step {self.step}",
             }[status]
+            if status == "interrupted" and self.control.stop_reason == "terminated":
+                message = f"stopped by SIGTERM at step {self.step}"
             if saved:
                 message += f"; saved checkpoint {s.name!r}"
             if status != "completed" and saved:
@@ -953,14 +1026,42 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- pieces
 
-    def _diverged(self, loss: float, grad_norm: float) -> None:
-        what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    @torch.no_grad()
+    def _check_weights(self, model, train_set, batches, device, amp_dtype) -> None:  # noqa: ANN001
+        """Before a save: weights that hold NaN or inf, or that give a non-finite loss (weights of 1e10 are finite
+        and give NaN), are never published over the last good checkpoint. The loss is taken in eval mode on the
+        next training batch, so no random number is drawn and the run goes on exactly as it would have."""
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        loss = math.nan
+        if bad is None:
+            inputs, targets = train_set.batch(batches.indices(self.epoch, self.position, 0))
+            model.eval()
+            try:
+                with autocast(device, amp_dtype):
+                    loss = float(model(inputs.to(device), targets=targets.to(device)))
+            finally:
+                model.train()
+        broken = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
+        if self._dist.enabled:
+            broken = self._dist.all_reduce(broken.to(device), op="max").cpu()
+        if broken[0] > 0:
+            what = f"{bad} holds nan or inf" if bad else f"the loss on the weights became {loss}"
+            self._diverged(math.nan, math.nan, what=f"{what} after step {self.step}")
+
+    def _diverged(self, loss: float, grad_norm: float, *, what: str | None = None) -> None:
+        what = what or (
+            f"the loss became {loss} at step {self.step + 1}"
+            if not math.isfinite(loss)
+            else f"the gradient norm became {grad_norm} at step {self.step + 1}"
+        )
         kept = (
             f"the last good checkpoint {self.settings.name!r} (step {self._saved_step}) is kept"
             if self._saved_step is not None and self.store is not None and self.store.exists(self.settings.name)
+            else f"the earlier checkpoint {self.settings.name!r} is left as it was"
+            if self._pending_metrics is not None
             else "no checkpoint had been saved yet"
         )
-        message = f"{what} at step {self.step + 1}, so training stopped; {kept}; lower --lr or set --grad-clip"
+        message = f"{what}, so training stopped; {kept}; lower --lr or set --grad-clip"
         last_good = self._saved_step if "kept" in kept else None
         self._emit(FailedEvent(step=self.step, kind="diverged", message=message, last_good_step=last_good))
         raise TrainingDiverged(message)
@@ -1074,7 +1175,11 @@ class Trainer:
             meta=meta,
             optimizer_state=_cpu_copy(optimizer.state_dict()),
             trainer_state=self._trainer_state(data_state, device),
+            metrics_from=self._pending_metrics,
         )
+        if self._pending_metrics is not None:  # its file now is the checkpoint's metrics.jsonl
+            shutil.rmtree(self._pending_metrics.parent, ignore_errors=True)
+            self._pending_metrics = None
         self._emit(CheckpointEvent(step=self.step, name=self.settings.name, path=str(info.path), reason=reason))
 
 
@@ -1112,6 +1217,7 @@ def evaluate_ids(
     was_training = model.training
     model.eval()
     full = (n - 1) // context  # windows of exactly `context` targets
+    require_inference_memory(model.cfg, max(1, min(batch_size, full)), context, device)
     total_nll, total_tokens = 0.0, 0
     try:
         dataset = GPTDataset(ids, context)

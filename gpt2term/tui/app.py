@@ -15,7 +15,7 @@ from textual.screen import Screen
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
-from gpt2term.tui.keymap import bind, load_keymap
+from gpt2term.tui.keymap import bind, read_keymap
 from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
 from gpt2term.tui.model_source import AppModel, load_app_model
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
@@ -67,7 +67,7 @@ class Gpt2termApp(App):
 
     def on_mount(self) -> None:
         if self._keymap_error:
-            self.notify(self._keymap_error, title="Keymap ignored", severity="error", timeout=10)
+            self.notify(self._keymap_error, title="Keymap: default keys used", severity="error", timeout=10)
         self.load_model(self._load, self._initial_loading_label)
 
     def load_model(self, load: Callable[[], AppModel], label: str) -> None:
@@ -203,10 +203,8 @@ def make_app(
     """
     keymap_error = None
     if keymap is None:
-        try:
-            keymap = load_keymap()
-        except Gpt2termError as exc:
-            keymap, keymap_error = {}, str(exc)
+        keymap, problems = read_keymap()
+        keymap_error = "\n".join(problems) or None
     if model is not None:
         given = AppModel(model.eval(), model_name, untrained=untrained)
         return Gpt2termApp(lambda: given, f"loading {model_name}…", tokenizer, keymap, keymap_error)

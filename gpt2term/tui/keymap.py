@@ -13,6 +13,7 @@ The README's key table is checked against `DEFAULT_KEYS` by a test, so the docum
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,57 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def parse_keymap(text: str, source: str = KEYMAP_FILE) -> dict[str, str]:
-    """Binding id -> keys from a TOML (or JSON) keymap; unknown ids and non-string keys are errors that say why."""
+MODIFIERS = frozenset({"ctrl", "shift", "alt", "meta", "super", "hyper"})
+
+
+def _key_names() -> frozenset[str]:
+    from textual.keys import KEY_ALIASES, KEY_TO_UNICODE_NAME, REPLACED_KEYS, Keys
+
+    names = {key.value.rpartition("+")[2] for key in Keys if not key.value.startswith("<")}
+    names |= set(KEY_TO_UNICODE_NAME) | set(REPLACED_KEYS) | set(KEY_ALIASES) | {"newline"}
+    return frozenset(names)
+
+
+def invalid_key(keys: str) -> str | None:
+    """The first key in a comma-separated list that no terminal can send (Textual binds any string silently)."""
+    for key in keys.split(","):
+        *modifiers, base = key.strip().split("+")
+        if any(m not in MODIFIERS for m in modifiers) or not base:
+            return key
+        if len(base) == 1:
+            if not base.isprintable():
+                return key
+            continue
+        if base in _key_names():
+            continue
+        try:  # Textual's names for punctuation: question_mark, exclamation_mark, ...
+            if len(unicodedata.lookup(base.replace("_", " ").upper())) == 1:
+                continue
+        except KeyError:
+            pass
+        return key
+    return None
+
+
+def _check_entries(keymap: dict[str, Any], source: str) -> tuple[dict[str, str], list[str]]:
+    good: dict[str, str] = {}
+    problems: list[str] = []
+    for binding_id, keys in keymap.items():
+        if binding_id not in DEFAULT_KEYS:
+            problems.append(f"{source}: unknown binding id {binding_id!r}; valid ids: {', '.join(DEFAULT_KEYS)}")
+        elif not isinstance(keys, str) or not keys.strip():
+            problems.append(f'{source}: {binding_id} must be a key name in quotes, e.g. "ctrl+r" or "f5,ctrl+r"')
+        elif (bad := invalid_key(keys.replace(" ", ""))) is not None:
+            problems.append(
+                f"{source}: {binding_id} = {keys!r}: {bad!r} is not a key name; use names like "
+                '"ctrl+r", "f5", "a", "question_mark" (modifiers: ctrl, shift, alt, meta, super)'
+            )
+        else:
+            good[binding_id] = keys.replace(" ", "")
+    return good, problems
+
+
+def _table(text: str, source: str) -> dict[str, Any]:
     try:
         if source.endswith(".json"):
             table = json.loads(text)
@@ -135,13 +185,15 @@ def parse_keymap(text: str, source: str = KEYMAP_FILE) -> dict[str, str]:
         raise KeymapError(f"{source}: not valid TOML/JSON ({exc}); fix the line it names or delete the file") from exc
     if not isinstance(table, dict):
         raise KeymapError(f'{source}: expected a table of binding ids to keys, e.g. "prompt.generate" = "ctrl+r"')
-    keymap = _flatten(table)
-    for binding_id, keys in keymap.items():
-        if binding_id not in DEFAULT_KEYS:
-            raise KeymapError(f"{source}: unknown binding id {binding_id!r}; valid ids: {', '.join(DEFAULT_KEYS)}")
-        if not isinstance(keys, str) or not keys.strip():
-            raise KeymapError(f'{source}: {binding_id} must be a key name in quotes, e.g. "ctrl+r" or "f5,ctrl+r"')
-    return {binding_id: keys.replace(" ", "") for binding_id, keys in keymap.items()}
+    return _flatten(table)
+
+
+def parse_keymap(text: str, source: str = KEYMAP_FILE) -> dict[str, str]:
+    """Binding id -> keys from a TOML (or JSON) keymap; unknown ids and non-string keys are errors that say why."""
+    keymap, problems = _check_entries(_table(text, source), source)
+    if problems:
+        raise KeymapError(problems[0])
+    return keymap
 
 
 def load_keymap(path: Path | None = None) -> dict[str, str]:
@@ -152,8 +204,31 @@ def load_keymap(path: Path | None = None) -> dict[str, str]:
             path = path.with_suffix(".json")
     if not path.exists():
         return {}
+    return parse_keymap(_read(path), str(path))
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeymapError(f"{path}: cannot be read ({exc.strerror}); fix its permissions or delete it") from exc
-    return parse_keymap(text, str(path))
+    except UnicodeDecodeError as exc:
+        raise KeymapError(
+            f"{path}: not UTF-8 text (byte {exc.start} is invalid); save it as UTF-8 or delete it"
+        ) from exc
+
+
+def read_keymap(path: Path | None = None) -> tuple[dict[str, str], list[str]]:
+    """What the app starts with: the usable entries of the user's keymap, and a line for each problem (a broken
+    file gives none of its entries; a bad entry leaves its binding on the default key)."""
+    if path is None:
+        path = keymap_path()
+        if not path.exists() and path.with_suffix(".json").exists():
+            path = path.with_suffix(".json")
+    if not path.exists():
+        return {}, []
+    try:
+        table = _table(_read(path), str(path))
+    except KeymapError as exc:
+        return {}, [str(exc)]
+    return _check_entries(table, str(path))
