@@ -7,6 +7,7 @@ A thin face over `gpt2term.core`: it parses options, calls the engine, and print
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in ever
 class Gpt2termGroup(click.Group):
     """Turns user errors into one line and exit 2, and Ctrl-C into exit 130, for every subcommand."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 (click's signature)
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except Gpt2termError as exc:
@@ -58,11 +59,12 @@ def _set_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
-def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 (returns GPTModel, lazily imported)
-    """The model a command runs: a checkpoint name from the store, a weights file or folder, a GPT-2 in the Hugging
-    Face cache, or with none, an untrained GPT-2 124M (fixed seed)."""
+def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None):  # returns a GPTModel
+    """The model a command runs, accelerated: a checkpoint name from the store, a weights file or folder, a GPT-2 in
+    the Hugging Face cache, or with none, an untrained GPT-2 124M (fixed seed). `dtype`: see `accelerate`."""
     import torch
 
+    from gpt2term.core.accel import accelerate
     from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
     from gpt2term.core.config import preset
     from gpt2term.core.model import GPTModel
@@ -75,16 +77,16 @@ def load_model(checkpoint: str | None, *, quiet: bool = False):  # noqa: ANN201 
                 err=True,
             )
         torch.manual_seed(123)
-        model = GPTModel(preset("gpt2-124M"))
-        return model.eval()
-    store = CheckpointStore()
-    loaded = resolve_weights(checkpoint, store)
-    for notice in loaded.notices:
-        click.echo(f"note: {notice}", err=True)
-    model = loaded.build_model()
-    if loaded.store_name:
-        store.mark_used(loaded.store_name)  # the app opens it next time
-    return model
+        model = GPTModel(preset("gpt2-124M")).eval()
+    else:
+        store = CheckpointStore()
+        loaded = resolve_weights(checkpoint, store)
+        for notice in loaded.notices:
+            click.echo(f"note: {notice}", err=True)
+        model = loaded.build_model()
+        if loaded.store_name:
+            store.mark_used(loaded.store_name)  # the app opens it next time
+    return accelerate(model, dtype)
 
 
 @cli.command()
@@ -130,7 +132,6 @@ def generate(
     from gpt2term.core.errors import InputError
     from gpt2term.core.generation import DecodingSettings, Summary
     from gpt2term.core.generation import generate as run_generation
-    from gpt2term.core.model import prepare_for_inference
     from gpt2term.core.tokenizer import default_tokenizer
 
     if not prompt.strip():
@@ -147,7 +148,7 @@ def generate(
     )
     _set_threads(threads)
     tokenizer = default_tokenizer()
-    model = prepare_for_inference(load_model(checkpoint), dtype)
+    model = load_model(checkpoint, dtype=dtype)
     ids = tokenizer.encode(prompt)
     settings.check_for(model.cfg)
     ctx = model.cfg.context_length
@@ -193,7 +194,7 @@ def generate(
     out.flush()
 
 
-def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, settings, as_json: bool) -> None:  # noqa: ANN001
+def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, settings, as_json: bool) -> None:
     from gpt2term.core.generation import beam_search
 
     found = beam_search(
@@ -287,13 +288,13 @@ def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int,
 # ------------------------------------------------------------------------------------------ checkpoints (issue 3)
 
 
-def _store():  # noqa: ANN202 (CheckpointStore, lazily imported)
+def _store():
     from gpt2term.core.checkpoints import CheckpointStore
 
     return CheckpointStore()
 
 
-def _number(value, fmt: str = "{:.3f}") -> str:  # noqa: ANN001
+def _number(value, fmt: str = "{:.3f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
@@ -495,7 +496,7 @@ class _TrainingPrinter:
             sys.stderr.write("\r\x1b[K")
         click.echo(text, err=err)
 
-    def _progress(self, event) -> str:  # noqa: ANN001
+    def _progress(self, event) -> str:
         from gpt2term.formatting import format_count
 
         width = 20
@@ -508,7 +509,7 @@ class _TrainingPrinter:
             f"{format_count(event.tokens_per_second)} tok/s  ETA {format_duration(event.eta_s)}"
         )
 
-    def __call__(self, event) -> None:  # noqa: ANN001 (a TrainingEvent)
+    def __call__(self, event) -> None:
         from gpt2term.formatting import format_count
 
         if self.as_json:
@@ -597,7 +598,7 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print every event as one JSON line (as in metrics.jsonl).")
 @click.pass_context
-def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:  # noqa: ANN003
+def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:
     """Train a GPT on CORPUS (text files, folders of .txt/.md, or `pydoc`, the default built-in corpus).
 
     Ctrl-C (or SIGTERM) finishes the current step, saves, and exits with status 130 (143); continue with --resume.
@@ -663,6 +664,7 @@ def eval_command(
     as_json: bool,
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
+    from gpt2term.core.accel import accelerate
     from gpt2term.core.checkpoints import resolve_weights
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
@@ -677,7 +679,7 @@ def eval_command(
             raise InputError("no checkpoint to evaluate; pass --checkpoint NAME (see gpt2term ckpt list)")
     loaded = resolve_weights(checkpoint, store)
     target = resolve_device(device)
-    model = loaded.build_model(target).float()
+    model = accelerate(loaded.build_model(target).float())
     data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
     result = evaluate_ids(
         model, data.train_ids, context_length=context_length, batch_size=batch_size, amp_dtype=resolve_dtype(dtype)
@@ -699,15 +701,88 @@ def bench() -> None:
     """Speed, side by side with transformers in the same process (alternating runs, medians)."""
 
 
-def _bench_progress(as_json: bool):  # noqa: ANN202 (a progress callback or None)
+def _bench_progress(as_json: bool):
     if as_json or not sys.stderr.isatty():
         return None
     return lambda message: click.echo(f"  {message}", err=True)
 
 
-def _bench_output(result: dict, as_json: bool) -> None:
-    from gpt2term.core.bench import format_report
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
+
+def describe_machine(machine: dict) -> str:
+    load = machine.get("load_average")
+    parts = [
+        f"{machine['cpu']}",
+        f"{machine['threads']} threads of {machine['cores']} cores",
+        f"torch {machine['torch']}",
+        f"transformers {machine['transformers'] or 'not installed'}",
+        f"device {machine['device']}",
+    ]
+    if machine.get("accel", {}).get("enabled") is False:
+        parts.append("acceleration off (GPT2TERM_ACCEL=0)")
+    if load:
+        parts.append(f"load {load[0]:.2f}")
+    return ", ".join(parts)
+
+
+def format_report(result: dict) -> str:
+    """The human-readable table the CLI prints."""
+    lines = [f"machine: {describe_machine(result['machine'])}"]
+    s = result["settings"]
+    if result["benchmark"] == "generate":
+        lines.append(
+            f"greedy decoding, {s['model']} ({s['parameters'] / 1e6:.0f}M parameters), prompt of {s['prompt_tokens']} "
+            f"tokens, {s['new_tokens']} new tokens, median of {s['repeats']} alternating runs"
+        )
+        lines.append(f"{'':28s}{'tokens/s':>10s}{'first token':>13s}{'vs transformers':>17s}{'same tokens':>13s}")
+        hf = result["transformers"]
+        if hf:
+            lines.append(
+                f"{'transformers generate fp32':28s}{_fmt(hf['tokens_per_second'], '10.1f')}"
+                f"{_fmt(hf['time_to_first_token_s'], '12.3f')}s{'1.00x':>17s}{'':>13s}"
+            )
+        for dt, mine in result["ours"].items():
+            ratio = result["ratio"].get(dt)
+            same = result["tokens_match"][dt]
+            prefix = result["matching_prefix"][dt]
+            match = "yes" if same else f"first {prefix}"
+            lines.append(
+                f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.1f')}"
+                f"{_fmt(mine['time_to_first_token_s'], '12.3f')}s{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
+                f"{match:>13s}"
+            )
+        if "bf16_matches_fp32_prefix" in result:
+            lines.append(f"bf16 greedy tokens equal our fp32 tokens for the first {result['bf16_matches_fp32_prefix']}")
+        packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in result["ours"].items())
+        lines.append(f"packed decoding weights (memory on top of the model): {packed}")
+    else:
+        lines.append(
+            f"training {s['preset']}, batch {s['batch_size']} x context {s['context_length']} "
+            f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
+            f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
+        )
+        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'vs transformers':>17s}")
+        for dt in s["dtypes"]:
+            theirs = (result["transformers"] or {}).get(dt)
+            if theirs:
+                lines.append(
+                    f"{'transformers loop ' + dt:28s}{_fmt(theirs['tokens_per_second'], '10.0f')}"
+                    f"{_fmt(theirs['step_s'], '9.3f')}s{'1.00x':>17s}"
+                )
+            mine = result["ours"][dt]
+            ratio = result["ratio"].get(dt)
+            lines.append(
+                f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.0f')}{_fmt(mine['step_s'], '9.3f')}s"
+                f"{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
+            )
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
+    return "\n".join(lines)
+
+
+def _bench_output(result: dict, as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
 
 

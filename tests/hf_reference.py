@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.interop import config_from_hf, from_hf_state_dict
 from gpt2term.core.model import GPTModel
 
@@ -48,7 +49,7 @@ def ours_from_hf(hf: GPT2LMHeadModel) -> GPTModel:
     cfg = config_from_hf(hf.config.to_dict())
     model = GPTModel(cfg)
     model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
-    return model.eval()
+    return accelerate(model.eval())  # the model the app runs (with GPT2TERM_ACCEL=0: the plain one)
 
 
 def course_generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:

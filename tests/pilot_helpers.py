@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-async def settle(pilot, condition: Callable[[], bool], what: str) -> None:  # noqa: ANN001
+async def settle(pilot, condition: Callable[[], bool], what: str) -> None:
     """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
     for _ in range(100):
         if condition():

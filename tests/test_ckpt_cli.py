@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0, cfg: GPTConfig = TINY) -> GPTModel:
     return GPTModel(cfg).eval()
 
 
-def run(*args: str, input: str | None = None):  # noqa: A002 (click's name)
+def run(*args: str, input: str | None = None):
     return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
 
 

@@ -95,6 +95,15 @@ def test_windows_follow_the_course_dataset():
     assert len(GPTDataset(ids[:4], context_length=4)) == 0  # 4 tokens cannot give 4 inputs and 4 targets
 
 
+def test_windows_of_uint16_ids_keep_ids_above_32767():
+    """Cached ids are uint16; GPT-2's vocabulary goes up to 50256 (torch 2.4 to 2.6 cannot index uint16 tensors)."""
+    ids = torch.tensor([0, 1, 40000, 50256, 65535, 7, 32768, 3]).to(torch.uint16)
+    inputs, targets = GPTDataset(ids, 3).batch(torch.tensor([0, 1]))
+    assert inputs.dtype == torch.int64
+    assert inputs.tolist() == [[0, 1, 40000], [50256, 65535, 7]]
+    assert targets.tolist() == [[1, 40000, 50256], [65535, 7, 32768]]
+
+
 def test_batches_are_a_per_epoch_permutation_and_ranks_split_the_global_batch():
     single = ShuffledBatches(n_windows=20, batch_size=6, seed=7)
     assert single.batches_per_epoch == 3  # the incomplete last batch is dropped

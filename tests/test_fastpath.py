@@ -1,4 +1,5 @@
-"""The fast paths compute what the plain model computes: packed decoding weights (fp32 and bf16) and oneDNN linears.
+"""The fast paths compute what the plain model computes: packed decoding weights (fp32 and bf16), oneDNN linears,
+the sliced loss and the thread splitting. Acceleration is turned on and off only through its public switches.
 
 Speed is the benchmark's business (`gpt2term bench`); here only numbers and tokens are checked.
 """
@@ -6,22 +7,31 @@ Speed is the benchmark's business (`gpt2term bench`); here only numbers and toke
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gpt2term.core.model as model_module
+from gpt2term.core import accel
+from gpt2term.core.accel import accelerate, packed_weights, plain, probes, threads
+from gpt2term.core.accel import head_loss as head_loss_module
+from gpt2term.core.accel.decode import PackedLinear
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import InputError
 from gpt2term.core.generation import DecodingSettings, beam_search, generate
-from gpt2term.core.model import GPTModel, KVCache, prepare_for_inference
+from gpt2term.core.model import GPTModel, KVCache
 from gpt2term.core.tokenizer import default_tokenizer
+
+# Tests of what only the fast paths do; the rest also run (on the plain model) with GPT2TERM_ACCEL=0.
+needs_accel = pytest.mark.skipif(not accel.enabled(), reason="GPT2TERM_ACCEL=0: the fast paths are switched off")
 
 
 def _model(seed: int = 0, *, vocab: int = 1000, context: int = 16, emb: int = 64, spread: float = 30.0) -> GPTModel:
-    """A small model whose logits are spread out (random GPT-2 weights give near-ties everywhere)."""
+    """A small accelerated model whose logits are spread out (random GPT-2 weights give near-ties everywhere)."""
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=vocab, context_length=context, emb_dim=emb, n_heads=4, n_layers=2)
     model = GPTModel(cfg).eval()
@@ -30,12 +40,12 @@ def _model(seed: int = 0, *, vocab: int = 1000, context: int = 16, emb: int = 64
         for name, p in model.named_parameters():
             if name.endswith(("bias", "shift")):
                 p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return accelerate(model)
 
 
 def _plain_logits(model: GPTModel, ids: torch.Tensor) -> torch.Tensor:
     x, _, _ = model.hidden_states(ids)
-    return model.out_head(model.final_norm(x))
+    return F.linear(model.final_norm(x), model.out_head.weight)
 
 
 def _greedy(model: GPTModel, prompt: list[int], tokens: int) -> list[int]:
@@ -43,6 +53,7 @@ def _greedy(model: GPTModel, prompt: list[int], tokens: int) -> list[int]:
     return [s.token_id for s in generate(model, default_tokenizer(), prompt, settings)]
 
 
+@needs_accel
 def test_packed_fp32_decoding_gives_the_plain_models_logits():
     model = _model()
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -51,35 +62,37 @@ def test_packed_fp32_decoding_gives_the_plain_models_logits():
         cache = KVCache(model.cfg, batch_size=2)
         chunks = [model(ids[:, :5], cache)] + [model(ids[:, i : i + 1], cache) for i in range(5, 12)]
         last = model(ids, last_only=True)
-    assert model._inference_weights is not None  # the packed path really ran
+    assert packed_weights(model) is not None  # the packed path really ran
     assert cache.length == 12
     assert (torch.cat(chunks, dim=1) - expected).abs().max().item() < 1e-4
     assert (last[:, 0] - expected[:, -1]).abs().max().item() < 1e-4
 
 
+@needs_accel
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_greedy_tokens_equal_the_plain_path_past_the_context(seed):
     model = _model(seed)
     prompt = [3, 14, 15, 92, 65]
     fast = _greedy(model, prompt, 40)  # context 16: most of these steps crop and recompute
-    assert model._inference_weights is not None
-    model.fast_inference = False
-    model.release_inference_weights()
-    plain = _greedy(model, prompt, 40)
-    assert model._inference_weights is None
-    assert fast == plain
+    assert packed_weights(model) is not None
+    plain(model)
+    assert type(model) is GPTModel and all(type(m) is not accel.linear.OneDnnLinear for m in model.modules())
+    plain_tokens = _greedy(model, prompt, 40)
+    assert packed_weights(model) is None
+    assert fast == plain_tokens
 
 
 def test_beam_search_on_the_packed_path_equals_the_plain_path():
     model = _model(2)
     tok = default_tokenizer()
     fast = beam_search(model, tok, [1, 2, 3], beams=3, max_new_tokens=20, stop_at_eos=False)
-    model.fast_inference = False
-    plain = beam_search(model, tok, [1, 2, 3], beams=3, max_new_tokens=20, stop_at_eos=False)
-    assert [b.token_ids for b in fast] == [b.token_ids for b in plain]
-    assert [b.logprob for b in fast] == pytest.approx([b.logprob for b in plain], abs=1e-3)
+    plain(model)
+    slow = beam_search(model, tok, [1, 2, 3], beams=3, max_new_tokens=20, stop_at_eos=False)
+    assert [b.token_ids for b in fast] == [b.token_ids for b in slow]
+    assert [b.logprob for b in fast] == pytest.approx([b.logprob for b in slow], abs=1e-3)
 
 
+@needs_accel
 def test_packed_weights_follow_every_change_of_the_parameters():
     model = _model(3)
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -91,13 +104,13 @@ def test_packed_weights_follow_every_change_of_the_parameters():
         assert (got - expected).abs().max().item() < 1e-4
 
     check()
-    first = model._inference_weights
+    first = packed_weights(model)
     check()
-    assert model._inference_weights is first  # unchanged weights: the packed copy is reused
+    assert packed_weights(model) is first  # unchanged weights: the packed copy is reused
     with torch.no_grad():  # an in-place update (what an optimizer step does)
         model.trf_blocks[1].ff.layers[0].weight.add_(0.05)
     check()
-    assert model._inference_weights is not first
+    assert packed_weights(model) is not first
     state = {k: v + 0.01 * torch.randn_like(v) for k, v in _model(4).state_dict().items()}
     model.load_state_dict(state)  # copies into the same tensors
     check()
@@ -105,38 +118,36 @@ def test_packed_weights_follow_every_change_of_the_parameters():
     check()
 
 
+@needs_accel
 def test_training_gradients_and_attention_weights_never_use_the_packed_copy():
     model = _model(5)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():
         model(ids, last_only=True)
-    assert model._inference_weights is not None
+    assert packed_weights(model) is not None
     model.train()  # training changes every weight: the copy is dropped
-    assert model._inference_weights is None
+    assert packed_weights(model) is None
     with torch.no_grad():
         model(ids, KVCache(model.cfg), last_only=True)
-    assert model._inference_weights is None  # train mode: plain path (dropout applies)
+    assert packed_weights(model) is None  # train mode: plain path (dropout applies)
     model.eval()
     logits = model(ids, last_only=True)  # gradients enabled: the plain path, so they flow
-    assert logits.requires_grad and model._inference_weights is None
+    assert logits.requires_grad and packed_weights(model) is None
     logits.sum().backward()
     assert model.out_head.weight.grad is not None
     with torch.inference_mode():
         _, _, weights = model.hidden_states(ids, need_weights=True)
-    assert len(weights) == 2 and model._inference_weights is None
-    model.fast_inference = False
-    with torch.inference_mode():
-        model(ids, last_only=True)
-    assert model._inference_weights is None
+    assert len(weights) == 2 and packed_weights(model) is None
 
 
+@needs_accel
 def test_bf16_decoding_matches_fp32_greedy_tokens_and_keeps_float32_logits():
     for seed in (0, 6):
         model = _model(seed, vocab=50257, context=64, emb=64)
         prompt = default_tokenizer().encode("Every effort moves you")
         fp32 = _greedy(model, prompt, 50)
-        prepare_for_inference(model, "bf16")
-        assert model._inference_weights is not None and model._inference_weights.dtype == torch.bfloat16
+        accelerate(model, "bf16")
+        assert packed_weights(model) is not None and packed_weights(model).dtype == torch.bfloat16
         bf16 = _greedy(model, prompt, 50)
         assert bf16 == fp32, f"seed {seed}"
         with torch.inference_mode():
@@ -147,30 +158,58 @@ def test_bf16_decoding_matches_fp32_greedy_tokens_and_keeps_float32_logits():
         top = expected.topk(10).indices  # refined in float32: close; the rest: bf16-close
         assert (got[top] - expected[top]).abs().max().item() < 0.05 * expected.abs().max().item()
         assert (got - expected).abs().max().item() < 0.1 * expected.abs().max().item()
-        prepare_for_inference(model, "fp32")
-        assert model._inference_weights.dtype == torch.float32
+        accelerate(model, "fp32")
+        assert packed_weights(model).dtype == torch.float32
         assert _greedy(model, prompt, 50) == fp32
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-packed", "linear-fallback"])
+def test_bf16_packed_linear_kernels_give_the_float32_product(onednn):
+    if onednn and not probes.onednn_bf16():
+        pytest.skip("this CPU or PyTorch build has no oneDNN bf16 matmul")
+    g = torch.Generator().manual_seed(13)
+    weight, bias, x = torch.randn(96, 64, generator=g), torch.randn(96, generator=g), torch.randn(2, 64, generator=g)
+    for gelu in (False, True):
+        layer = PackedLinear(weight, bias, torch.bfloat16, gelu=gelu, onednn=onednn)
+        assert layer.kind == ("onednn" if onednn else "linear")
+        expected = F.linear(x, weight, bias)
+        expected = F.gelu(expected, approximate="tanh") if gelu else expected
+        got = layer(x.bfloat16()).float()
+        assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+@needs_accel
 def test_packed_memory_is_reported_and_bf16_halves_it():
     model = _model(8)
-    prepare_for_inference(model, "fp32")
-    fp32 = model._inference_weights.nbytes()
+    accelerate(model, "fp32")
+    fp32 = packed_weights(model).nbytes()
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     assert fp32 >= 4 * linear_params
-    prepare_for_inference(model, "bf16")
-    assert model._inference_weights.nbytes() < 0.6 * fp32
-    model.release_inference_weights()
-    assert model._inference_weights is None
+    accelerate(model, "bf16")
+    assert packed_weights(model).nbytes() < 0.6 * fp32
+    accel.release_packed_weights(model)
+    assert packed_weights(model) is None
 
 
 def test_unknown_inference_dtype_is_a_user_error():
     with pytest.raises(InputError, match="fp32 or bf16"):
-        prepare_for_inference(_model(), "fp16")
+        accelerate(_model(), "fp16")
 
 
+def test_models_made_under_inference_mode_decode_like_the_others():
+    """Inference tensors have no version counter, so no packed copy can be kept for them: the plain path runs."""
+    reference = _model(14)
+    with torch.inference_mode():
+        model = GPTModel(reference.cfg).eval()
+        model.load_state_dict(reference.state_dict())
+    accelerate(model)
+    assert _greedy(model, [4, 5, 6], 20) == _greedy(reference, [4, 5, 6], 20)
+    assert packed_weights(model) is None
+
+
+@needs_accel
 def test_onednn_linears_give_pytorchs_forward_and_gradients():
-    if not model_module._onednn_fp32_linear_available():
+    if not probes.onednn_fp32():
         pytest.skip("this PyTorch build has no oneDNN: the fast linear path is not used")
     torch.manual_seed(9)
     model = GPTModel(GPTConfig(vocab_size=3000, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
@@ -183,19 +222,17 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients():
         loss.backward()
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    ref_loss, ref = loss_and_grads()  # plain nn.Linear: PyTorch's reference
+    accelerate(model)
+    assert all(type(m) is accel.linear.OneDnnLinear for m in model.modules() if isinstance(m, nn.Linear))
     fast_loss, fast = loss_and_grads()
-    original = model_module._ONEDNN_FP32
-    model_module._ONEDNN_FP32 = False  # F.linear everywhere: PyTorch's reference
-    try:
-        ref_loss, ref = loss_and_grads()
-    finally:
-        model_module._ONEDNN_FP32 = original
     assert fast_loss == pytest.approx(ref_loss, abs=1e-5)
     for name, grad in ref.items():
         scale = max(grad.abs().max().item(), 1e-6)
         assert (fast[name] - grad).abs().max().item() <= 1e-4 * scale + 1e-8, name
 
 
+@needs_accel
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp):
     """model(ids, targets=...) never builds the whole logits, yet equals the course's loss, gradients included."""
@@ -204,21 +241,24 @@ def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, a
     ids = torch.randint(0, 3000, (4, 16))
     targets = torch.randint(0, 3000, (4, 16))
     # Slices of 5 rows and weight-gradient blocks of 12: uneven slices, several blocks, a short last one.
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_BYTES", 5 * 4 * 3000)
-    monkeypatch.setattr(model_module, "LOSS_GRAD_BLOCK_ROWS", 12)
+    monkeypatch.setattr(head_loss_module, "LOSS_CHUNK_BYTES", 5 * 4 * 3000)
+    monkeypatch.setattr(head_loss_module, "LOSS_GRAD_BLOCK_ROWS", 12)
+    sliced_calls = []
+    original = head_loss_module.head_loss
+    monkeypatch.setattr(head_loss_module, "head_loss", lambda *a: sliced_calls.append(1) or original(*a))
 
-    def loss_and_grads(sliced: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            if sliced:
-                loss = model(ids, targets=targets)
-            else:
-                loss = F.cross_entropy(model(ids).flatten(0, 1).float(), targets.flatten())
+            loss = model(ids, targets=targets)
         loss.backward()
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    sliced_loss, sliced = loss_and_grads(True)
-    ref_loss, ref = loss_and_grads(False)
+    ref_loss, ref = loss_and_grads()  # the plain model: the course's F.cross_entropy on the whole logits
+    assert not sliced_calls
+    accelerate(model)
+    sliced_loss, sliced = loss_and_grads()
+    assert sliced_calls
     assert sliced_loss == pytest.approx(ref_loss, abs=1e-5 if not amp else 1e-3)
     tolerance = 1e-4 if not amp else 2e-2  # bf16 rounds the slices' gradients in a different order
     for name, grad in ref.items():
@@ -233,32 +273,115 @@ def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, a
         assert float(model(ids, targets=ignored)) == pytest.approx(float(expected), abs=1e-5)
 
 
-def test_second_core_runs_both_halves_and_hands_back_errors():
-    helper = model_module._SecondCore.get()
-    seen: list[int] = []
-    helper.both(lambda: seen.append(1), lambda: seen.append(2))
-    assert sorted(seen) == [1, 2]
-
-    def broken() -> None:
-        raise RuntimeError("half failed")
-
-    with pytest.raises(RuntimeError, match="half failed"):
-        helper.both(lambda: None, broken)
-    helper.both(lambda: seen.append(3), lambda: seen.append(4))  # still serving after an error
-    assert sorted(seen) == [1, 2, 3, 4]
-
-
-def test_one_thread_decodes_the_same_tokens_as_two():
-    model = _model(11)
-    prompt = [7, 8, 9]
-    threads = torch.get_num_threads()
-    two = _greedy(model, prompt, 20)
-    torch.set_num_threads(1)  # no helper thread: both halves on the caller
+def test_split_pool_runs_every_block_and_hands_back_errors():
+    pool = threads.SplitPool()
     try:
-        one = _greedy(model, prompt, 20)
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def record(i: int) -> None:
+            with lock:
+                seen.append(i)
+
+        pool.run(record, 4)
+        assert sorted(seen) == [0, 1, 2, 3]
+
+        def broken(i: int) -> None:
+            if i == 2:
+                raise RuntimeError("block failed")
+
+        with pytest.raises(RuntimeError, match="block failed"):
+            pool.run(broken, 3)
+        seen.clear()
+        pool.run(record, 3)  # still serving after an error
+        assert sorted(seen) == [0, 1, 2]
     finally:
-        torch.set_num_threads(threads)
-    assert one == two
+        pool.shut_down()
+
+
+def test_split_pool_backs_off_when_a_helper_stalls():
+    """A helper that claimed a block and then ran late (no core of its own) halves the threads used for a while."""
+    pool = threads.SplitPool(pause_s=60.0, stall_s=0.0)
+    try:
+        claimed = threading.Event()
+
+        def block(i: int) -> None:
+            if i == 0:  # the caller's block: return once a helper holds block 1, so the caller has to wait for it
+                assert claimed.wait(timeout=10)
+            else:
+                claimed.set()
+                done_by = threading.Event()  # a stalled helper: it finishes only well after the caller
+                done_by.wait(timeout=0.05)
+
+        assert pool.threads_now(4) == 4
+        pool.run(block, 2)
+        assert pool.threads_now(4) == 1  # two threads halved: the caller alone
+        seen: list[int] = []
+        pool.run(seen.append, 4)
+        assert seen == [0, 1, 2, 3]  # while backed off, every block runs on the caller, in order
+    finally:
+        pool.shut_down()
+
+
+def test_column_blocks_cover_every_column_once():
+    for columns, parts in [(1000, 4), (192, 3), (64, 4), (50257, 16), (768, 2), (10, 1)]:
+        blocks = threads.column_blocks(columns, parts)
+        covered = [c for b in blocks for c in range(columns)[b]]
+        assert covered == list(range(columns))
+        assert len(blocks) <= parts and (len(blocks) == 1 or min(b.stop - b.start for b in blocks) >= 64)
+
+
+def test_one_two_and_four_threads_decode_the_same_tokens():
+    model = _model(11, vocab=1000, emb=64)
+    prompt = [7, 8, 9]
+    before = torch.get_num_threads()
+    tokens = {}
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            tokens[n] = _greedy(model, prompt, 20)
+            if accel.enabled():
+                assert len(packed_weights(model).head.parts) == n  # the output head (1000 columns), n ways
+    finally:
+        torch.set_num_threads(before)
+    assert tokens[1] == tokens[2] == tokens[4]
+
+
+def test_probes_leave_the_global_random_state_alone():
+    """A resumed training run restores the RNG, then its first forward runs the probes: they must not draw from it."""
+    code = (
+        "import torch\n"
+        "torch.manual_seed(1234)\n"
+        "from gpt2term.core.accel import probes\n"
+        "print(probes.results())\n"
+        "print(torch.rand(1).item())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.splitlines()[-1]) == torch.rand(1, generator=torch.Generator().manual_seed(1234)).item()
+
+
+def test_the_environment_switch_keeps_every_model_plain(monkeypatch):
+    monkeypatch.setenv("GPT2TERM_ACCEL", "0")
+    model = _model(15)
+    assert type(model) is GPTModel and all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert accelerate(model, "bf16") is model and type(model) is GPTModel
+    with pytest.raises(InputError, match="fp32 or bf16"):
+        accelerate(model, "fp8")  # still the user's error
+    assert accel.describe() == {"enabled": False}
+
+
+def test_state_dict_names_do_not_change_and_book_files_load_strictly():
+    model = _model(16)
+    names = list(GPTModel(model.cfg).state_dict())
+    assert list(model.state_dict()) == names
+    book = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(model.cfg.n_layers):
+        book[f"trf_blocks.{i}.att.mask"] = torch.ones(16, 16).triu(1)  # what the book's model.pth also carries
+    fresh = accelerate(GPTModel(model.cfg))
+    fresh.load_state_dict(book, strict=True)
+    plain(fresh)
+    assert list(fresh.state_dict()) == names
 
 
 def test_generate_command_dtype_option(tmp_path):

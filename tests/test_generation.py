@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import InputError
 from gpt2term.core.generation import DecodingSettings, Summary, generate, score
@@ -20,7 +21,7 @@ PROMPT = [15496, 11, 314, 716]
 @pytest.fixture(scope="module")
 def model() -> GPTModel:
     torch.manual_seed(0)
-    m = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)).eval()
+    m = accelerate(GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)).eval())
     with torch.no_grad():
         m.out_head.weight.mul_(40)  # spread the logits so the distribution is far from uniform
     return m

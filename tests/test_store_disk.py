@@ -285,7 +285,7 @@ def test_metrics_appends_failing_mid_run_do_not_lose_the_run(small_disk, corpus_
     )  # fmt: skip
     events, filler = [], []
 
-    def disk(event) -> None:  # noqa: ANN001
+    def disk(event) -> None:
         events.append(event)
         if event.type == "step" and event.step == 2:
             filler.append(fill(small_disk))  # steps 3..5 (and an eval) cannot be appended

@@ -60,7 +60,7 @@ class Train:
             self._lines.put(line)
         self._lines.put(None)
 
-    def until(self, predicate) -> dict:  # noqa: ANN001
+    def until(self, predicate) -> dict:
         """Read events until one matches (fails if the process ends first)."""
         deadline = time.monotonic() + DEADLINE_S
         while True:
@@ -97,7 +97,7 @@ def train(*args: str) -> Train:
     return run
 
 
-def invoke(*args: str):  # noqa: ANN201
+def invoke(*args: str):
     """In this process, where no signal or crash is part of the test (quicker than starting one)."""
     from click.testing import CliRunner
 
@@ -110,7 +110,7 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def step_is(n: int):  # noqa: ANN201
+def step_is(n: int):
     return lambda e: e["type"] == "step" and e["step"] >= n
 
 
@@ -122,7 +122,7 @@ def weights(name: str) -> dict[str, torch.Tensor]:
     return CheckpointStore().load(name).state_dict
 
 
-def tensors_equal(a, b) -> bool:  # noqa: ANN001
+def tensors_equal(a, b) -> bool:
     """Exact equality of nested state (tensors compared bit for bit)."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)

@@ -30,7 +30,7 @@ def small_app():
     return make_app(model=small_model(), model_name="small", keymap={})
 
 
-async def open_checkpoints(pilot) -> CheckpointsScreen:  # noqa: ANN001
+async def open_checkpoints(pilot) -> CheckpointsScreen:
     await pilot.press("f4")
     screen = pilot.app.screen
     assert isinstance(screen, CheckpointsScreen)
@@ -38,7 +38,7 @@ async def open_checkpoints(pilot) -> CheckpointsScreen:  # noqa: ANN001
     return screen
 
 
-async def select(pilot, screen: CheckpointsScreen, name: str) -> None:  # noqa: ANN001
+async def select(pilot, screen: CheckpointsScreen, name: str) -> None:
     """Move the table's cursor to `name` with the arrow keys."""
     await pilot.press(*["up"] * len(screen.table.names))
     for _ in range(len(screen.table.names)):
@@ -48,7 +48,7 @@ async def select(pilot, screen: CheckpointsScreen, name: str) -> None:  # noqa: 
     assert screen.table.selected_name == name
 
 
-def notified(app, text: str) -> bool:  # noqa: ANN001
+def notified(app, text: str) -> bool:
     return any(text in n.message for n in app._notifications)
 
 

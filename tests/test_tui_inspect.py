@@ -32,7 +32,7 @@ def tiny_checkpoint() -> str:
     return "tiny"
 
 
-async def generated(pilot) -> PromptScreen:  # noqa: ANN001
+async def generated(pilot) -> PromptScreen:
     app = pilot.app
     await settle(pilot, lambda: app.app_model is not None, "the model loaded")
     screen = app.screen
@@ -153,7 +153,7 @@ def test_compare_view_shows_greedy_sampled_and_beam_with_the_engines_log_probabi
 def test_a_view_whose_computation_raises_says_so_in_its_title_instead_of_loading_forever(tiny_checkpoint, monkeypatch):
     from gpt2term.tui.screens import inspect
 
-    def broken(model, token_ids):  # noqa: ANN001 (a bug in the engine, not a user's error)
+    def broken(model, token_ids):
         raise RuntimeError("shape mismatch in layer 1")
 
     monkeypatch.setattr(inspect, "attention_weights", broken)

@@ -44,14 +44,14 @@ def tiny_checkpoint() -> str:
     return "tiny"
 
 
-async def loaded(pilot) -> PromptScreen:  # noqa: ANN001
+async def loaded(pilot) -> PromptScreen:
     await settle(pilot, lambda: pilot.app.app_model is not None, "the model loaded")
     screen = pilot.app.screen
     assert isinstance(screen, PromptScreen)
     return screen
 
 
-async def generate_in_app(pilot, prompt: str) -> PromptScreen:  # noqa: ANN001
+async def generate_in_app(pilot, prompt: str) -> PromptScreen:
     screen = await loaded(pilot)
     count = len(screen.turns)
     await pilot.press(*prompt, "enter")
@@ -61,7 +61,7 @@ async def generate_in_app(pilot, prompt: str) -> PromptScreen:  # noqa: ANN001
     return screen
 
 
-async def set_max_new_tokens(pilot, n: int) -> None:  # noqa: ANN001
+async def set_max_new_tokens(pilot, n: int) -> None:
     """Through the decoding settings dialog, as a user would."""
     await pilot.press("ctrl+o")
     assert isinstance(pilot.app.screen, SettingsScreen)
@@ -143,7 +143,7 @@ class Gate:
         self.release = threading.Event()
         model.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args) -> None:  # noqa: ANN001
+    def _hook(self, module, args) -> None:
         self.calls += 1
         if self.calls == self.at:
             self.reached.set()

@@ -28,7 +28,7 @@ def test_the_checkpoints_table_the_follow_dialog_and_versus_list_the_store_off_t
     listed_on: list[str] = []
     real_list = CheckpointStore.list
 
-    def recording_list(self: CheckpointStore):  # noqa: ANN202
+    def recording_list(self: CheckpointStore):
         listed_on.append(threading.current_thread().name)
         return real_list(self)
 

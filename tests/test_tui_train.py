@@ -81,7 +81,7 @@ class Recorder:
         return [e for e in self.events if isinstance(e, kind)]
 
 
-async def settle(pilot, condition: Callable[[], bool], what: str, delay: float = 0) -> None:  # noqa: ANN001
+async def settle(pilot, condition: Callable[[], bool], what: str, delay: float = 0) -> None:
     """Let the UI handle what is already posted (or, with `delay`, what its timers will do) until `condition`."""
     for _ in range(200):
         if condition():
@@ -90,7 +90,7 @@ async def settle(pilot, condition: Callable[[], bool], what: str, delay: float =
     raise AssertionError(f"the screen never showed: {what}")
 
 
-async def open_train(pilot) -> TrainScreen:  # noqa: ANN001
+async def open_train(pilot) -> TrainScreen:
     await pilot.press("f3")
     screen = pilot.app.screen
     assert isinstance(screen, TrainScreen)
@@ -103,7 +103,7 @@ def fill(screen: TrainScreen, **values: str) -> None:
         screen.form.query_one(f"#{field_id}").value = value
 
 
-async def start(pilot, screen: TrainScreen) -> Recorder:  # noqa: ANN001
+async def start(pilot, screen: TrainScreen) -> Recorder:
     """Press the start key; the returned recorder gets every event of the run it started."""
     recorder = Recorder()
     screen.listeners = [recorder]

@@ -21,7 +21,7 @@ PROMPT = "The quick brown fox"
 NEW_TOKENS = 5
 
 
-def expected_column(model: GPTModel, tokenizer, prompt_ids: list[int]) -> tuple[str, str]:  # noqa: ANN001
+def expected_column(model: GPTModel, tokenizer, prompt_ids: list[int]) -> tuple[str, str]:
     """The probabilities line and the summary line the engine's own greedy decoding gives."""
     steps = list(generate(model, tokenizer, prompt_ids, DecodingSettings(max_new_tokens=NEW_TOKENS, top_n=1)))
     summary = Summary.of(steps)

@@ -14,7 +14,6 @@ runs the contenders alternately (A B, B A, ...), takes medians, and prints the m
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import statistics
@@ -26,11 +25,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gpt2term.core import accel
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.devices import autocast, resolve_dtype
 from gpt2term.core.errors import InputError
 from gpt2term.core.memory import require_memory, require_training_memory
-from gpt2term.core.model import GPTModel, prepare_for_inference
+from gpt2term.core.model import GPTModel
 
 INSTALL_TRANSFORMERS = "pip install transformers (or: pip install 'gpt2term[test]')"
 NO_TRANSFORMERS = f"transformers is not installed, so only our numbers are shown; to compare: {INSTALL_TRANSFORMERS}"
@@ -72,6 +72,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers_version(),
         "python": platform.python_version(),
+        "accel": accel.describe(),  # GPT2TERM_ACCEL=0 benchmarks the plain PyTorch model
     }
     with contextlib.suppress(OSError, AttributeError):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
@@ -254,9 +255,9 @@ def bench_generate(
 
     def use(dt: str) -> None:
         started = time.perf_counter()
-        prepare_for_inference(model, dt)
+        accel.accelerate(model, dt)
         prepare_s[dt] = time.perf_counter() - started
-        packed = model._inference_weights
+        packed = accel.packed_weights(model)
         packed_mb[dt] = packed.nbytes() / 1e6 if packed is not None else 0.0
 
     # Warm up every contender once (packs our weights, fills allocator caches), untimed.
@@ -543,79 +544,3 @@ def bench_train(
         **results,
         "note": missing,
     }
-
-
-# ------------------------------------------------------------------------------------------------------ report
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def describe_machine(machine: dict[str, Any]) -> str:
-    load = machine.get("load_average")
-    parts = [
-        f"{machine['cpu']}",
-        f"{machine['threads']} threads of {machine['cores']} cores",
-        f"torch {machine['torch']}",
-        f"transformers {machine['transformers'] or 'not installed'}",
-        f"device {machine['device']}",
-    ]
-    if load:
-        parts.append(f"load {load[0]:.2f}")
-    return ", ".join(parts)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The human-readable table the CLI prints."""
-    lines = [f"machine: {describe_machine(result['machine'])}"]
-    s = result["settings"]
-    if result["benchmark"] == "generate":
-        lines.append(
-            f"greedy decoding, {s['model']} ({s['parameters'] / 1e6:.0f}M parameters), prompt of {s['prompt_tokens']} "
-            f"tokens, {s['new_tokens']} new tokens, median of {s['repeats']} alternating runs"
-        )
-        lines.append(f"{'':28s}{'tokens/s':>10s}{'first token':>13s}{'vs transformers':>17s}{'same tokens':>13s}")
-        hf = result["transformers"]
-        if hf:
-            lines.append(
-                f"{'transformers generate fp32':28s}{_fmt(hf['tokens_per_second'], '10.1f')}"
-                f"{_fmt(hf['time_to_first_token_s'], '12.3f')}s{'1.00x':>17s}{'':>13s}"
-            )
-        for dt, mine in result["ours"].items():
-            ratio = result["ratio"].get(dt)
-            same = result["tokens_match"][dt]
-            prefix = result["matching_prefix"][dt]
-            match = "yes" if same else f"first {prefix}"
-            lines.append(
-                f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.1f')}"
-                f"{_fmt(mine['time_to_first_token_s'], '12.3f')}s{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
-                f"{match:>13s}"
-            )
-        if "bf16_matches_fp32_prefix" in result:
-            lines.append(f"bf16 greedy tokens equal our fp32 tokens for the first {result['bf16_matches_fp32_prefix']}")
-        packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in result["ours"].items())
-        lines.append(f"packed decoding weights (memory on top of the model): {packed}")
-    else:
-        lines.append(
-            f"training {s['preset']}, batch {s['batch_size']} x context {s['context_length']} "
-            f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
-            f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
-        )
-        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'vs transformers':>17s}")
-        for dt in s["dtypes"]:
-            theirs = (result["transformers"] or {}).get(dt)
-            if theirs:
-                lines.append(
-                    f"{'transformers loop ' + dt:28s}{_fmt(theirs['tokens_per_second'], '10.0f')}"
-                    f"{_fmt(theirs['step_s'], '9.3f')}s{'1.00x':>17s}"
-                )
-            mine = result["ours"][dt]
-            ratio = result["ratio"].get(dt)
-            lines.append(
-                f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.0f')}{_fmt(mine['step_s'], '9.3f')}s"
-                f"{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
-            )
-    if result.get("note"):
-        lines.append(f"note: {result['note']}")
-    return "\n".join(lines)

@@ -370,6 +370,9 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __init__(self, ids: torch.Tensor, context_length: int, stride: int | None = None) -> None:
         self.ids = ids
+        # uint16 ids are gathered through an int16 view: torch 2.4 to 2.6 cannot index a uint16 tensor.
+        self._unsigned16 = ids.dtype == torch.uint16
+        self._gather_from = ids.view(torch.int16) if self._unsigned16 else ids
         self.context_length = context_length
         self.stride = stride or context_length
         if self.stride <= 0:
@@ -387,7 +390,9 @@ class GPTDataset(torch.utils.data.Dataset):
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets [len(indices), context_length] as int64, gathered from the memory-mapped ids."""
         starts = indices.to(torch.int64) * self.stride
-        rows = self.ids[starts[:, None] + torch.arange(self.context_length + 1)].to(torch.int64)
+        rows = self._gather_from[starts[:, None] + torch.arange(self.context_length + 1)].to(torch.int64)
+        if self._unsigned16:
+            rows &= 0xFFFF  # ids above 32767 came back negative through the int16 view
         return rows[:, :-1], rows[:, 1:]
 
 

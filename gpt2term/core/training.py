@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.data import (
     ENCODING_ERRORS,
@@ -782,7 +783,7 @@ class Trainer:
         warmup = s.warmup_steps if s.warmup_steps is not None else min(100, self.total_steps // 10)
 
         torch.manual_seed(s.seed)
-        model = GPTModel(cfg)
+        model = accelerate(GPTModel(cfg))
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state_dict)
         model.to(device)
@@ -1026,7 +1027,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- pieces
 
     @torch.no_grad()
-    def _check_weights(self, model, train_set, batches, device, amp_dtype) -> None:  # noqa: ANN001
+    def _check_weights(self, model, train_set, batches, device, amp_dtype) -> None:
         """Before a save: weights that hold NaN or inf, or that give a non-finite loss (weights of 1e10 are finite
         and give NaN), are never published over the last good checkpoint. The loss is taken in eval mode on the
         next training batch, so no random number is drawn and the run goes on exactly as it would have."""
@@ -1083,7 +1084,7 @@ class Trainer:
             count += len(index)
         return total / max(1, count)
 
-    def _evaluate(self, model, train_set, val_set, train_eval, val_eval, device, amp_dtype) -> None:  # noqa: ANN001
+    def _evaluate(self, model, train_set, val_set, train_eval, val_eval, device, amp_dtype) -> None:
         model.eval()
         try:
             train_loss = self._mean_loss(model, train_set, train_eval, device, amp_dtype)
@@ -1108,7 +1109,7 @@ class Trainer:
         if message:
             self._emit(WarningEvent(step=self.step, kind="overfitting", message=message))
 
-    def _sample(self, model: GPTModel, tokenizer, prompt: str, prompt_ids: list[int], tokens: int) -> None:  # noqa: ANN001
+    def _sample(self, model: GPTModel, tokenizer, prompt: str, prompt_ids: list[int], tokens: int) -> None:
         if tokens <= 0:
             return
         settings = DecodingSettings(max_new_tokens=tokens, temperature=0.0, stop_at_eos=False, top_n=1)
@@ -1154,7 +1155,7 @@ class Trainer:
         if device.type == "cuda" and "torch_cuda" in rng and self._dist.rank == 0:
             torch.cuda.set_rng_state(rng["torch_cuda"], device)
 
-    def _save(self, model, optimizer, reason, source, data_state, device) -> None:  # noqa: ANN001
+    def _save(self, model, optimizer, reason, source, data_state, device) -> None:
         assert self.store is not None
         last = self._last_eval
         meta = {

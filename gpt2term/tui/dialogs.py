@@ -37,7 +37,7 @@ DIALOG_CSS = """
 """
 
 
-def _hint(app, *pairs: tuple[str, str]) -> str:  # noqa: ANN001 (a textual App)
+def _hint(app, *pairs: tuple[str, str]) -> str:
     return " · ".join(f"{key_display(app, binding_id)} {what}" for binding_id, what in pairs)
 
 

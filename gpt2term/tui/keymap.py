@@ -100,7 +100,7 @@ def bind(binding_id: str, action: str, *, show: bool = True, priority: bool = Fa
     return Binding(spec.keys, action, spec.description, show=show, priority=priority, id=binding_id)
 
 
-def key_display(app, binding_id: str) -> str:  # noqa: ANN001 (a textual App)
+def key_display(app, binding_id: str) -> str:  # app: a textual App
     """How the app shows the key of `binding_id` right now (the user's keymap included), e.g. "^o" or "enter"."""
     keys = (getattr(app, "_keymap", None) or {}).get(binding_id, DEFAULT_KEYS[binding_id].keys)
     return app.get_key_display(Binding(keys.split(",")[0], ""))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2term.core.accel import accelerate
 from gpt2term.core.model import GPTModel
 from gpt2term.formatting import format_count
 
@@ -29,6 +30,9 @@ class AppModel:
     untrained: bool = False
     source: str = ""
     notices: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        accelerate(self.model)  # every model the app shows, whichever way it was loaded
 
     @property
     def parameters(self) -> int:

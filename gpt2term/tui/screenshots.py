@@ -19,7 +19,7 @@ from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 
 
-async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:  # noqa: ANN001 (textual Pilot)
+async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:
     for _ in range(600):
         if app.app_model is not None:
             break
@@ -32,7 +32,7 @@ async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:  # noqa: ANN001 (tex
     return screen
 
 
-async def _generate(app: Gpt2termApp, pilot, prompt: str) -> None:  # noqa: ANN001
+async def _generate(app: Gpt2termApp, pilot, prompt: str) -> None:
     screen = app.screen
     assert isinstance(screen, PromptScreen)
     await pilot.press(*prompt, "enter")

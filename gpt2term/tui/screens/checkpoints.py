@@ -73,7 +73,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
     if TYPE_CHECKING:
         app = getters.app(Gpt2termApp)
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.store = CheckpointStore()
         self._history_cache: dict[str, tuple[tuple[int, int], tuple[Series, Series]]] = {}

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 
-def welcome(app) -> str:  # noqa: ANN001 (a textual App)
+def welcome(app) -> str:
     """The first thing a new user reads, with the keys as they are bound now."""
 
     def key(binding_id: str) -> str:
@@ -77,7 +77,7 @@ class PromptScreen(WorkerErrors, Screen):
     if TYPE_CHECKING:
         app = getters.app(Gpt2termApp)
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         # 30 alternatives: enough to fill the probability panel of a tall terminal (it shows what fits).
         self.settings = DecodingSettings(top_n=30)

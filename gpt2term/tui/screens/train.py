@@ -106,7 +106,7 @@ class TrainScreen(WorkerErrors, Screen):
     if TYPE_CHECKING:
         app = getters.app(Gpt2termApp)
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.store = CheckpointStore()
         self.state = RunState()

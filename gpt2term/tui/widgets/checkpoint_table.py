@@ -52,7 +52,7 @@ def cells(row: CheckpointInfo) -> list[Text]:
 class CheckpointTable(DataTable):
     """Rows keyed by checkpoint name; `show()` keeps the selection and the sort across refreshes."""
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.rows_by_name: dict[str, CheckpointInfo] = {}
         self.sort_column = "updated"
@@ -68,7 +68,7 @@ class CheckpointTable(DataTable):
             return None
         try:
             return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
-        except Exception:  # noqa: BLE001 (no valid cursor)
+        except Exception:  # no valid cursor
             return None
 
     @property

@@ -19,7 +19,7 @@ MAX_LINES = 2000
 class EventLog(RichLog):
     DEFAULT_CSS = "EventLog { scrollbar-size-vertical: 1; overflow-x: hidden; }"
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(wrap=True, markup=False, max_lines=MAX_LINES, min_width=20, auto_scroll=True, **kwargs)
         self.lines_written: list[str] = []  # plain text of every line, for tests and copy-paste
         self._entries: list[Text] = []

@@ -25,7 +25,7 @@ class ModelHeader(Widget):
     if TYPE_CHECKING:
         app = getters.app(Gpt2termApp)
 
-    def __init__(self, mode: str, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, mode: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.mode = mode
 

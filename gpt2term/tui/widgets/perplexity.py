@@ -32,7 +32,7 @@ class ProbSparkline(Widget):
 
     DEFAULT_CSS = "ProbSparkline { height: 1; }"
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.probs: list[float] = []
 
@@ -76,14 +76,14 @@ class PerplexityPanel(Vertical):
     PerplexityPanel #ppl-spark-label { color: $text-muted; height: 1; }
     """
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "Perplexity"
         self.turn: Turn | None = None
         self.numbers = Static(id="ppl-numbers")
         self.sparkline = ProbSparkline(id="ppl-sparkline")
 
-    def compose(self):  # noqa: ANN201
+    def compose(self):
         yield self.numbers
         yield Static("p(chosen) per token", id="ppl-spark-label")
         yield self.sparkline

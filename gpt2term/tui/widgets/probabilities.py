@@ -45,7 +45,7 @@ def bar(fraction: float, width: int) -> str:
 class ProbabilityPanel(Widget):
     DEFAULT_CSS = "ProbabilityPanel { height: 1fr; }"
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "Next-token probabilities"
         self.step: Step | None = None

@@ -24,7 +24,7 @@ class PromptInput(TextArea):
             self.prompt_input = prompt_input
             self.text = text
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, **kwargs) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
         self.prompt_history: list[str] = []
         self._history_pos: int | None = None  # None: editing a new prompt

@@ -101,7 +101,7 @@ def corpus_label(sources: list[str]) -> str:
 class TrainForm(VerticalScroll):
     """Inputs for every setting of a run; `read()` turns them into `TrainingSettings` or says what to fix."""
 
-    def __init__(self, store: CheckpointStore, **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, store: CheckpointStore, **kwargs) -> None:
         super().__init__(**kwargs)
         self.store = store
         self._auto_name = ""  # the name the form made up last (replaced when the model changes)

@@ -48,7 +48,7 @@ class MetricSparkline(Horizontal):
     MetricSparkline > Sparkline { width: 1fr; }
     """
 
-    def __init__(self, label: str, fmt: Callable[[float], str], **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, label: str, fmt: Callable[[float], str], **kwargs) -> None:
         super().__init__(**kwargs)
         self.label = label
         self.fmt = fmt
@@ -86,7 +86,7 @@ def format_rate(value: float) -> str:
 class LossPlot(PlotextPlot):
     """Training and validation loss against steps, with axes; redrawn at most every `PLOT_INTERVAL_S` seconds."""
 
-    def __init__(self, title: str = "loss", **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, title: str = "loss", **kwargs) -> None:
         super().__init__(**kwargs)
         self.title = title
         self.train = Series()

@@ -108,7 +108,7 @@ class TurnView(Vertical):
         self.body = TokenText(turn, display)
         self.stats = Static(stats_line(turn), classes="turn-stats", markup=False)
 
-    def compose(self):  # noqa: ANN201
+    def compose(self):
         yield self.body
         yield self.stats
 
@@ -137,7 +137,7 @@ class Transcript(VerticalScroll, can_focus=True):
             self.turn = turn
             self.index = index
 
-    def __init__(self, empty_hint: str = "", **kwargs) -> None:  # noqa: ANN003
+    def __init__(self, empty_hint: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
         self.turns: list[Turn] = []
         self.views: dict[int, TurnView] = {}
@@ -145,7 +145,7 @@ class Transcript(VerticalScroll, can_focus=True):
         self.cursor: tuple[int, int] | None = None  # (position in self.turns, token index); None follows the end
         self._hint = Static(empty_hint, id="transcript-hint", markup=False)
 
-    def compose(self):  # noqa: ANN201
+    def compose(self):
         yield self._hint
 
     def on_mount(self) -> None:

@@ -1,0 +1,113 @@
+"""Speed for the course's model, switched on by one call: `accelerate(model)`; `GPT2TERM_ACCEL=0` turns it off.
+
+`gpt2term/core/model.py` is the course's model as the book writes it. This package makes the same model fast
+on a CPU without changing what it computes, its parameters or its state_dict:
+
+- `decode`: a packed copy of the weights for decoding one token at a time (float32 or bf16), split across
+  threads by `threads`;
+- `linear`: oneDNN float32 kernels for the linear layers in training;
+- `head_loss`: the training loss without ever building the [tokens, vocabulary] logits.
+
+Every private PyTorch API these use lives in `probes`, checked once, with a plain PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gpt2term.core.accel import decode, head_loss, linear, probes
+from gpt2term.core.model import GPTModel, KVCache
+
+__all__ = ["AcceleratedGPTModel", "accelerate", "enabled", "packed_weights", "plain", "release_packed_weights"]
+
+ENV_SWITCH = "GPT2TERM_ACCEL"
+
+
+def enabled() -> bool:
+    """False when GPT2TERM_ACCEL=0 (also "false", "off", "no"): every model stays plain PyTorch."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class AcceleratedGPTModel(GPTModel):
+    """A `GPTModel` that `accelerate` switched to the fast paths; the same modules, parameters and state_dict."""
+
+    _inference_weights: decode.InferenceWeights | None
+    _decode_dtype: torch.dtype | None
+
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if targets is not None:
+            if head_loss.applies(self.out_head.weight, targets):
+                x, _, _ = self.hidden_states(in_idx, cache)
+                return head_loss.head_loss(self.final_norm(x), self.out_head.weight, targets)
+        elif decode.wanted(self, cache, last_only):
+            packed = decode.current(self, self._decode_dtype)
+            if packed is not None:
+                return packed.forward(in_idx, cache, last_only)
+        return super().forward(in_idx, cache, last_only, targets)
+
+    def train(self, mode: bool = True) -> AcceleratedGPTModel:
+        if mode:
+            self._inference_weights = None  # training changes every weight: a packed copy would only cost memory
+        return super().train(mode)
+
+
+def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTModel:
+    """Switch `model` (in place) to the fast paths, unless GPT2TERM_ACCEL=0; returns it.
+
+    `dtype` ("fp32" or "bf16") is the number format decoding runs in; given, the model is put in eval mode and its
+    decoding weights are packed now, so the first token does not pay for it. bf16 halves the bytes each token
+    reads (the speed limit on a CPU) while the parameters stay float32: the residual stream, layer norms,
+    attention and the final choice among the top candidates stay float32, so greedy tokens almost always match
+    float32's. The packed copy costs memory, about as much as the linear weights (half that in bf16);
+    `release_packed_weights(model)` frees it.
+    """
+    wanted = decode.inference_dtype(dtype)  # a wrong name is the user's error even when acceleration is off
+    if not enabled():
+        return model.eval() if dtype is not None else model
+    if not isinstance(model, AcceleratedGPTModel):
+        if type(model) is not GPTModel:
+            raise TypeError(f"accelerate() takes a GPTModel, not {type(model).__name__}")
+        model.__class__ = AcceleratedGPTModel
+        model._inference_weights = None
+        model._decode_dtype = None
+        linear.swap_in(model)
+    if dtype is not None:
+        model.eval()
+        model._decode_dtype = wanted
+        if model.out_head.weight.device.type == "cpu":
+            with torch.no_grad():
+                decode.current(model, wanted)
+    return model
+
+
+def plain(model: GPTModel) -> GPTModel:
+    """Undo `accelerate` (in place): the course's GPTModel with plain nn.Linear layers again; returns it."""
+    if isinstance(model, AcceleratedGPTModel):
+        linear.swap_out(model)
+        del model._inference_weights, model._decode_dtype
+        model.__class__ = GPTModel
+    return model
+
+
+def packed_weights(model: GPTModel) -> decode.InferenceWeights | None:
+    """The packed decoding copy `model` holds now, if any (for memory reports)."""
+    return getattr(model, "_inference_weights", None) if isinstance(model, AcceleratedGPTModel) else None
+
+
+def release_packed_weights(model: GPTModel) -> None:
+    """Free the packed decoding copy (the next decoding step builds it again)."""
+    if isinstance(model, AcceleratedGPTModel):
+        model._inference_weights = None
+
+
+def describe() -> dict[str, bool]:
+    """Whether acceleration is on, and what each probe of a private PyTorch API found (for benchmarks)."""
+    return {"enabled": enabled(), **(probes.results() if enabled() else {})}
