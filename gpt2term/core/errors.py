@@ -15,3 +15,7 @@ class CheckpointError(Gpt2termError):
 
 class InputError(Gpt2termError):
     """Bad input on the command line or in the app (empty prompt, bad setting, ...)."""
+
+
+class ConfigError(InputError):
+    """A model config with a wrong type or a size that cannot work (or would not fit in any machine's memory)."""
