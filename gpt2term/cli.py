@@ -65,9 +65,10 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
     import torch
 
     from gpt2term.core.accel import accelerate
-    from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
     from gpt2term.core.config import preset
     from gpt2term.core.model import GPTModel
+    from gpt2term.core.store.resolve import resolve_weights
+    from gpt2term.core.store.store import CheckpointStore
 
     if checkpoint is None:
         if not quiet:
@@ -289,7 +290,7 @@ def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int,
 
 
 def _store():
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
     return CheckpointStore()
 
@@ -665,10 +666,10 @@ def eval_command(
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
     from gpt2term.core.accel import accelerate
-    from gpt2term.core.checkpoints import resolve_weights
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
     from gpt2term.core.errors import InputError
+    from gpt2term.core.store.resolve import resolve_weights
     from gpt2term.core.training import evaluate_ids
 
     _set_threads(threads)

@@ -15,7 +15,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.formatting import format_count
 
 if TYPE_CHECKING:
-    from gpt2term.core.checkpoints import Checkpoint, CheckpointStore
+    from gpt2term.core.store.store import Checkpoint, CheckpointStore
 
 UNTRAINED_NAME = "gpt2-124M"
 UNTRAINED_HINT = (
@@ -92,8 +92,9 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
 
     Without `checkpoint`, a damaged store never keeps the app from starting: a last-used checkpoint that no longer
     loads is passed over for the next good one (or the untrained model), and the notices say so."""
-    from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
     from gpt2term.core.errors import Gpt2termError
+    from gpt2term.core.store.resolve import resolve_weights
+    from gpt2term.core.store.store import CheckpointStore
 
     store = CheckpointStore()
     if checkpoint is not None:

@@ -18,10 +18,11 @@ from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
 from textual.widgets import Button, Input, Label, Select
 
-from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, suggest_name
 from gpt2term.core.config import PRESETS, GPTConfig, preset
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.layout import suggest_name
+from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.training import TrainingSettings, resume_settings
 from gpt2term.formatting import format_count
 from gpt2term.tui.messages import StoreListed
