@@ -53,11 +53,11 @@ def suggest_name(text: str) -> str:
     return name or "imported"
 
 
-def _now() -> str:
+def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     """Numbers from torch/numpy and paths, as JSON: trainers pass tensors for losses without thinking about it."""
     if hasattr(value, "item") and callable(value.item):
         return value.item()
@@ -77,7 +77,7 @@ def read_meta(folder: Path) -> dict:
         return {}
 
 
-def _what_is_kept(folder: Path, name: str) -> str:
+def what_is_kept(folder: Path, name: str) -> str:
     """For a failed write's message: the checkpoint as it was before (a failed write never touches it)."""
     meta = read_meta(folder)
     if not meta:

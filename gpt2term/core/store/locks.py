@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gpt2term.core.errors import CheckpointError
 from gpt2term.core.store.atomic import storage_error, write_new_file
-from gpt2term.core.store.layout import _now, _what_is_kept
+from gpt2term.core.store.layout import utc_now, what_is_kept
 
 
 class CheckpointLocked(CheckpointError):
@@ -135,10 +135,17 @@ _PROCESS_LOCKS_GUARD = threading.Lock()
 _NAME_MUTEXES: dict[str, threading.RLock] = {}
 
 
-def _name_mutex(path: Path) -> threading.RLock:
+def name_mutex(path: Path) -> threading.RLock:
     """One in-process mutex per checkpoint folder: saves, appends and renames of one name never interleave."""
     with _PROCESS_LOCKS_GUARD:
         return _NAME_MUTEXES.setdefault(str(path), threading.RLock())
+
+
+def held_in_this_process(lock_path: Path, *, by_this_thread: bool = False) -> bool:
+    """Whether a lock of this process (of this very thread, with `by_this_thread`) holds `lock_path`."""
+    with _PROCESS_LOCKS_GUARD:
+        held = _PROCESS_LOCKS.get(str(lock_path))
+    return held is not None and (not by_this_thread or held[1] == threading.get_ident())
 
 
 class CheckpointLock:
@@ -160,7 +167,7 @@ class CheckpointLock:
             try:
                 return self._acquire()
             except OSError as exc:
-                kept = _what_is_kept(self.path.parent / self.name, self.name)
+                kept = what_is_kept(self.path.parent / self.name, self.name)
                 raise storage_error(exc, f"lock checkpoint {self.name!r}", self.path.parent, kept) from exc
 
     def _acquire(self) -> CheckpointLock:
@@ -199,7 +206,7 @@ class CheckpointLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": _process_start(os.getpid()),
-            "since": _now(),
+            "since": utc_now(),
             "purpose": self.purpose,
             "token": token,
         }

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from gpt2term.core.accel import accelerate
+from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.errors import CheckpointError
 from gpt2term.core.interop import find_hf_cached, load_hf_cached, load_weights_file
+from gpt2term.core.model import GPTModel
 from gpt2term.core.store.layout import MAX_NAME_LENGTH, NAME_RE, WEIGHTS_FILE, is_checkpoint_folder, suggest_name
 from gpt2term.core.store.store import Checkpoint, CheckpointStore, load_folder
 from gpt2term.core.store.validate import non_finite_tensor
@@ -70,3 +76,64 @@ def resolve_weights(
         notices=list(loaded.notices),
     )
     return _usable(checkpoint)
+
+
+UNTRAINED_NAME = "gpt2-124M"
+UNTRAINED_SEED = 123  # the same random model every time, in every face
+
+
+@dataclass
+class OpenedModel:
+    """A model ready to run, and what a face needs to describe it (each face words it its own way)."""
+
+    model: GPTModel
+    name: str
+    notices: list[str] = field(default_factory=list)  # how the weights were read, for the user
+    step: int | None = None  # meta.json's step; None: unknown (imported weights) or untrained
+    source: str = ""
+    untrained: bool = False
+    store_name: str | None = None  # set when it came from the store
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.cfg
+
+
+def untrained_model(device: torch.device | str = "cpu") -> GPTModel:
+    """GPT-2 124M with random weights (fixed seed), for trying the program before any training or import."""
+    torch.manual_seed(UNTRAINED_SEED)
+    return GPTModel(preset(UNTRAINED_NAME)).to(device).eval()
+
+
+def open_model(
+    spec: str | None,
+    store: CheckpointStore | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    remember: bool = True,
+    float32: bool = False,
+) -> OpenedModel:
+    """The one way a name or a path (see `resolve_weights`) becomes a running model, for the CLI and the TUI:
+    resolved, refused if non-finite, built on `device`, accelerated (`dtype`: see `accelerate`). None: the untrained
+    GPT-2 124M. With `remember`, a store checkpoint becomes the one opened next time; `float32` casts weights saved
+    in half precision (evaluation measures in float32)."""
+    if spec is None:
+        return OpenedModel(accelerate(untrained_model(device), dtype), UNTRAINED_NAME, untrained=True)
+    store = store or CheckpointStore()
+    loaded = resolve_weights(spec, store)
+    model = loaded.build_model(device)
+    if float32:
+        model = model.float()
+    if remember and loaded.store_name:
+        store.mark_used(loaded.store_name)
+    step = loaded.meta.get("step")
+    return OpenedModel(
+        accelerate(model, dtype),
+        loaded.name,
+        list(loaded.notices),
+        step=int(step) if isinstance(step, int | float) else None,
+        source=str(loaded.meta.get("source") or ""),
+        untrained=step == 0,
+        store_name=loaded.store_name,
+    )

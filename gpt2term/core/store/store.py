@@ -30,7 +30,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,23 +71,23 @@ from gpt2term.core.store.layout import (
     STAGING_RE,
     TRAINER_FILE,
     WEIGHTS_FILE,
-    _json_default,
-    _now,
-    _what_is_kept,
     is_checkpoint_folder,
+    json_default,
     read_meta,
     suggest_name,
+    utc_now,
     validate_name,
+    what_is_kept,
 )
-from gpt2term.core.store.locks import _PROCESS_LOCKS, _PROCESS_LOCKS_GUARD, CheckpointLock, LockHolder, _name_mutex
+from gpt2term.core.store.locks import CheckpointLock, LockHolder, held_in_this_process, name_mutex
 from gpt2term.core.store.state import LastUsed
 from gpt2term.core.store.validate import (
     MAX_META_BYTES,
-    _check_loadable_state,
-    _displayable,
-    _meta_problem,
-    _safetensors_problem,
+    check_loadable_state,
+    displayable,
+    meta_problem,
     non_finite_tensor,
+    safetensors_problem,
 )
 
 
@@ -203,14 +202,14 @@ def inspect_folder(path: Path, name: str | None = None) -> CheckpointInfo:
             meta, damaged = None, f"{META_FILE} is unreadable ({str(exc)[:100]})"
     if damaged is None:
         assert meta is not None
-        cfg, damaged = _meta_problem(meta)
+        cfg, damaged = meta_problem(meta)
         if cfg is not None:
             if not (path / WEIGHTS_FILE).is_file():
                 damaged = f"{WEIGHTS_FILE} is missing"
             else:
-                damaged = _safetensors_problem(path / WEIGHTS_FILE, cfg)
+                damaged = safetensors_problem(path / WEIGHTS_FILE, cfg)
     if damaged is not None and meta is not None:
-        meta = _displayable(meta)
+        meta = displayable(meta)
     updated = (meta or {}).get("updated")
     if not updated:
         with contextlib.suppress(OSError):
@@ -280,16 +279,14 @@ class CheckpointStore:
         return holder if holder is not None and holder.alive() else None
 
     def _held_here(self, name: str, *, by_this_thread: bool = False) -> bool:
-        with _PROCESS_LOCKS_GUARD:
-            held = _PROCESS_LOCKS.get(str(self.lock_path(name)))
-        return held is not None and (not by_this_thread or held[1] == threading.get_ident())
+        return held_in_this_process(self.lock_path(name), by_this_thread=by_this_thread)
 
     @contextlib.contextmanager
     def _writing(self, name: str, purpose: str, *, any_thread: bool = False) -> Iterator[None]:
         """Exclusive access for one write: the in-process mutex, and the lock file. The thread holding the lock
         (a training run) may write; with `any_thread` (saves) so may the rest of its process; the rest of the
         process may not delete or rename a checkpoint under a run."""
-        with _name_mutex(self.path(name)):
+        with name_mutex(self.path(name)):
             if self._held_here(name, by_this_thread=not any_thread):
                 yield
             else:
@@ -311,7 +308,7 @@ class CheckpointStore:
         entries = [(p, m) for p, m in (entries or self._staging_entries()) if m["name"] == name]
         if not entries:
             return
-        with _name_mutex(self.path(name)):
+        with name_mutex(self.path(name)):
             if self._held_here(name) or self.lock_holder(name) is not None:
                 return
             try:
@@ -422,8 +419,8 @@ class CheckpointStore:
         """One JSON line, flushed, so another process (the app following a headless run) sees it at once.
         Works before the first save: the folder then holds only metrics.jsonl until the weights arrive.
         `path`: a file from `pending_metrics` instead of the checkpoint's own."""
-        line = json.dumps(record, default=_json_default, ensure_ascii=False)
-        with _name_mutex(self.path(name)):
+        line = json.dumps(record, default=json_default, ensure_ascii=False)
+        with name_mutex(self.path(name)):
             path = path or self.metrics_path(name)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,9 +452,9 @@ class CheckpointStore:
         if not isinstance(getattr(model, "cfg", None), GPTConfig):
             raise TypeError("save() takes a GPTModel (it reads the model's cfg)")
         if optimizer_state is not None:
-            _check_loadable_state(optimizer_state, "optimizer_state")
+            check_loadable_state(optimizer_state, "optimizer_state")
         if trainer_state is not None:
-            _check_loadable_state(trainer_state, "trainer_state")
+            check_loadable_state(trainer_state, "trainer_state")
         bad = non_finite_tensor(model.state_dict())
         if bad is not None:
             raise CheckpointError(
@@ -471,7 +468,7 @@ class CheckpointStore:
             self._recover_own(name)
             final = self.root / name
             old_meta = self._read_meta(final) if metrics_from is None else {}
-            kept = _what_is_kept(final, name)
+            kept = what_is_kept(final, name)
             record = self._merged_meta(old_meta, meta or {}, model)
             tmp = self._staging(name, "tmp")
             try:
@@ -509,9 +506,9 @@ class CheckpointStore:
 
     @staticmethod
     def _merged_meta(old: dict, new: dict, model: GPTModel) -> dict:
-        now = _now()
+        now = utc_now()
         record: dict[str, Any] = {k: None for k in META_KEYS}
-        record.update(_displayable(old))  # a field of a wrong type in the old meta.json is dropped, not carried
+        record.update(displayable(old))  # a field of a wrong type in the old meta.json is dropped, not carried
         record.update(new)
         record["config"] = model.cfg.to_dict()
         record["parameters"] = model.num_parameters()
@@ -527,7 +524,7 @@ class CheckpointStore:
 
     @staticmethod
     def _write_json(path: Path, obj: Any) -> None:
-        write_json_synced(path, obj, default=_json_default)
+        write_json_synced(path, obj, default=json_default)
 
     @staticmethod
     def _carry_metrics(src: Path, dst: Path) -> None:

@@ -23,15 +23,15 @@ from gpt2term.core.store.layout import META_FILE, WEIGHTS_FILE
 _WEIGHTS_ONLY_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.Size, torch.dtype)
 
 
-def _check_loadable_state(value: Any, where: str) -> None:
+def check_loadable_state(value: Any, where: str) -> None:
     """Refuse, at save time, state that `torch.load(weights_only=True)` would refuse at resume time."""
     if isinstance(value, (dict, OrderedDict)):
         for k, v in value.items():
-            _check_loadable_state(k, where)
-            _check_loadable_state(v, f"{where}[{k!r}]")
+            check_loadable_state(k, where)
+            check_loadable_state(v, f"{where}[{k!r}]")
     elif isinstance(value, (list, tuple, set)):
         for i, v in enumerate(value):
-            _check_loadable_state(v, f"{where}[{i}]")
+            check_loadable_state(v, f"{where}[{i}]")
     elif not isinstance(value, (*_WEIGHTS_ONLY_TYPES, torch.device)):
         raise TypeError(
             f"{where} is a {type(value).__name__}; checkpoint state may hold only tensors, numbers, strings, "
@@ -96,7 +96,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _meta_problem(meta: dict) -> tuple[GPTConfig | None, str | None]:
+def meta_problem(meta: dict) -> tuple[GPTConfig | None, str | None]:
     """meta.json's config, or why meta.json cannot be trusted (one line, naming the field)."""
     for key, (ok, what) in _META_FIELDS.items():
         value = meta.get(key)
@@ -110,7 +110,7 @@ def _meta_problem(meta: dict) -> tuple[GPTConfig | None, str | None]:
         return None, f"{META_FILE} has an invalid config: {exc}"
 
 
-def _safetensors_problem(path: Path, cfg: GPTConfig) -> str | None:
+def safetensors_problem(path: Path, cfg: GPTConfig) -> str | None:
     """Why a weights file cannot be loaded for `cfg`, read from its header alone (listing stays fast)."""
     try:
         size = path.stat().st_size
@@ -170,7 +170,7 @@ def _tensor_entry_problem(t: Any) -> str | None:
     return None
 
 
-def _displayable(meta: dict) -> dict:
+def displayable(meta: dict) -> dict:
     """A damaged checkpoint's meta without the fields of a wrong type, so tables and details can still show the rest."""
     return {k: v for k, v in meta.items() if k not in _META_FIELDS or v is None or _META_FIELDS[k][0](v)}
 

@@ -19,6 +19,7 @@ from textual.containers import Grid, VerticalScroll
 from textual.widgets import Button, Input, Label, Select
 
 from gpt2term.core.config import PRESETS, GPTConfig, preset
+from gpt2term.core.devices import DEVICES
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.layout import suggest_name
@@ -32,7 +33,6 @@ DEFAULT_STEPS = 300
 DEFAULT_EVAL_INTERVAL = 25
 DEFAULT_SAVE_INTERVAL = 100
 FINE_TUNE_CONTEXT = 256  # fine-tuning a 1024-context GPT-2 on a CPU: start with shorter windows
-DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16")
 
 # (field id, label, kind): kind "int", "float", "text"; the model's shape first, then the run's.
