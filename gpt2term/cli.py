@@ -60,33 +60,19 @@ def _set_threads(threads: int | None) -> None:
 
 
 def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None):  # returns a GPTModel
-    """The model a command runs, accelerated: a checkpoint name from the store, a weights file or folder, a GPT-2 in
-    the Hugging Face cache, or with none, an untrained GPT-2 124M (fixed seed). `dtype`: see `accelerate`."""
-    import torch
+    """The model a command runs (see `open_model`), with what the user should know about it on stderr."""
+    from gpt2term.core.store.resolve import open_model
 
-    from gpt2term.core.accel import accelerate
-    from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
-    from gpt2term.core.config import preset
-    from gpt2term.core.model import GPTModel
-
-    if checkpoint is None:
-        if not quiet:
-            click.echo(
-                "note: no --checkpoint given: using an untrained GPT-2 124M (random weights, seed 123); "
-                "expect gibberish until you train or import one",
-                err=True,
-            )
-        torch.manual_seed(123)
-        model = GPTModel(preset("gpt2-124M")).eval()
-    else:
-        store = CheckpointStore()
-        loaded = resolve_weights(checkpoint, store)
-        for notice in loaded.notices:
-            click.echo(f"note: {notice}", err=True)
-        model = loaded.build_model()
-        if loaded.store_name:
-            store.mark_used(loaded.store_name)  # the app opens it next time
-    return accelerate(model, dtype)
+    if checkpoint is None and not quiet:
+        click.echo(
+            "note: no --checkpoint given: using an untrained GPT-2 124M (random weights, seed 123); "
+            "expect gibberish until you train or import one",
+            err=True,
+        )
+    opened = open_model(checkpoint, dtype=dtype)
+    for notice in opened.notices:
+        click.echo(f"note: {notice}", err=True)
+    return opened.model
 
 
 @cli.command()
@@ -289,7 +275,7 @@ def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int,
 
 
 def _store():
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
     return CheckpointStore()
 
@@ -664,11 +650,10 @@ def eval_command(
     as_json: bool,
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
-    from gpt2term.core.accel import accelerate
-    from gpt2term.core.checkpoints import resolve_weights
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
     from gpt2term.core.errors import InputError
+    from gpt2term.core.store.resolve import open_model
     from gpt2term.core.training import evaluate_ids
 
     _set_threads(threads)
@@ -677,9 +662,7 @@ def eval_command(
         checkpoint = store.most_recent()
         if checkpoint is None:
             raise InputError("no checkpoint to evaluate; pass --checkpoint NAME (see gpt2term ckpt list)")
-    loaded = resolve_weights(checkpoint, store)
-    target = resolve_device(device)
-    model = accelerate(loaded.build_model(target).float())
+    model = open_model(checkpoint, store, device=resolve_device(device), remember=False, float32=True).model
     data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
     result = evaluate_ids(
         model, data.train_ids, context_length=context_length, batch_size=batch_size, amp_dtype=resolve_dtype(dtype)

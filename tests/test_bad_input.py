@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from gpt2term.cli import cli
 from gpt2term.core import memory
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 
 BIG = str(2**70)
 SMALL_MACHINE = 2 << 30  # in-process rows see a machine with 2 GiB free, so memory refusals do not depend on the host

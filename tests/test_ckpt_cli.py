@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from gpt2term import locations
 from gpt2term.cli import cli
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.interop import export_book_pth, export_hf, load_book_pth, load_hf
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.tokenizer import default_tokenizer
 from gpt2term.formatting import format_bytes
 from tests.test_interop_export import make_hf_cache

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2term.core.checkpoints import CheckpointLocked, CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.locks import CheckpointLocked
+from gpt2term.core.store.store import CheckpointStore
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ CHILD = textwrap.dedent(
     import json, os, sys
     from pathlib import Path
     import torch
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
     from gpt2term.core.config import GPTConfig
     from gpt2term.core.model import GPTModel
 

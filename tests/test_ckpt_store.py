@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from gpt2term import locations
-from gpt2term.core.checkpoints import (
-    CheckpointLocked,
-    CheckpointStore,
-    resolve_weights,
-)
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, InputError
 from gpt2term.core.interop import export_book_pth, export_hf
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.locks import CheckpointLocked
+from gpt2term.core.store.resolve import resolve_weights
+from gpt2term.core.store.store import CheckpointStore
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 IDS = torch.tensor([[1, 5, 9, 2, 63, 7]])

@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from gpt2term.cli import cli
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.data import load_corpus
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import evaluate_ids
 
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]

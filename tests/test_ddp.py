@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from gpt2term.cli import cli
-from gpt2term.core.checkpoints import CheckpointStore
+from gpt2term.core.store.store import CheckpointStore
 
 # No dropout: each rank draws its own dropout masks, which one process cannot reproduce.
 MODEL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--drop-rate", "0", "--context-length", "16"]

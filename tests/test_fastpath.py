@@ -402,7 +402,7 @@ def test_generate_command_dtype_option(tmp_path):
     from click.testing import CliRunner
 
     from gpt2term.cli import cli
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
     CheckpointStore().save("small", _model(12, vocab=50257, context=64, emb=64))
     outputs = {}

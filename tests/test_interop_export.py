@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, InputError
 from gpt2term.core.interop import (
@@ -30,6 +29,8 @@ from gpt2term.core.interop import (
     load_weights_file,
 )
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.resolve import resolve_weights
+from gpt2term.core.store.store import CheckpointStore
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 IDS = torch.tensor([[1, 5, 9, 2, 63, 7, 0, 33]])
@@ -267,8 +268,8 @@ def test_download_fetches_config_and_safetensors_through_huggingface_hub(tmp_pat
 @pytest.mark.parametrize(("fmt", "written"), [("hf", "model.safetensors"), ("pth", "model.pth"),
                                               ("pth-optimizer", "model_and_optimizer.pth")])  # fmt: skip
 def test_the_store_exports_a_checkpoint_in_each_format_with_one_call(tmp_path, fmt, written):
-    from gpt2term.core.checkpoints import CheckpointStore
     from gpt2term.core.errors import InputError
+    from gpt2term.core.store.store import CheckpointStore
 
     store = CheckpointStore()
     store.save("tiny", tiny_model(3), meta={"step": 1})

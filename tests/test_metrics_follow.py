@@ -8,10 +8,10 @@ import shutil
 
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.follow import MetricsFollower
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import EvalEvent, StartEvent, StepEvent, event_from_dict
 
 

@@ -22,12 +22,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
 from gpt2term.core.config import MAX_PARAMETERS, GPTConfig
 from gpt2term.core.errors import CheckpointError, ConfigError, Gpt2termError
 from gpt2term.core.follow import MetricsFollower
 from gpt2term.core.interop import load_weights_file
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.resolve import resolve_weights
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen, loss_history
 from gpt2term.tui.screens.train import TrainScreen

@@ -18,12 +18,13 @@ import torch
 from click.testing import CliRunner
 
 from gpt2term.cli import cli
-from gpt2term.core.checkpoints import LOCK_GRACE_S, CheckpointLocked, CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.data import load_corpus
 from gpt2term.core.errors import CheckpointError, StorageError
 from gpt2term.core.interop import export_book_pth, export_hf
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.locks import LOCK_GRACE_S, CheckpointLocked
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import Trainer, TrainingSettings
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -54,7 +55,8 @@ RACER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from gpt2term.core.checkpoints import CheckpointLocked, CheckpointStore
+    from gpt2term.core.store.locks import CheckpointLocked
+    from gpt2term.core.store.store import CheckpointStore
 
     store, signals, rounds = CheckpointStore(Path(sys.argv[1])), Path(sys.argv[2]), int(sys.argv[3])
     print("ready", flush=True)

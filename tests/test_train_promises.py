@@ -17,10 +17,10 @@ import time
 import pytest
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.data import load_corpus
 from gpt2term.core.errors import CheckpointError
 from gpt2term.core.interop import torch_load_safely, write_safetensors
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import evaluate_ids
 
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]

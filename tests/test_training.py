@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import (
     OverfittingWatch,
     Trainer,

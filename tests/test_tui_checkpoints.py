@@ -6,9 +6,9 @@ import asyncio
 
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.tui.app import make_app
 from gpt2term.tui.dialogs import ConfirmScreen, ExportScreen, ImportScreen, NameScreen
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.generation import DecodingSettings, beam_search, generate, sequence_logprob
 from gpt2term.core.inspection import attention_weights, first_layer_with_final_answer, logit_lens
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.formatting import format_prob
 from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.inspect import COMPARE_BEAMS, AttentionScreen, CompareScreen, LensScreen

@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner
 
 from gpt2term.cli import cli
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.generation import DecodingSettings, generate
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.tokenizer import default_tokenizer
 from gpt2term.formatting import format_prob
 from gpt2term.tui.app import make_app

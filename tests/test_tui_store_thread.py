@@ -7,10 +7,10 @@ import threading
 
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.generation import DecodingSettings
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.tui.app import make_app
 from gpt2term.tui.dialogs import FollowScreen
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen

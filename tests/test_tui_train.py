@@ -17,9 +17,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import (
     CheckpointEvent,
     EvalEvent,

@@ -6,10 +6,10 @@ import asyncio
 
 import torch
 
-from gpt2term.core.checkpoints import CheckpointStore
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.generation import DecodingSettings, Summary, generate
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
 from gpt2term.formatting import format_prob
 from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.prompt import PromptScreen

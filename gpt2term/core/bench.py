@@ -232,7 +232,7 @@ def bench_generate(
         model = GPTModel(preset(preset_name))
         source = f"random {preset_name} (seed {seed})"
     else:
-        from gpt2term.core.checkpoints import resolve_weights
+        from gpt2term.core.store.resolve import resolve_weights
 
         model = resolve_weights(checkpoint).build_model()
         source = checkpoint
@@ -378,8 +378,8 @@ def _run_trainer(
     import tempfile
     from pathlib import Path
 
-    from gpt2term.core.checkpoints import CheckpointStore
     from gpt2term.core.data import TokenizedCorpus
+    from gpt2term.core.store.store import CheckpointStore
     from gpt2term.core.training import StartEvent, StepEvent, Trainer, TrainingSettings
 
     window = cfg.context_length + 1

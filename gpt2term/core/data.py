@@ -214,7 +214,7 @@ def _map_ids(path: Path, count: int) -> torch.Tensor:
 
 
 def _cache_error(exc: OSError, root: Path) -> Gpt2termError:
-    from gpt2term.core.checkpoints import storage_error
+    from gpt2term.core.store.atomic import storage_error
 
     return storage_error(exc, "cache the tokenized corpus", root, "nothing was cached and the corpus is untouched")
 

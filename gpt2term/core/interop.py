@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import re
-import secrets
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,13 @@ import torch
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.atomic import (
+    fsync_path,
+    replace_atomically,
+    storage_error,
+    temp_beside,
+    torch_save_synced,
+)
 
 HEAD_DIM_GUESS = 64  # every released GPT-2 size uses 64-dimensional heads
 
@@ -380,20 +386,7 @@ def load_weights_file(path: Path) -> LoadedWeights:
 # ------------------------------------------------------------------------------------------------- writing files
 # Everything written goes to a temporary file beside its target, is flushed to disk, and is then renamed into place:
 # an export interrupted half-way never leaves a half-written file under the name a user (or transformers) will open.
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries (so a rename inside it survives a power cut), to disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on Windows; their renames are durable there anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# The rule itself (fsync, temporary names, the rename) is the store's, in core/store/atomic.py.
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -427,46 +420,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     fsync_path(path)
 
 
-class WriteRecorder:
-    """A file for torch.save that remembers the OSError of a failed write, which torch replaces by a RuntimeError."""
-
-    def __init__(self, file: Any) -> None:
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _torch_save_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        writer = WriteRecorder(f)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError:
-            if writer.error is not None:  # torch reports a failed write as "enforce fail at inline_container"
-                raise writer.error from None
-            raise
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_atomically(tmp: Path, target: Path) -> None:
-    os.replace(tmp, target)
-    fsync_path(target.parent)
-
-
-def _temp_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
 def _refuse_overwrite(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise InputError(f"{target} already exists; pass --force to overwrite it, or choose another output path")
@@ -496,8 +449,6 @@ def _writing_to(target: Path) -> Iterator[None]:
     except OSError as exc:
         where = Path(exc.filename or target).expanduser().absolute()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            from gpt2term.core.checkpoints import storage_error
-
             raise storage_error(exc, f"export to {where}", where.parent, "any file already there is untouched") from exc
         reason = exc.strerror or str(exc)
         raise InputError(f"cannot write {where}: {reason}; choose another output path") from exc
@@ -519,17 +470,17 @@ def _export_hf(state_dict: dict[str, torch.Tensor], cfg: GPTConfig, folder: Path
     _refuse_overwrite(weights, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     hf_sd, tied = to_hf_state_dict(state_dict, cfg)
-    tmp = _temp_beside(weights)
+    tmp = temp_beside(weights)
     try:
         write_safetensors(hf_sd, tmp)
-        _replace_atomically(tmp, weights)
+        replace_atomically(tmp, weights)
     finally:
         tmp.unlink(missing_ok=True)
-    tmp = _temp_beside(config_file)
+    tmp = temp_beside(config_file)
     try:
         tmp.write_text(json.dumps(config_to_hf(cfg, tied), indent=2) + "\n")
         fsync_path(tmp)
-        _replace_atomically(tmp, config_file)
+        replace_atomically(tmp, config_file)
     finally:
         tmp.unlink(missing_ok=True)
     notices = []
@@ -612,10 +563,10 @@ def _export_book_pth(
                 "load it into an optimizer built with the same groups"
             )
         payload = {"model_state_dict": model_sd, "optimizer_state_dict": optimizer_state}
-    tmp = _temp_beside(path)
+    tmp = temp_beside(path)
     try:
-        _torch_save_synced(payload, tmp)
-        _replace_atomically(tmp, path)
+        torch_save_synced(payload, tmp)
+        replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportResult([path], notices)

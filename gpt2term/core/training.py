@@ -46,7 +46,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
 STATE_FORMAT = 1
 DEFAULT_EPOCHS = 1
@@ -166,7 +166,7 @@ class TrainingSettings:
 def resume_settings(name: str, store: CheckpointStore | None = None, **overrides: Any) -> TrainingSettings:
     """The settings a run was saved with, to continue it; `overrides` may change how long and how it runs
     (steps, epochs, intervals, learning rate, device, ...) but not what defines the run (model, data, batch)."""
-    from gpt2term.core.checkpoints import CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
     store = store or CheckpointStore()
     if not store.exists(name):
@@ -676,7 +676,7 @@ class Trainer:
         settings = self.settings
         settings.corpus = normalize_sources(settings.corpus)
         settings.validate()
-        from gpt2term.core.checkpoints import CheckpointStore
+        from gpt2term.core.store.store import CheckpointStore
 
         self._dist, device = _Distributed.from_environment(settings.device)
         try:
@@ -727,7 +727,7 @@ class Trainer:
             # Replaced by the first save; until then it stays, with its own metrics (see `_pending_metrics`).
             self._replace_existing = True
         if s.init_from:
-            from gpt2term.core.checkpoints import resolve_weights
+            from gpt2term.core.store.resolve import resolve_weights
 
             return resolve_weights(s.init_from, store)
         return None

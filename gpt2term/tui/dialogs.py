@@ -19,10 +19,10 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from gpt2term.core.checkpoints import validate_name
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings
 from gpt2term.core.interop import EXPORT_FORMATS, HFCachedModel
+from gpt2term.core.store.layout import validate_name
 from gpt2term.formatting import format_duration
 from gpt2term.tui.keymap import bind, key_display
 

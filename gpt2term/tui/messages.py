@@ -7,8 +7,8 @@ from typing import Any
 
 from textual.message import Message
 
-from gpt2term.core.checkpoints import CheckpointInfo
 from gpt2term.core.generation import Step
+from gpt2term.core.store.store import CheckpointInfo
 from gpt2term.tui.model_source import AppModel
 
 

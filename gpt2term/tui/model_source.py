@@ -1,6 +1,7 @@
 """Which model the app shows, and how it is described in the header.
 
-`load_app_model` is the one place that knows where models come from, so the app, the CLI and the tests agree.
+`load_app_model` picks the model the app opens; how a name or a path becomes a model is the core's `open_model`,
+shared with the CLI, so both faces open the same model the same way.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import torch
 
 from gpt2term.core.accel import accelerate
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.resolve import open_model
 from gpt2term.formatting import format_count
 
 if TYPE_CHECKING:
-    from gpt2term.core.checkpoints import Checkpoint, CheckpointStore
+    from gpt2term.core.store.store import CheckpointStore
 
-UNTRAINED_NAME = "gpt2-124M"
 UNTRAINED_HINT = (
     "This model is untrained (random weights): expect gibberish. Train one (`gpt2term train`) or import GPT-2 "
     "weights (`gpt2term ckpt import PATH`), then open it with `gpt2term --checkpoint NAME`."
@@ -79,11 +80,8 @@ def default_device() -> str:
 
 def untrained_gpt2(device: str | None = None) -> AppModel:
     """GPT-2 124M with random weights (seed 123, like `gpt2term generate` without a checkpoint)."""
-    from gpt2term.core.config import preset
-
-    torch.manual_seed(123)
-    model = GPTModel(preset("gpt2-124M")).to(device or default_device()).eval()
-    return AppModel(model, UNTRAINED_NAME, untrained=True, notices=[UNTRAINED_HINT])
+    opened = open_model(None, device=device or default_device())
+    return AppModel(opened.model, opened.name, untrained=True, notices=[UNTRAINED_HINT])
 
 
 def load_app_model(checkpoint: str | None, device: str | None = None) -> AppModel:
@@ -92,12 +90,12 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
 
     Without `checkpoint`, a damaged store never keeps the app from starting: a last-used checkpoint that no longer
     loads is passed over for the next good one (or the untrained model), and the notices say so."""
-    from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
     from gpt2term.core.errors import Gpt2termError
+    from gpt2term.core.store.store import CheckpointStore
 
     store = CheckpointStore()
     if checkpoint is not None:
-        return _from_checkpoint(resolve_weights(checkpoint, store), store, device)
+        return _from_checkpoint(checkpoint, store, device)
     notices: list[str] = []
     last = store.last_used()
     rows = store.list()
@@ -110,7 +108,7 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
     candidates += [row.name for row in good if row.name != first]
     for name in candidates:
         try:
-            app_model = _from_checkpoint(resolve_weights(name, store), store, device)
+            app_model = _from_checkpoint(name, store, device)
         except Gpt2termError as exc:
             notices.append(f"could not open {name!r}: {exc}")
             continue
@@ -121,16 +119,13 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
     return untrained
 
 
-def _from_checkpoint(loaded: Checkpoint, store: CheckpointStore, device: str | None) -> AppModel:
-    model = loaded.build_model(device or default_device())
-    if loaded.store_name:
-        store.mark_used(loaded.store_name)  # opened again next time
-    step = loaded.meta.get("step")
+def _from_checkpoint(spec: str, store: CheckpointStore, device: str | None) -> AppModel:
+    opened = open_model(spec, store, device=device or default_device())
     return AppModel(
-        model,
-        loaded.name,
-        trained_steps=int(step) if isinstance(step, int | float) else None,
-        untrained=step == 0,
-        source=str(loaded.meta.get("source") or ""),
-        notices=list(loaded.notices),
+        opened.model,
+        opened.name,
+        trained_steps=opened.step,
+        untrained=opened.untrained,
+        source=opened.source,
+        notices=opened.notices,
     )

@@ -18,8 +18,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 from textual.worker import Worker
 
-from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore
 from gpt2term.core.interop import find_hf_cached_models
+from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.formatting import format_bytes
 from gpt2term.tui.dialogs import (
     ConfirmScreen,

@@ -26,9 +26,10 @@ from textual.timer import Timer
 from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
 from textual.worker import Worker
 
-from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, LockHolder
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.follow import MetricsFollower
+from gpt2term.core.store.locks import LockHolder
+from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.training import (
     CheckpointEvent,
     FailedEvent,

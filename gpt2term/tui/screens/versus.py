@@ -16,9 +16,10 @@ from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
 from gpt2term.core.accel import accelerate
-from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, resolve_weights
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.resolve import resolve_weights
+from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
 from gpt2term.tui.keymap import key_display

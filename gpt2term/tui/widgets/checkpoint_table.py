@@ -9,7 +9,8 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable, Static
 
-from gpt2term.core.checkpoints import CheckpointInfo, LockHolder
+from gpt2term.core.store.locks import LockHolder
+from gpt2term.core.store.store import CheckpointInfo
 from gpt2term.formatting import format_bytes, format_count, format_time
 
 # (column key, header, value used for sorting)

@@ -18,10 +18,12 @@ from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
 from textual.widgets import Button, Input, Label, Select
 
-from gpt2term.core.checkpoints import CheckpointInfo, CheckpointStore, suggest_name
 from gpt2term.core.config import PRESETS, GPTConfig, preset
+from gpt2term.core.devices import DEVICES
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
+from gpt2term.core.store.layout import suggest_name
+from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.training import TrainingSettings, resume_settings
 from gpt2term.formatting import format_count
 from gpt2term.tui.messages import StoreListed
@@ -31,7 +33,6 @@ DEFAULT_STEPS = 300
 DEFAULT_EVAL_INTERVAL = 25
 DEFAULT_SAVE_INTERVAL = 100
 FINE_TUNE_CONTEXT = 256  # fine-tuning a 1024-context GPT-2 on a CPU: start with shorter windows
-DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16")
 
 # (field id, label, kind): kind "int", "float", "text"; the model's shape first, then the run's.
