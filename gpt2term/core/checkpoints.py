@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import errno
 import json
-import math
 import os
 import re
 import secrets
@@ -63,6 +62,7 @@ from gpt2term.core.interop import (
     torch_load_safely,
     write_safetensors,
 )
+from gpt2term.core.metrics import perplexity
 from gpt2term.core.model import GPTModel
 from gpt2term.formatting import format_bytes
 
@@ -157,13 +157,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable; store plain numbers and strings in meta")
-
-
-def _perplexity(loss: Any) -> float | None:
-    try:
-        return math.exp(min(float(loss), 700.0))
-    except (TypeError, ValueError):
-        return None
 
 
 _WEIGHTS_ONLY_TYPES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.Size, torch.dtype)
@@ -935,7 +928,10 @@ class CheckpointStore:
         record["format"] = FORMAT_VERSION
         for split in ("train", "val"):
             if f"{split}_loss" in new and f"{split}_perplexity" not in new:
-                record[f"{split}_perplexity"] = _perplexity(new[f"{split}_loss"])
+                try:
+                    record[f"{split}_perplexity"] = perplexity(new[f"{split}_loss"])
+                except (TypeError, ValueError):  # a loss that is not a number has no perplexity
+                    record[f"{split}_perplexity"] = None
         return record
 
     @staticmethod

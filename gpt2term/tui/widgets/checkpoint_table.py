@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.widgets import DataTable, Static
 
 from gpt2term.core.checkpoints import CheckpointInfo, LockHolder
+from gpt2term.core.metrics import perplexity
 from gpt2term.formatting import format_bytes, format_count, format_time
 
 # (column key, header, value used for sorting)
@@ -143,7 +144,7 @@ def describe(row: CheckpointInfo | None, writer: LockHolder | None = None) -> Te
     for split in ("train", "val"):
         loss = row.get(f"{split}_loss")
         if isinstance(loss, int | float):
-            ppl = row.get(f"{split}_perplexity") or math.exp(min(loss, 700))
+            ppl = row.get(f"{split}_perplexity") or perplexity(loss)
             losses.append(f"{split} {loss:.3f} (ppl {ppl:,.1f})")
     if losses:
         text.append("loss    ", style="dim")
