@@ -103,8 +103,6 @@ class TrainingSettings:
             raise InputError(f"--val-ratio must be between 0 and 1 (exclusive), got {self.val_ratio}")
         if self.encoding_errors not in ENCODING_ERRORS:
             raise InputError(f"--encoding-errors must be one of {', '.join(ENCODING_ERRORS)}")
-        if self.resume and self.init_from:
-            raise InputError("--resume continues a run and --from starts a new one; give only one of them")
         resolve_dtype(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +124,8 @@ def resume_settings(name: str, store: CheckpointStore | None = None, **overrides
     (steps, epochs, intervals, learning rate, device, ...) but not what defines the run (model, data, batch)."""
     from gpt2term.core.checkpoints import CheckpointStore
 
+    if overrides.get("init_from") is not None:  # a fine-tuned run's own saved `init_from` is no such request
+        raise InputError("--resume continues a run and --from starts a new one; give only one of them")
     store = store or CheckpointStore()
     if not store.exists(name):
         raise InputError(f"no checkpoint named {name!r} to resume; start it without --resume (see gpt2term ckpt list)")
