@@ -19,7 +19,10 @@ DEFAULT_EPOCHS = 1
 MAX_GRAD_ACCUM = 4096  # far past any real use; a larger count is a typo that would make one step run for days
 PYDOC_PROMPT = 'The "for" statement is used to'
 COURSE_PROMPT = "Every effort moves you"
-# Settings that define the run itself: `--resume` keeps them (changing them would not continue the same run).
+# Settings that define the run itself, so `--resume` keeps them: the weights' shape and origin (preset, model,
+# init_from), the text and how it is tokenized, cut and split (corpus, encoding_errors, context_length, stride,
+# val_ratio), and the data order a saved position points into (batch_size, seed). The train form derives its
+# fixed fields from this list.
 FIXED_ON_RESUME = (
     "corpus",
     "preset",
