@@ -140,6 +140,20 @@ def test_training_gradients_and_attention_weights_never_use_the_packed_copy():
     assert len(weights) == 2 and packed_weights(model) is None
 
 
+def _assert_same_tokens_up_to_a_near_tie(model, prompt, expected, got, label):
+    """bf16 weights perturb the residual stream, so two candidates whose float32 logits differ by less than that
+    perturbation may swap: the only place greedy tokens may part is such a near-tie (which kernel the CPU has
+    decides which side of it bf16 lands on). Anywhere else the tokens must agree."""
+    part = next((i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if a != b), None)
+    if part is None:
+        return
+    with torch.inference_mode():
+        logits = _plain_logits(model, torch.tensor([prompt + expected[:part]]))[0, -1]
+    first, second = logits.topk(2).values.tolist()
+    assert got[part] in logits.topk(2).indices.tolist(), f"{label}: token {part} is not even float32's second choice"
+    assert first - second < 1e-3 * abs(first), f"{label}: tokens part at {part} although float32's margin is clear"
+
+
 @needs_accel
 def test_bf16_decoding_matches_fp32_greedy_tokens_and_keeps_float32_logits():
     for seed in (0, 6):
@@ -149,7 +163,7 @@ def test_bf16_decoding_matches_fp32_greedy_tokens_and_keeps_float32_logits():
         accelerate(model, "bf16")
         assert packed_weights(model) is not None and packed_weights(model).dtype == torch.bfloat16
         bf16 = _greedy(model, prompt, 50)
-        assert bf16 == fp32, f"seed {seed}"
+        _assert_same_tokens_up_to_a_near_tie(model, prompt, fp32, bf16, f"seed {seed}")
         with torch.inference_mode():
             ids = torch.tensor([prompt])
             got = model(ids, last_only=True)[0, -1]

@@ -178,6 +178,50 @@ def _check_loadable_state(value: Any, where: str) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------- symlinks
+# The store writes only real files in real folders of its own: a symbolic link (a checkpoint folder, or a
+# metrics.jsonl, pointing elsewhere) is read through, but never written through, and removing one removes the link.
+
+
+def _lexists(path: Path) -> bool:
+    """Whether anything is there, a dangling symbolic link included (Path.exists() follows links)."""
+    return os.path.lexists(path)
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove a staging leftover or a checkpoint: a link (or file) is unlinked, never followed; a folder is removed."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_for_append(folder: Path, filename: str) -> int:
+    """A file descriptor appending to `folder/filename`, refusing (CheckpointError) where either is a symbolic link:
+    lines meant for the store never land in a file elsewhere."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | nofollow | getattr(os, "O_CLOEXEC", 0)
+    try:
+        if nofollow and hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd:
+            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | nofollow)
+            try:
+                return os.open(filename, flags, 0o644, dir_fd=folder_fd)
+            finally:
+                os.close(folder_fd)
+        if folder.is_symlink() or (folder / filename).is_symlink():
+            raise OSError(errno.ELOOP, "is a symbolic link")
+        return os.open(folder / filename, flags, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+            raise
+        link = folder if folder.is_symlink() else folder / filename
+        raise CheckpointError(
+            f"{link} is a symbolic link; the store never writes through links: replace it with a real "
+            f"{'folder' if link == folder else 'file'} (or delete it) and retry"
+        ) from exc
+
+
 # ------------------------------------------------------------------------------------------------------ listing
 
 
@@ -249,7 +293,69 @@ def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
 
 
-_SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # float weights only: the model computes in floats
+MAX_HEADER_BYTES = 100_000_000
+MAX_META_BYTES = 16_000_000
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON whole number that every formatter can show (a 400-digit one overflows float conversions)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_date(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        dt.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+# meta.json's fields and what the store writes in them (None is always allowed: not known, or not yet trained).
+# Everything that shows or sorts a listing relies on these types, so a field of another type marks the checkpoint
+# damaged (with the field named) instead of crashing whoever reads it.
+_META_FIELDS: dict[str, tuple[Any, str]] = {
+    "step": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "tokens_seen": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "parameters": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "format": (_is_int, "a whole number"),
+    "train_loss": (_is_number, "a number"),
+    "val_loss": (_is_number, "a number"),
+    "train_perplexity": (_is_number, "a number"),
+    "val_perplexity": (_is_number, "a number"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "copied_from": (lambda v: isinstance(v, str), "a string"),
+    "created": (_is_date, "an ISO date string"),
+    "updated": (_is_date, "an ISO date string"),
+    "notices": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of strings"),
+    "training": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _meta_problem(meta: dict) -> tuple[GPTConfig | None, str | None]:
+    """meta.json's config, or why meta.json cannot be trusted (one line, naming the field)."""
+    for key, (ok, what) in _META_FIELDS.items():
+        value = meta.get(key)
+        if value is not None and not ok(value):
+            return None, f"{META_FILE}: {key} must be {what}, got {_short(value)}"
+    if "config" not in meta:
+        return None, f"{META_FILE} has no config"
+    try:
+        return GPTConfig.from_dict(meta["config"], complete=True), None
+    except Gpt2termError as exc:
+        return None, f"{META_FILE} has an invalid config: {exc}"
 
 
 def _safetensors_problem(path: Path, cfg: GPTConfig) -> str | None:
@@ -261,30 +367,54 @@ def _safetensors_problem(path: Path, cfg: GPTConfig) -> str | None:
             if len(raw) < 8:
                 return f"{WEIGHTS_FILE} is truncated ({size} bytes)"
             header_len = struct.unpack("<Q", raw)[0]
-            if header_len > min(size - 8, 100_000_000):
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
                 return f"{WEIGHTS_FILE} is truncated or not a safetensors file (bad header length)"
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return f"{WEIGHTS_FILE} is unreadable ({exc})"
-    header.pop("__metadata__", None)
-    try:
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-        shapes = {k: tuple(t["shape"]) for k, t in header.items()}
-        dtypes = {k: t["dtype"] for k, t in header.items()}
-    except (KeyError, TypeError, ValueError, IndexError):
-        return f"{WEIGHTS_FILE} has a malformed header"
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"{WEIGHTS_FILE} is unreadable ({str(exc)[:100]})"
+    if not isinstance(header, dict):
+        return f"{WEIGHTS_FILE} has a malformed header (a JSON {type(header).__name__}, not an object)"
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        return f"{WEIGHTS_FILE} has a malformed header (__metadata__ is not an object of strings)"
+    end = 0
+    for k, t in header.items():
+        problem = _tensor_entry_problem(t)
+        if problem:
+            return f"{WEIGHTS_FILE} has a malformed header ({k}: {problem})"
+        end = max(end, t["data_offsets"][1])
     if 8 + header_len + end > size:
         return f"{WEIGHTS_FILE} is truncated ({size} of {8 + header_len + end} bytes); it was cut off while written"
     expected = _expected_shapes(cfg)
-    missing = [k for k in expected if k not in shapes]
+    missing = [k for k in expected if k not in header]
     if missing:
         return f"{WEIGHTS_FILE} lacks {len(missing)} tensors of the config, e.g. {missing[0]}"
+    unexpected = [k for k in header if k not in expected and not k.endswith(".att.mask")]
+    if unexpected:
+        return f"{WEIGHTS_FILE} holds {len(unexpected)} tensors the config has no place for, e.g. {unexpected[0]}"
     for k, shape in expected.items():
-        if shapes[k] != shape:
-            return f"{k} has shape {list(shapes[k])} but meta.json's config expects {list(shape)}"
-    for k, dtype in dtypes.items():
-        if dtype not in _SAFETENSORS_SIZES and dtype not in ("BOOL", "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"):
-            return f"{k} has an unknown dtype {dtype}"
+        if tuple(header[k]["shape"]) != shape:
+            return f"{k} has shape {list(header[k]['shape'])} but meta.json's config expects {list(shape)}"
+    for k, t in header.items():
+        if t["dtype"] not in _SAFETENSORS_SIZES:
+            return f"{k} has dtype {t['dtype']}; weights must be floats ({', '.join(_SAFETENSORS_SIZES)})"
+    return None
+
+
+def _tensor_entry_problem(t: Any) -> str | None:
+    if not isinstance(t, dict):
+        return "not an object"
+    dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+    if not isinstance(dtype, str):
+        return "no dtype"
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        return "bad shape"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
+        return "bad data_offsets"
+    if offsets[0] > offsets[1]:
+        return "bad data_offsets"
+    if dtype in _SAFETENSORS_SIZES and offsets[1] - offsets[0] != math.prod(shape) * _SAFETENSORS_SIZES[dtype]:
+        return f"its {offsets[1] - offsets[0]} bytes do not hold a {dtype} tensor of shape {shape}"
     return None
 
 
@@ -303,6 +433,10 @@ def inspect_folder(path: Path, name: str | None = None) -> CheckpointInfo:
     name = name or path.name
     meta: dict | None = None
     damaged: str | None = None
+    if path.is_symlink() and not path.is_dir():
+        target = os.readlink(path)
+        reason = f"a symbolic link to {target}, which is not a folder; rm removes the link (not what it points to)"
+        return CheckpointInfo(name, path, None, reason, 0, False, None)
     size = _folder_size(path)
     optimizer = path / OPTIMIZER_FILE
     has_optimizer = optimizer.is_file() and zipfile.is_zipfile(optimizer)
@@ -314,27 +448,33 @@ def inspect_folder(path: Path, name: str | None = None) -> CheckpointInfo:
             damaged = f"{META_FILE} is missing; re-import the weights or rm this checkpoint"
     else:
         try:
+            if meta_file.stat().st_size > MAX_META_BYTES:  # e.g. a link to a huge file: not read into memory
+                raise ValueError(f"{meta_file.stat().st_size:,} bytes, far more than any meta.json")
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            meta, damaged = None, f"{META_FILE} is unreadable ({exc})"
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            meta, damaged = None, f"{META_FILE} is unreadable ({str(exc)[:100]})"
     if damaged is None:
         assert meta is not None
-        try:
-            cfg = GPTConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError, Gpt2termError) as exc:
-            damaged = f"{META_FILE} has no valid config ({exc})"
-        else:
+        cfg, damaged = _meta_problem(meta)
+        if cfg is not None:
             if not (path / WEIGHTS_FILE).is_file():
                 damaged = f"{WEIGHTS_FILE} is missing"
             else:
                 damaged = _safetensors_problem(path / WEIGHTS_FILE, cfg)
+    if damaged is not None and meta is not None:
+        meta = _displayable(meta)
     updated = (meta or {}).get("updated")
     if not updated:
         with contextlib.suppress(OSError):
             updated = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
     return CheckpointInfo(name, path, meta, damaged, size, has_optimizer, updated)
+
+
+def _displayable(meta: dict) -> dict:
+    """A damaged checkpoint's meta without the fields of a wrong type, so tables and details can still show the rest."""
+    return {k: v for k, v in meta.items() if k not in _META_FIELDS or v is None or _META_FIELDS[k][0](v)}
 
 
 def load_folder(path: Path, name: str | None = None, *, with_state: bool = False) -> Checkpoint:
@@ -502,8 +642,8 @@ def _write_new_file(path: Path, data: bytes) -> None:
 
 def _append_line(path: Path, data: bytes) -> None:
     """Append all of `data` or nothing: a write cut short (a full disk) is truncated away, so no half line is left
-    for the next line to be glued to."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for the next line to be glued to. Never through a symbolic link (see _open_for_append)."""
+    fd = _open_for_append(path.parent, path.name)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -725,13 +865,13 @@ class CheckpointStore:
             try:
                 final = self.root / name
                 for path, match in sorted(entries, key=lambda e: e[1]["kind"] != "old"):
-                    if not path.exists():
+                    if not _lexists(path):
                         continue
-                    if match["kind"] == "old" and not final.exists():
+                    if match["kind"] == "old" and not _lexists(final):
                         os.rename(path, final)
                         fsync_path(self.root)
                     else:
-                        shutil.rmtree(path, ignore_errors=True)
+                        _remove_entry(path)
             except OSError:
                 pass
             finally:
@@ -747,7 +887,7 @@ class CheckpointStore:
     def _existing_path(self, name: str) -> Path | None:
         self._recover(name)
         path = self.path(name)
-        if path.is_dir():
+        if path.is_dir() or path.is_symlink():
             return path
         return self._old_in_flight(name)
 
@@ -778,7 +918,9 @@ class CheckpointStore:
         except OSError:
             return []
         for entry in children:
-            if entry.name.startswith(".") or not entry.is_dir() or not NAME_RE.match(entry.name):
+            if entry.name.startswith(".") or not NAME_RE.match(entry.name):
+                continue
+            if not entry.is_dir() and not entry.is_symlink():
                 continue
             rows[entry.name] = inspect_folder(Path(entry.path), entry.name)
         for path, match in self._staging_entries():  # overwrites caught between their two renames
@@ -796,18 +938,18 @@ class CheckpointStore:
         return self.load(name).build_model(device)
 
     def read_metrics(self, name: str) -> list[dict]:
-        """The run's events, oldest first. A line still being written (or cut off by a crash) is skipped."""
-        try:
-            text = self.metrics_path(name).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+        """The run's events, oldest first. A line still being written (or cut off by a crash), or holding values no
+        screen can show (non-finite, huge, wrongly typed), is skipped."""
+        from gpt2term.core.follow import parse_metrics_line
+
+        path = self.metrics_path(name)
+        if not path.is_file():  # missing; or a FIFO or device behind a link, which would block or never end
             return []
-        records = []
-        for line in text.splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return []
+        return [record for line in text.splitlines() if (record := parse_metrics_line(line)) is not None]
 
     # ---------------------------------------------------------------- writing
 
@@ -902,10 +1044,10 @@ class CheckpointStore:
         for path, match in self._staging_entries():
             if match["name"] != name or int(match["pid"]) == os.getpid():
                 continue
-            if match["kind"] == "old" and not final.exists():
+            if match["kind"] == "old" and not _lexists(final):
                 os.rename(path, final)
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_entry(path)
 
     @staticmethod
     def _read_meta(folder: Path) -> dict:
@@ -919,7 +1061,7 @@ class CheckpointStore:
     def _merged_meta(old: dict, new: dict, model: GPTModel) -> dict:
         now = _now()
         record: dict[str, Any] = {k: None for k in META_KEYS}
-        record.update(old)
+        record.update(_displayable(old))  # a field of a wrong type in the old meta.json is dropped, not carried
         record.update(new)
         record["config"] = model.cfg.to_dict()
         record["parameters"] = model.num_parameters()
@@ -956,27 +1098,31 @@ class CheckpointStore:
 
     @staticmethod
     def _carry_metrics(src: Path, dst: Path) -> None:
-        """Hard-link the run's metrics into the new folder: one file, so lines appended meanwhile are kept."""
+        """Hard-link the run's metrics into the new folder: one file, so lines appended meanwhile are kept.
+        A link is carried as the link itself (appends refuse it), and nothing is carried out of a linked folder:
+        a hard link to a file outside the store would let the store write there."""
+        if src.parent.is_symlink():
+            return
         try:
-            os.link(src, dst)
+            os.link(src, dst, follow_symlinks=False)
         except OSError:  # filesystems without hard links
-            shutil.copy2(src, dst)
+            shutil.copy2(src, dst, follow_symlinks=False)
 
     def _put_in_place(self, tmp: Path, final: Path, name: str) -> None:
         """Rename the complete new folder into place; an existing one is moved aside first and deleted last."""
         old = None
-        if final.exists():
+        if _lexists(final):
             old = self._staging(name, "old")
             os.rename(final, old)
         try:
             os.rename(tmp, final)
         except BaseException:
-            if old is not None and not final.exists():
+            if old is not None and not _lexists(final):
                 os.rename(old, final)  # interrupted between the renames: put the old one back
             raise
         fsync_path(self.root)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_entry(old)
 
     def rename(self, old: str, new: str) -> None:
         """`ckpt mv`: one atomic rename of the folder; refused while either name is being written."""
@@ -986,9 +1132,9 @@ class CheckpointStore:
             raise CheckpointError(f"a checkpoint named {new!r} already exists; rm it first or pick another name")
         with self._writing(old, "rename"), self._writing(new, "rename"):
             self._recover_own(old)
-            if not self.path(old).is_dir():
+            if not self.path(old).is_dir() and not self.path(old).is_symlink():
                 raise CheckpointError(f"no checkpoint named {old!r}; see `gpt2term ckpt list` for the names")
-            if self.path(new).exists():
+            if _lexists(self.path(new)):
                 raise CheckpointError(f"a checkpoint named {new!r} already exists; rm it first or pick another name")
             os.rename(self.path(old), self.path(new))
             fsync_path(self.root)
@@ -1049,12 +1195,16 @@ class CheckpointStore:
         with self._writing(name, "delete"):
             self._recover_own(name)
             path = self.path(name)
-            if not path.is_dir():
+            if path.is_symlink():  # the link goes, never what it points to
+                path.unlink()
+                fsync_path(self.root)
+            elif not path.is_dir():
                 raise CheckpointError(f"no checkpoint named {name!r}; see `gpt2term ckpt list` for the names")
-            doomed = self._staging(name, "deleted")
-            os.rename(path, doomed)
-            fsync_path(self.root)
-            shutil.rmtree(doomed, ignore_errors=True)
+            else:
+                doomed = self._staging(name, "deleted")
+                os.rename(path, doomed)
+                fsync_path(self.root)
+                _remove_entry(doomed)
         state = self._read_state()
         if state.get("most_recent_checkpoint") == name:
             state.pop("most_recent_checkpoint")
@@ -1138,6 +1288,11 @@ class CheckpointStore:
         state["most_recent_checkpoint"] = name
         self._write_state(state)
 
+    def last_used(self) -> str | None:
+        """The checkpoint `mark_used` remembered, whether or not it still exists or loads."""
+        name = self._read_state().get("most_recent_checkpoint")
+        return name if isinstance(name, str) else None
+
     def most_recent(self) -> str | None:
         """The last checkpoint used, if it still loads; else the most recently updated loadable one; else None."""
         rows = [row for row in self.list() if row.damaged is None]
@@ -1172,6 +1327,8 @@ def resolve_weights(
     if path.exists():
         if is_checkpoint_folder(path):
             return _usable(load_folder(path, suggest_name(path.name)))
+        if path.name == WEIGHTS_FILE and is_checkpoint_folder(path.parent):  # our model.safetensors, by its path
+            return _usable(load_folder(path.parent, suggest_name(path.parent.name)))
         loaded = load_weights_file(path)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
     else:

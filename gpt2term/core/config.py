@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
+from numbers import Integral, Real
 from typing import Any
 
-from gpt2term.core.errors import InputError
+from gpt2term.core.errors import ConfigError, InputError
+
+# Ceilings: GPT-2's largest size (1558M: 48 layers, 1600 dims, 25 heads, context 1024, vocabulary 50257) times a
+# generous factor. A damaged or hostile config.json / meta.json is refused here instead of allocating for minutes.
+MAX_SIZES = {
+    "vocab_size": 1_000_000,
+    "context_length": 65_536,
+    "emb_dim": 16_384,
+    "n_heads": 1_024,
+    "n_layers": 512,
+}
+MAX_PARAMETERS = 20_000_000_000  # about 13 times GPT-2 1558M; 80 GB of float32 weights
 
 
 @dataclass(frozen=True)
@@ -21,15 +34,41 @@ class GPTConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> GPTConfig:
+        """Types, ranges and sizes, checked in one place for every way a config arrives (meta.json, a Hugging Face
+        config.json, shapes read off a weights file, command-line flags, the app's form). Raises ConfigError with a
+        one-line reason naming the field; returns self so callers can chain it."""
+        for name, ceiling in MAX_SIZES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+            if value > ceiling:
+                raise ConfigError(f"{name} {value:,} is too large (at most {ceiling:,}); pick a smaller model")
         if self.emb_dim % self.n_heads:
-            raise InputError(
+            raise ConfigError(
                 f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}; pick sizes where it is"
             )
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise InputError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        rate = self.drop_rate
+        if isinstance(rate, bool) or not isinstance(rate, Real) or not math.isfinite(rate) or not 0.0 <= rate < 1.0:
+            raise ConfigError(f"drop_rate must be a number in [0, 1), got {rate!r}")
+        if not isinstance(self.qkv_bias, bool):
+            raise ConfigError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if self.parameters() > MAX_PARAMETERS:
+            raise ConfigError(
+                f"this config has {self.parameters():,} parameters, more than the {MAX_PARAMETERS:,} allowed "
+                f"({self.n_layers} layers of {self.emb_dim} dims, vocabulary {self.vocab_size:,}); pick a smaller model"
+            )
+        return self
+
+    def parameters(self) -> int:
+        """GPTModel's parameter count, by arithmetic (the config can be judged before anything is allocated)."""
+        d = self.emb_dim
+        per_layer = 12 * d * d + (13 if self.qkv_bias else 10) * d
+        return 2 * self.vocab_size * d + self.context_length * d + self.n_layers * per_layer + 2 * d
 
     @property
     def head_dim(self) -> int:
@@ -39,9 +78,15 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
-        """Accepts the course's dict (and ignores unknown keys, so newer files still load)."""
-        names = {f.name for f in fields(cls)}
+    def from_dict(cls, data: dict[str, Any], *, complete: bool = False) -> GPTConfig:
+        """Accepts the course's dict (and ignores unknown keys, so newer files still load). With `complete`
+        (files we wrote ourselves), a missing field is an error rather than a default."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be an object of sizes, got {data!r}"[:200])
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if complete and missing:
+            raise ConfigError(f"config lacks {missing[0]}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def with_(self, **changes: Any) -> GPTConfig:

@@ -19,3 +19,7 @@ class InputError(Gpt2termError):
 
 class StorageError(CheckpointError):
     """The disk refused a write (full, read-only, no permission); the message says what was kept intact."""
+
+
+class ConfigError(InputError):
+    """A model config with a wrong type or a size that cannot work (or would not fit in any machine's memory)."""

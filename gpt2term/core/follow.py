@@ -11,6 +11,7 @@ with the same history, or from its beginning (`reset`) if it is another run's (`
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,42 @@ from typing import IO, Any
 
 HEAD_BYTES = 4096  # enough of the first line (the start event) to tell one run's file from another's
 CHUNK_BYTES = 1 << 21  # at most this much per poll, so following a long run's file never blocks its reader
+MAX_NUMBER = 1e300  # larger values (1e308, or 1e309 which JSON reads as inf) would overflow sums and plots
+
+# The fields of training events that screens compute with and format, and what they must hold. A line where one
+# holds something else (a damaged or hand-edited file) is skipped like a line that is not JSON.
+_INT_FIELDS = {"step", "total_steps", "epoch", "tokens_seen", "parameters", "world_size", "train_tokens",
+               "val_tokens", "tokens_per_step", "last_good_step"}  # fmt: skip
+_FLOAT_FIELDS = {"loss", "lr", "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "train_loss", "val_loss",
+                 "train_perplexity", "val_perplexity", "steps_per_epoch"}  # fmt: skip
+_OPTIONAL_FIELDS = {"eta_s", "train_loss", "val_loss", "last_good_step"}
+
+
+def _sane_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) < 2**63 if isinstance(value, int) else math.isfinite(value) and abs(value) <= MAX_NUMBER
+
+
+def parse_metrics_line(line: bytes | str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a record, or None when it is not one that can be shown: not JSON, not an object,
+    or a training field holding a non-finite, huge or wrongly typed value."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None  # a line cut off by a crash, then appended to
+    if not isinstance(record, dict):
+        return None
+    for key, value in record.items():
+        if value is None and key in _OPTIONAL_FIELDS:
+            continue
+        if key in _INT_FIELDS and not (isinstance(value, int) and _sane_number(value)):
+            return None
+        if key in _FLOAT_FIELDS and not _sane_number(value):
+            return None
+        if isinstance(value, float) and not _sane_number(value):
+            return None
+    return record
 
 
 @dataclass
@@ -51,6 +88,8 @@ class MetricsFollower:
         self.close()
 
     def _open(self) -> tuple[IO[bytes], tuple[int, int]] | None:
+        if not self.path.is_file():  # a FIFO or a device would block or never end
+            return None
         try:
             handle = open(self.path, "rb")  # noqa: SIM115 (kept open across polls)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -86,7 +125,7 @@ class MetricsFollower:
         return reset
 
     def poll(self) -> FollowUpdate:
-        """The complete lines added since the last poll, parsed; lines that are not JSON objects are skipped."""
+        """The complete lines added since the last poll, parsed; lines `parse_metrics_line` refuses are skipped."""
         reset = self._switch_if_replaced()
         update = FollowUpdate(reset=reset)
         if self._file is None:
@@ -102,10 +141,7 @@ class MetricsFollower:
         update.more = len(data) == self.chunk_bytes
         self._offset += end + 1
         for line in data[: end + 1].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a crash, then appended to
-            if isinstance(record, dict):
+            record = parse_metrics_line(line)
+            if record is not None:
                 update.records.append(record)
         return update

@@ -61,6 +61,11 @@ def load_state_dict_checked(model: GPTModel, state_dict: dict[str, torch.Tensor]
             "is it a GPT-2 / gpt2term / book GPTModel file?"
         )
     for k, v in own.items():
+        if not state_dict[k].is_floating_point():
+            raise CheckpointError(
+                f"{source}: {k} holds {str(state_dict[k].dtype).removeprefix('torch.')} numbers; weights must be "
+                "floats (quantized files cannot be loaded)"
+            )
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise CheckpointError(
                 f"{source}: {k} has shape {tuple(state_dict[k].shape)} but the config expects {tuple(v.shape)}; "
@@ -237,17 +242,25 @@ def load_hf(path: Path) -> LoadedWeights:
     if not file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors in this folder; point at a save_pretrained() folder")
     sd = read_safetensors(file)
+    if "tok_emb.weight" in sd:  # the course's names: a model.safetensors of gpt2term's store, copied out
+        return load_course_safetensors(file, sd)
     notices = []
     config_file = folder / "config.json"
     if config_file.is_file():
         try:
             cfg = config_from_hf(json.loads(config_file.read_text()))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, Gpt2termError) as exc:
             raise CheckpointError(
                 f"{config_file}: not a GPT-2 config.json ({exc}); remove it to infer from shapes"
             ) from exc
     else:
-        cfg = infer_hf_config(sd)
+        try:
+            cfg = infer_hf_config(sd)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"{file}: not a GPT-2 model (neither Hugging Face names such as wte.weight nor gpt2term's such as "
+                "tok_emb.weight)"
+            ) from exc
         notices.append(
             f"no config.json beside {file.name}: config inferred from shapes with {HEAD_DIM_GUESS}-dimensional heads "
             f"({cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.emb_dim} dims)"
@@ -262,6 +275,32 @@ def load_hf(path: Path) -> LoadedWeights:
             "the config.json does not belong to these weights"
         ) from exc
     return LoadedWeights(ours, cfg, f"huggingface:{file}", notices)
+
+
+def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor]) -> LoadedWeights:
+    """A safetensors file in the course's names (gpt2term's own): the config from the meta.json beside it when there
+    is one, else read off the shapes."""
+    meta_file = file.parent / "meta.json"
+    cfg = None
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if isinstance(meta, dict) and "config" in meta:
+                cfg = GPTConfig.from_dict(meta["config"], complete=True)
+        except (OSError, ValueError, RecursionError, Gpt2termError) as exc:
+            raise CheckpointError(f"{meta_file}: no usable config ({exc}); remove it to infer from shapes") from exc
+    notices = []
+    if cfg is None:
+        try:
+            cfg = infer_book_config(sd)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{file}: not a whole GPTModel (no {exc}); is the file complete?") from exc
+        notices.append(
+            f"no meta.json beside {file.name}: config read off its shapes ({cfg.n_layers} layers, {cfg.emb_dim} "
+            f"dims, context {cfg.context_length}), assuming {cfg.n_heads} heads of {HEAD_DIM_GUESS} dims"
+        )
+    sd = {k: v for k, v in sd.items() if not k.endswith(".att.mask")}
+    return LoadedWeights(sd, cfg, f"safetensors:{file}", notices)
 
 
 # ------------------------------------------------------------------------------------------- the book's .pth files

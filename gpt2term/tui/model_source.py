@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gpt2term.core.accel import accelerate
 from gpt2term.core.model import GPTModel
 from gpt2term.formatting import format_count
+
+if TYPE_CHECKING:
+    from gpt2term.core.checkpoints import Checkpoint, CheckpointStore
 
 UNTRAINED_NAME = "gpt2-124M"
 UNTRAINED_HINT = (
@@ -84,14 +88,40 @@ def untrained_gpt2(device: str | None = None) -> AppModel:
 
 def load_app_model(checkpoint: str | None, device: str | None = None) -> AppModel:
     """The model the app opens: `checkpoint` (a store name or a path, as `generate --checkpoint` takes), else the
-    most recently used checkpoint in the store, else an untrained GPT-2 124M."""
+    most recently used checkpoint in the store, else an untrained GPT-2 124M.
+
+    Without `checkpoint`, a damaged store never keeps the app from starting: a last-used checkpoint that no longer
+    loads is passed over for the next good one (or the untrained model), and the notices say so."""
     from gpt2term.core.checkpoints import CheckpointStore, resolve_weights
+    from gpt2term.core.errors import Gpt2termError
 
     store = CheckpointStore()
-    spec = checkpoint or store.most_recent()
-    if spec is None:
-        return untrained_gpt2(device)
-    loaded = resolve_weights(spec, store)
+    if checkpoint is not None:
+        return _from_checkpoint(resolve_weights(checkpoint, store), store, device)
+    notices: list[str] = []
+    last = store.last_used()
+    rows = store.list()
+    damaged = {row.name: row.damaged for row in rows if row.damaged}
+    if last in damaged:
+        notices.append(f"the last checkpoint used, {last!r}, is damaged ({damaged[last]}); opening another")
+    first = store.most_recent()
+    good = sorted((row for row in rows if not row.damaged), key=lambda row: row.updated or "", reverse=True)
+    candidates = [first] if first else []
+    candidates += [row.name for row in good if row.name != first]
+    for name in candidates:
+        try:
+            app_model = _from_checkpoint(resolve_weights(name, store), store, device)
+        except Gpt2termError as exc:
+            notices.append(f"could not open {name!r}: {exc}")
+            continue
+        app_model.notices[:0] = notices
+        return app_model
+    untrained = untrained_gpt2(device)
+    untrained.notices[:0] = notices
+    return untrained
+
+
+def _from_checkpoint(loaded: Checkpoint, store: CheckpointStore, device: str | None) -> AppModel:
     model = loaded.build_model(device or default_device())
     if loaded.store_name:
         store.mark_used(loaded.store_name)  # opened again next time

@@ -27,6 +27,8 @@ from gpt2term.core.training import (
 )
 from gpt2term.formatting import format_count
 
+MAX_VALUE = 1e300  # beyond it (1e308) the sums of downsampling and plotting overflow
+
 
 @dataclass
 class Series:
@@ -36,7 +38,12 @@ class Series:
     values: list[float] = field(default_factory=list)
 
     def add(self, step: int, value: float) -> None:
-        if not math.isfinite(value):
+        """Values that cannot be drawn (non-finite, huge, not numbers, at an impossible step) are left out."""
+        try:
+            if not (math.isfinite(value) and abs(value) <= MAX_VALUE and 0 <= step < 2**63):
+                return
+            step, value = int(step), float(value)
+        except (TypeError, ValueError, OverflowError):
             return
         if self.steps and step <= self.steps[-1]:
             keep = next((i for i, s in enumerate(self.steps) if s >= step), len(self.steps))

@@ -51,7 +51,7 @@ def loss_history(records: list[dict]) -> tuple[Series, Series]:
                 train.add(int(record["step"]), float(record["loss"]))
             elif record.get("type") == "eval":
                 val.add(int(record["step"]), float(record["val_loss"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # int(1e309): the store skips such lines already
             continue
     return train, val
 
