@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import errno
 import json
+import math
 import os
 import re
 import secrets
