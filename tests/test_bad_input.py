@@ -64,7 +64,7 @@ CASES = [
     ((*G, "--dtype", "fp8"), "--dtype", None),
     (("generate", "   ", "-c", "tiny"), "prompt is empty", None),
     (("generate", "Hello", "-c", "/nonexistent/weights"), "/nonexistent/weights", None),
-    # train: TrainingSettings.validate and the memory estimate (core/training.py, core/memory.py)
+    # train: TrainingSettings.validate and the memory estimate (core/training/settings.py, core/memory.py)
     ((*T, "--lr", "nan"), "--lr", SUBPROCESS),
     ((*T, "--lr", "inf"), "--lr", None),
     ((*T, "--lr", "0"), "--lr", None),

@@ -206,6 +206,17 @@ def test_fine_tuning_from_a_checkpoint_starts_a_new_run_from_its_weights(corpus_
     assert all(torch.allclose(base[k], tuned[k], atol=1e-6) for k in base)
 
 
+def test_a_fine_tuned_run_resumes_like_any_other(corpus_file):
+    run(small_settings(corpus_file, name="base", max_steps=2))
+    run(small_settings(corpus_file, name="tuned", init_from="base", max_steps=2))
+    events, _ = run(resume_settings("tuned", max_steps=4))
+    start = of_type(events, "start")[0]
+    assert start.resumed and start.step == 2 and start.source == "fine-tuned from base"
+    assert CheckpointStore().info("tuned").get("step") == 4
+    with pytest.raises(InputError, match="--resume continues a run and --from starts a new one"):
+        resume_settings("tuned", init_from="base")
+
+
 def test_an_existing_name_is_not_overwritten_by_accident(corpus_file):
     run(small_settings(corpus_file, max_steps=1))
     with pytest.raises(InputError, match="already exists.*--resume.*--overwrite"):

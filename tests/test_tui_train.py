@@ -7,6 +7,7 @@ message that carried them; following a file written elsewhere waits on the scree
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.training import (
+    FIXED_ON_RESUME,
     CheckpointEvent,
     EvalEvent,
     FinishedEvent,
@@ -38,6 +40,7 @@ from gpt2term.tui.messages import TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState, Series
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.train import TrainScreen
+from gpt2term.tui.widgets import train_form
 from gpt2term.tui.widgets.train_form import DEFAULT_STEPS
 from gpt2term.tui.widgets.training_charts import MetricSparkline
 
@@ -285,6 +288,8 @@ def test_resume_from_the_checkpoints_screen_continues_the_run(corpus_file):
             assert str(form.query_one("#model").value) == "resume:first"
             assert form.query_one("#max_steps").value == "8"  # it did its 4 steps: as many again
             assert form.query_one("#corpus").disabled and form.query_one("#name").value == "first"
+            disabled = {f for f, _, _ in train_form.FIELDS if form.query_one(f"#{f}").disabled}
+            assert disabled == {*train_form.FIXED_ON_RESUME, "name"}  # what --resume keeps, and the name
             recorder = await start(pilot, screen)
             await app.workers.wait_for_complete()
             await settle(pilot, lambda: not screen.run_active, "the run ended")
@@ -294,6 +299,16 @@ def test_resume_from_the_checkpoints_screen_continues_the_run(corpus_file):
             assert store.info("first").get("step") == 8
 
     asyncio.run(scenario())
+
+
+def test_the_form_keeps_on_resume_exactly_what_the_core_keeps():
+    settings = {f.name for f in dataclasses.fields(TrainingSettings)}
+    for field_id, _, _ in train_form.FIELDS:
+        setting = train_form.FIELD_SETTINGS.get(field_id, field_id)
+        assert setting in settings, f"the field {field_id} edits no setting"
+        assert (field_id in train_form.FIXED_ON_RESUME) == (setting in FIXED_ON_RESUME), field_id
+    kept = {"corpus", *train_form.MODEL_FIELDS, "context_length", "batch_size", "seed"}
+    assert set(train_form.FIXED_ON_RESUME) == kept
 
 
 def start_event(name: str) -> StartEvent:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gpt2term.core import metrics
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
@@ -245,7 +246,7 @@ def generate(
                         Candidate(int(i), tokenizer.token_text(int(i)), float(p))
                         for p, i in zip(top_p.tolist(), top_i.tolist(), strict=True)
                     ),
-                    perplexity=math.exp(nll_sum / (index + 1)),
+                    perplexity=metrics.perplexity(nll_sum / (index + 1)),
                     elapsed_s=time.perf_counter() - started,
                 )
                 ids.append(token)
@@ -272,7 +273,7 @@ class Score:
     def perplexity(self) -> float | None:
         if not self.logprobs:
             return None
-        return math.exp(-sum(self.logprobs) / len(self.logprobs))
+        return metrics.perplexity(-sum(self.logprobs) / len(self.logprobs))
 
     @property
     def loss(self) -> float | None:
@@ -315,7 +316,7 @@ class Continuation:
 
     @property
     def perplexity(self) -> float | None:
-        return math.exp(-self.logprob / len(self.token_ids)) if self.token_ids else None
+        return metrics.perplexity(-self.logprob / len(self.token_ids)) if self.token_ids else None
 
 
 def beam_search(

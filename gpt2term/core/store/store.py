@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import re
 import secrets
@@ -51,6 +50,7 @@ from gpt2term.core.interop import (
     torch_load_safely,
     write_safetensors,
 )
+from gpt2term.core.metrics import perplexity
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.atomic import (
     append_line,
@@ -89,14 +89,6 @@ from gpt2term.core.store.validate import (
     non_finite_tensor,
     safetensors_problem,
 )
-
-
-def _perplexity(loss: Any) -> float | None:
-    try:
-        return math.exp(min(float(loss), 700.0))
-    except (TypeError, ValueError):
-        return None
-
 
 # ------------------------------------------------------------------------------------------------------ listing
 
@@ -517,7 +509,10 @@ class CheckpointStore:
         record["format"] = FORMAT_VERSION
         for split in ("train", "val"):
             if f"{split}_loss" in new and f"{split}_perplexity" not in new:
-                record[f"{split}_perplexity"] = _perplexity(new[f"{split}_loss"])
+                try:
+                    record[f"{split}_perplexity"] = perplexity(new[f"{split}_loss"])
+                except (TypeError, ValueError):  # a loss that is not a number has no perplexity
+                    record[f"{split}_perplexity"] = None
         return record
 
     _torch_save = staticmethod(torch_save_synced)

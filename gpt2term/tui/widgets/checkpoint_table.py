@@ -9,6 +9,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable, Static
 
+from gpt2term.core.metrics import perplexity
 from gpt2term.core.store.locks import LockHolder
 from gpt2term.core.store.store import CheckpointInfo
 from gpt2term.formatting import format_bytes, format_count, format_time
@@ -144,7 +145,7 @@ def describe(row: CheckpointInfo | None, writer: LockHolder | None = None) -> Te
     for split in ("train", "val"):
         loss = row.get(f"{split}_loss")
         if isinstance(loss, int | float):
-            ppl = row.get(f"{split}_perplexity") or math.exp(min(loss, 700))
+            ppl = row.get(f"{split}_perplexity") or perplexity(loss)
             losses.append(f"{split} {loss:.3f} (ppl {ppl:,.1f})")
     if losses:
         text.append("loss    ", style="dim")

@@ -24,6 +24,7 @@ from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.layout import suggest_name
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
+from gpt2term.core.training import FIXED_ON_RESUME as FIXED_SETTINGS
 from gpt2term.core.training import TrainingSettings, resume_settings
 from gpt2term.formatting import format_count
 from gpt2term.tui.messages import StoreListed
@@ -52,7 +53,10 @@ FIELDS = (
     ("seed", "Seed", "int"),
 )
 MODEL_FIELDS = ("n_layers", "emb_dim", "n_heads")
-FIXED_ON_RESUME = ("corpus", "n_layers", "emb_dim", "n_heads", "context_length", "batch_size", "seed")
+# The setting a field edits, where it is not the field's own name.
+FIELD_SETTINGS = dict.fromkeys(MODEL_FIELDS, "model")
+# Fields a resumed run keeps as saved: those whose setting `train --resume` keeps (the core decides which).
+FIXED_ON_RESUME = tuple(f for f, _, _ in FIELDS if FIELD_SETTINGS.get(f, f) in FIXED_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -250,11 +254,13 @@ class TrainForm(VerticalScroll):
         saved = TrainingSettings.from_dict(info.get("training") or {})
         cfg = info.config or GPTConfig()
         for field_id in MODEL_FIELDS:
-            self._set(field_id, getattr(cfg, field_id), disabled=True)
-        self._set("context_length", saved.context_length or cfg.context_length, disabled=True)
-        self._set("corpus", corpus_text(saved.corpus), disabled=True)
-        self._set("batch_size", saved.batch_size, disabled=True)
-        self._set("seed", saved.seed, disabled=True)
+            self._set(field_id, getattr(cfg, field_id))
+        self._set("context_length", saved.context_length or cfg.context_length)
+        self._set("corpus", corpus_text(saved.corpus))
+        self._set("batch_size", saved.batch_size)
+        self._set("seed", saved.seed)
+        for field_id in FIXED_ON_RESUME:
+            self.query_one(f"#{field_id}", Input).disabled = True
         self._set("name", name, disabled=True)
         step = int(info.get("step") or 0)
         total = self._planned_steps(name) or saved.max_steps
