@@ -412,7 +412,10 @@ def test_the_app_starts_on_the_good_checkpoint_and_shows_every_damaged_row_with_
         async with app.run_test(size=(140, 45)) as pilot:
             await settle(pilot, lambda: app.app_model is not None or app.load_error is not None, "the model loaded")
             assert app.load_error is None and app.app_model is not None and app.app_model.name == "good"
-            assert any("'step-abc', is damaged" in n.message for n in app._notifications)
+            # The notice arrives as a message after the model; wait for it, then read it (under load it lags).
+            await settle(
+                pilot, lambda: any("'step-abc', is damaged" in n.message for n in app._notifications), "the notice"
+            )
             await pilot.press("f4")
             screen = app.screen
             assert isinstance(screen, CheckpointsScreen)
