@@ -15,10 +15,9 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from gpt2term.core.accel import accelerate
 from gpt2term.core.generation import DecodingSettings, Step, Summary, generate
 from gpt2term.core.model import GPTModel
-from gpt2term.core.store.resolve import resolve_weights
+from gpt2term.core.store.resolve import open_model
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.formatting import format_prob
@@ -143,7 +142,7 @@ class VersusScreen(ComputedView):
     def calculate(self) -> list[tuple[str, list[Step]]]:
         assert self.other is not None
         device = next(self.model.parameters()).device
-        other_model = accelerate(resolve_weights(self.other, CheckpointStore()).build_model(str(device)).eval())
+        other_model = open_model(self.other, device=device, remember=False).model.eval()  # the CLI's and app's rule
         return [
             (self.model_name, greedy_steps(self.model, self.tokenizer, self.prompt_ids, self.settings)),
             (self.other, greedy_steps(other_model, self.tokenizer, self.prompt_ids, self.settings)),
