@@ -99,6 +99,12 @@ class OpenedModel:
         return self.model.cfg
 
 
+def default_checkpoint(store: CheckpointStore | None = None) -> str | None:
+    """The one rule for "no --checkpoint given", in every command and in the app: the last one used, if it still
+    loads; else the most recently updated loadable one; None means the untrained GPT-2 124M (`untrained_model`)."""
+    return (store or CheckpointStore()).most_recent()
+
+
 def untrained_model(device: torch.device | str = "cpu") -> GPTModel:
     """GPT-2 124M with random weights (fixed seed), for trying the program before any training or import."""
     torch.manual_seed(UNTRAINED_SEED)

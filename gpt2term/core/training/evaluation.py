@@ -3,6 +3,7 @@ whole corpus (`gpt2term eval`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +81,17 @@ def evaluate_ids(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> CorpusEvaluation:
-    """Loss and perplexity of `model` on a stream of ids, cut into consecutive windows (the last may be shorter)."""
+    """Loss and perplexity of `model` on a stream of ids, cut into consecutive windows (the last may be shorter).
+
+    `max_tokens` keeps only the first that many predictions (the windows at the start of the stream), so a quick
+    estimate is quick. `progress(batches_done, batches_total, tokens_done)` is called once the input is known to
+    be usable (with 0 batches done), then after every batch.
+    """
+    if max_tokens is not None:
+        ids = ids[: max_tokens + 1]
     n = int(ids.numel())
     if n < 2:
         raise InputError("the text has fewer than 2 tokens, so there is nothing to predict; give a longer corpus")
@@ -92,7 +102,12 @@ def evaluate_ids(
     full = (n - 1) // context  # windows of exactly `context` targets
     require_inference_memory(model.cfg, max(1, min(batch_size, full)), context, device)
     total_nll, total_tokens = 0.0, 0
+    rest = (n - 1) - full * context
+    batches = -(-full // batch_size) + (1 if rest else 0)
+    done = 0
     try:
+        if progress is not None:
+            progress(0, batches, 0)
         dataset = GPTDataset(ids, context)
         for start in range(0, full, batch_size):
             index = torch.arange(start, min(full, start + batch_size))
@@ -103,13 +118,17 @@ def evaluate_ids(
                 F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(), reduction="sum")
             )
             total_tokens += targets.numel()
-        rest = (n - 1) - full * context
+            done += 1
+            if progress is not None:
+                progress(done, batches, total_tokens)
         if rest:
             chunk = ids[full * context :].to(torch.int64)
             with autocast(device, amp_dtype):
                 logits = model(chunk[None, :-1].to(device))
             total_nll += float(F.cross_entropy(logits[0].float(), chunk[1:].to(device), reduction="sum"))
             total_tokens += rest
+            if progress is not None:
+                progress(done + 1, batches, total_tokens)
     finally:
         model.train(was_training)
     loss = total_nll / total_tokens

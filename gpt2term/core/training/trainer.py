@@ -63,6 +63,10 @@ class TrainingDiverged(Gpt2termError):
     """The loss (or the gradient) became NaN or infinite; the run stopped without saving the broken weights."""
 
 
+class _EvaluationCut(Exception):
+    """A stop arrived during an evaluation: it ends early and is not reported (a part would read as the whole)."""
+
+
 @dataclass
 class _RunPlan:
     """What a run is, decided once before its first step: model shape, data and how it is cut, length, schedule."""
@@ -346,7 +350,8 @@ class Trainer:
         if self.step % s.eval_interval == 0 or self.step == self.total_steps:
             if self._dist.is_main:
                 self._evaluate(plan)
-                self._sample(plan)
+                if not self.control.stop_requested:
+                    self._sample(plan)
             self._dist.barrier()
         if s.save_interval and self.step % s.save_interval == 0 and self.step < self.total_steps:
             self._save(plan, "periodic")
@@ -648,6 +653,8 @@ class Trainer:
         assert self.model is not None
         total, count = 0.0, 0
         for index in batches:
+            if self.control.stop_requested:  # Ctrl-C: an evaluation can take many seconds; cut it short
+                raise _EvaluationCut
             inputs, targets = dataset.batch(index)
             with autocast(plan.device, plan.amp_dtype):
                 loss = self.model(inputs.to(plan.device), targets=targets.to(plan.device))
@@ -661,6 +668,8 @@ class Trainer:
         try:
             train_loss = self._mean_loss(plan, plan.train_set, plan.train_eval)
             val_loss = self._mean_loss(plan, plan.val_set, plan.val_eval)
+        except _EvaluationCut:
+            return
         finally:
             self.model.train()
         event = EvalEvent(
