@@ -17,6 +17,8 @@ from gpt2term.core.errors import Gpt2termError
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
+# What every command (and the app) opens without --checkpoint: `default_checkpoint` in core/store/resolve.py.
+DEFAULT_CHECKPOINT = "the last one used, else the newest in the store, else an untrained GPT-2 124M"
 
 
 class Gpt2termGroup(click.Group):
@@ -63,21 +65,35 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
     """The model a command runs (see `open_model`), with what the user should know about it on stderr."""
     from gpt2term.core.store.resolve import open_model
 
-    if checkpoint is None and not quiet:
-        click.echo(
-            "note: no --checkpoint given: using an untrained GPT-2 124M (random weights, seed 123); "
-            "expect gibberish until you train or import one",
-            err=True,
-        )
+    if checkpoint is None:
+        checkpoint, why = _default_checkpoint()
+        if not quiet:
+            using = f"{checkpoint!r}, {why}" if checkpoint else f"{why}; expect gibberish until you train or import one"
+            click.echo(f"note: no --checkpoint given: using {using}", err=True)
     opened = open_model(checkpoint, dtype=dtype)
     for notice in opened.notices:
         click.echo(f"note: {notice}", err=True)
     return opened.model
 
 
+def _default_checkpoint() -> tuple[str | None, str]:
+    """The checkpoint to use without --checkpoint (None: the untrained model), and a phrase saying why."""
+    from gpt2term.core.store.resolve import default_checkpoint
+
+    store = _store()
+    name = default_checkpoint(store)
+    if name is None:
+        return None, "an untrained GPT-2 124M (random weights, seed 123), as the store has no checkpoint"
+    return name, "the last one used" if store.last_used() == name else "the newest in the store"
+
+
 @cli.command()
 @click.argument("prompt")
-@click.option("--checkpoint", "-c", help="A name from `gpt2term ckpt list`, a model.safetensors (or folder), a .pth.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    help=f"A store name, a model.safetensors (or folder), a .pth [default: {DEFAULT_CHECKPOINT}].",
+)
 @click.option("--max-new-tokens", "-n", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy (argmax).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Sample only among the K most probable tokens.")
@@ -206,7 +222,7 @@ def inspect() -> None:
 
 @inspect.command("attention")
 @click.argument("prompt")
-@click.option("--checkpoint", "-c", help="Checkpoint name or weights path (default: untrained GPT-2 124M).")
+@click.option("--checkpoint", "-c", help=f"Checkpoint name or weights path [default: {DEFAULT_CHECKPOINT}].")
 @click.option("--layer", type=int, default=-1, show_default=True, help="Layer to print (text output).")
 @click.option("--json", "as_json", is_flag=True, help="All layers and heads: {tokens, attention[layer][head][q][k]}.")
 def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool) -> None:
@@ -235,7 +251,7 @@ def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: 
 
 @inspect.command("lens")
 @click.argument("prompt")
-@click.option("--checkpoint", "-c", help="Checkpoint name or weights path (default: untrained GPT-2 124M).")
+@click.option("--checkpoint", "-c", help=f"Checkpoint name or weights path [default: {DEFAULT_CHECKPOINT}].")
 @click.option("--position", type=int, default=-1, show_default=True, help="Token position (-1: the last).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="{position, layers: [{layer, top: [{token_id, text, prob}]}]}")
@@ -476,23 +492,33 @@ class _TrainingPrinter:
         self.val_loss: float | None = None
         self.val_perplexity: float | None = None
         self.last_step = None
+        self.bar = None  # a rich progress bar (gpt2term.cli_progress), on a terminal, from the first step on
 
     def _line(self, text: str, *, err: bool = True) -> None:
-        if self.live:
-            sys.stderr.write("\r\x1b[K")
-        click.echo(text, err=err)
+        if self.bar is not None:
+            self.bar.print(text)  # above the bar
+        else:
+            click.echo(text, err=err)
+
+    def say(self, text: str) -> None:
+        """A line from any thread (the signal watcher's), above the bar when there is one."""
+        self._line(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _progress(self, event) -> str:
+        """What the bar shows beside step/total (rich draws the bar and the step count)."""
         from gpt2term.formatting import format_count
 
-        width = 20
-        done = int(width * event.step / max(1, event.total_steps))
-        bar = "#" * done + "-" * (width - done)
         val = "-" if self.val_loss is None else f"{self.val_loss:.3f}"
         ppl = "-" if self.val_perplexity is None else f"{self.val_perplexity:.1f}"
         return (
-            f"[{bar}] step {event.step}/{event.total_steps}  loss {event.loss:.3f}  val loss {val}  ppl {ppl}  "
-            f"{format_count(event.tokens_per_second)} tok/s  ETA {format_duration(event.eta_s)}"
+            f"loss {event.loss:.3f}  val loss {val}  ppl {ppl}  lr {event.lr:.2e}  "
+            f"{format_count(event.tokens_per_second)} tok/s  {format_duration(event.elapsed_s)} elapsed  "
+            f"ETA {format_duration(event.eta_s)}"
         )
 
     def __call__(self, event) -> None:
@@ -519,8 +545,11 @@ class _TrainingPrinter:
         elif kind == "step":
             self.last_step = event
             if self.live:
-                sys.stderr.write("\r\x1b[K" + self._progress(event))
-                sys.stderr.flush()
+                if self.bar is None:
+                    from gpt2term.cli_progress import training_bar
+
+                    self.bar = training_bar(event.total_steps)
+                self.bar.update(event.step, event.total_steps, info=self._progress(event))
         elif kind == "eval":
             self.val_loss, self.val_perplexity = event.val_loss, event.val_perplexity
             speed = f"  {format_count(self.last_step.tokens_per_second)} tok/s" if self.last_step else ""
@@ -541,9 +570,28 @@ class _TrainingPrinter:
             self._line(event.message)
         elif kind == "failed":
             self._line(f"training failed at step {event.step}")
-        if self.live and kind not in ("step", "finished", "failed") and self.last_step is not None:
-            sys.stderr.write(self._progress(self.last_step))
-            sys.stderr.flush()
+        if self.bar is not None and kind == "eval" and self.last_step is not None:
+            self.bar.update(self.last_step.step, info=self._progress(self.last_step))  # the new val loss
+
+
+def _signal_announcer(say, distributed: bool):
+    """What each Ctrl-C (or SIGTERM) does, said the moment it arrives (see `stop_on_signals`), not at the end of
+    the step: a learner who sees nothing presses again and loses the save."""
+    import signal
+
+    def announce(signum: int, action: str) -> None:
+        who = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        if action == "stop":
+            again = "" if distributed or signum == signal.SIGTERM else "; Ctrl-C again to quit without saving"
+            say(f"{who}: stopping after this step, then saving{again}")
+        elif action == "stopping":
+            say(f"{who}: already stopping; the checkpoint is saved after this step")
+        elif action == "wait":
+            say(f"{who} again: a checkpoint is being written; quitting as soon as it is saved")
+        else:
+            say(f"{who} again: quitting now without saving (the last saved checkpoint, if any, stays)")
+
+    return announce
 
 
 _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
@@ -618,10 +666,14 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
     control = TrainingControl()
     printer = _TrainingPrinter(as_json)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    with stop_on_signals(control, (signal.SIGINT, signal.SIGTERM), second_interrupts=not distributed):
-        result = Trainer(settings, control=control, listeners=[printer]).run()
-    if printer.live:
-        sys.stderr.write("\n")
+    announce = _signal_announcer(printer.say, distributed) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        with stop_on_signals(
+            control, (signal.SIGINT, signal.SIGTERM), second_interrupts=not distributed, on_signal=announce
+        ):
+            result = Trainer(settings, control=control, listeners=[printer]).run()
+    finally:
+        printer.close()
     if as_json:
         click.echo(result.message, err=True)
     if result.status == "interrupted":
@@ -630,7 +682,15 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 
 @cli.command("eval")
 @click.argument("corpus", nargs=-1)
-@click.option("--checkpoint", "-c", metavar="NAME", help="Checkpoint name or weights path [default: the last used].")
+@click.option(
+    "--checkpoint", "-c", metavar="NAME", help=f"Checkpoint name or weights path [default: {DEFAULT_CHECKPOINT}]."
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    help="Score only the corpus's first N tokens (its first windows, not a spread), for a quick estimate "
+    "[default: every token].",
+)
 @click.option("--context-length", type=click.IntRange(min=1), help="Window length [default: the model's].")
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
@@ -648,31 +708,70 @@ def eval_command(
     encoding_errors: str,
     threads: int | None,
     as_json: bool,
+    max_tokens: int | None,
 ) -> None:
-    """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
+    """Loss and perplexity of a checkpoint on CORPUS (every token of it, or the first --max-tokens; `pydoc` when
+    none is given). Shows a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
+    import signal
+
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
-    from gpt2term.core.errors import InputError
-    from gpt2term.core.store.resolve import open_model
+    from gpt2term.core.store.resolve import UNTRAINED_NAME, open_model
     from gpt2term.core.training import evaluate_ids
+    from gpt2term.core.training.control import watch_signals
 
     _set_threads(threads)
-    store = _store()
     if checkpoint is None:
-        checkpoint = store.most_recent()
-        if checkpoint is None:
-            raise InputError("no checkpoint to evaluate; pass --checkpoint NAME (see gpt2term ckpt list)")
-    model = open_model(checkpoint, store, device=resolve_device(device), remember=False, float32=True).model
+        checkpoint, how = _default_checkpoint()
+    else:
+        how = "given with --checkpoint"
+    shown = checkpoint or UNTRAINED_NAME
+    how = how if checkpoint else "untrained, random weights: the store has no checkpoint"
+    limit = f", its first {max_tokens:,} tokens" if max_tokens else ""
+    model = open_model(checkpoint, _store(), device=resolve_device(device), remember=False, float32=True).model
     data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
-    result = evaluate_ids(
-        model, data.train_ids, context_length=context_length, batch_size=batch_size, amp_dtype=resolve_dtype(dtype)
-    )
+    window = min(context_length or model.cfg.context_length, model.cfg.context_length)
+    bar = None
+
+    def progress(done: int, total: int, tokens: int) -> None:
+        """The first call comes once every user error has been raised, so an error stays the only line."""
+        nonlocal bar
+        if done == 0:
+            click.echo(f"evaluating {shown} ({how}) on {describe_corpus(corpus)}{limit}", err=True)
+            click.echo(f"{total:,} batches of up to {batch_size} windows of {window} tokens", err=True)
+            if sys.stderr.isatty():
+                from gpt2term.cli_progress import EvaluationBar
+
+                bar = EvaluationBar()
+        if bar is not None:
+            bar(done, total, tokens)
+
+    def stopped(signum: int) -> None:
+        message = "Ctrl-C: evaluation stopped; no result"
+        bar.print(message) if bar is not None else click.echo(message, err=True)
+
+    try:
+        with watch_signals((signal.SIGINT,), stopped):
+            result = evaluate_ids(
+                model,
+                data.train_ids,
+                context_length=context_length,
+                batch_size=batch_size,
+                amp_dtype=resolve_dtype(dtype),
+                max_tokens=max_tokens,
+                progress=progress,
+            )
+    except KeyboardInterrupt:
+        click.get_current_context().exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
-        click.echo(json.dumps(result.to_dict() | {"checkpoint": checkpoint, "corpus": describe_corpus(corpus)}))
+        click.echo(json.dumps(result.to_dict() | {"checkpoint": shown, "corpus": describe_corpus(corpus)}))
     else:
         click.echo(
             f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  tokens {result.tokens:,}  "
-            f"({checkpoint} on {describe_corpus(corpus)})"
+            f"({shown} on {describe_corpus(corpus)})"
         )
 
 
