@@ -635,7 +635,8 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool, **options) -> None:
     """Train a GPT on CORPUS (text files, folders of .txt/.md, or `pydoc`, the default built-in corpus).
 
-    Ctrl-C (or SIGTERM) finishes the current step, saves, and exits with status 130 (143); continue with --resume.
+    Ctrl-C (or SIGTERM) finishes the current step (cutting an evaluation short), saves, and exits with status 130
+    (143); continue with --resume. A second Ctrl-C quits without saving (during a save: once it is written).
     Under `torchrun --nproc_per_node=K -m gpt2term train ...` it trains with DistributedDataParallel.
     """
     import os
@@ -738,7 +739,7 @@ def eval_command(
         nonlocal bar
         if done == 0:
             click.echo(f"evaluating {shown} ({how}) on {describe_corpus(corpus)}{limit}", err=True)
-            click.echo(f"{total:,} batches of up to {batch_size} windows of {window} tokens", err=True)
+            click.echo(f"{total:,} batches of up to {batch_size} x {window} tokens", err=True)
             if sys.stderr.isatty():
                 from gpt2term.cli_progress import EvaluationBar
 

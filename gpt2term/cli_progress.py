@@ -47,7 +47,12 @@ class EvaluationBar(LiveBar):
 
     def __init__(self) -> None:
         super().__init__(
-            "evaluating", 0, TextColumn("batches {task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()
+            "evaluating",
+            0,
+            TextColumn("batches  {task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("elapsed, ETA"),
+            TimeRemainingColumn(),
         )
         self.started = time.perf_counter()
 
