@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.recipes import EVAL_TIMINGS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
@@ -476,6 +477,7 @@ class _TrainingPrinter:
         self.val_loss: float | None = None
         self.val_perplexity: float | None = None
         self.last_step = None
+        self.book_steps = False  # eval_timing "book": also print chapter 5's label for each evaluation
 
     def _line(self, text: str, *, err: bool = True) -> None:
         if self.live:
@@ -504,6 +506,7 @@ class _TrainingPrinter:
             return
         kind = event.type
         if kind == "start":
+            self.book_steps = (event.settings or {}).get("eval_timing") == "book"
             what = "resuming" if event.resumed else "training"
             cfg = event.config
             self._line(
@@ -525,9 +528,15 @@ class _TrainingPrinter:
             self.val_loss, self.val_perplexity = event.val_loss, event.val_perplexity
             speed = f"  {format_count(self.last_step.tokens_per_second)} tok/s" if self.last_step else ""
             eta = f"  ETA {format_duration(self.last_step.eta_s)}" if self.last_step else ""
+            book = (
+                f"  | Ep {event.epoch} (Step {event.step - 1:06d}): "
+                f"Train loss {event.train_loss:.3f}, Val loss {event.val_loss:.3f}"
+                if self.book_steps and event.step > 0
+                else ""
+            )
             self._line(
                 f"step {event.step}: train loss {event.train_loss:.3f}  val loss {event.val_loss:.3f}  "
-                f"val perplexity {event.val_perplexity:.1f}{speed}{eta}"
+                f"val perplexity {event.val_perplexity:.1f}{speed}{eta}{book}"
             )
         elif kind == "sample":
             self._line(f"  sample: {event.prompt}{event.text}".replace("\n", " "))
@@ -546,12 +555,19 @@ class _TrainingPrinter:
             sys.stderr.flush()
 
 
-_MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
+_MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
+RECIPE_HELP = (
+    "Defaults for every other option: 'default' (the values shown here) or 'book' (chapter 5's run: gpt2-124M "
+    "without qkv bias, context 256, dropout 0.1, constant lr 4e-4, weight decay 0.1, no warmup, no clipping, "
+    "batch 2, 10 epochs, eval every 5 steps on 5 batches as the book counts them, a greedy 'Every effort moves "
+    "you' after each epoch, seed 123). Options given explicitly still win."
+)
 
 
 @cli.command()
 @click.argument("corpus", nargs=-1)
 @click.option("--name", "-n", required=True, help="Checkpoint to write (and to continue with --resume).")
+@click.option("--recipe", default="default", show_default=True, type=click.Choice(list(RECIPES)), help=RECIPE_HELP)
 @click.option("--preset", "-p", default="tiny", show_default=True, help="Model size for a new run: tiny, mini, gpt2...")
 @click.option("--from", "init_from", metavar="CHECKPOINT", help="Start a new run from these weights (name or path).")
 @click.option("--resume", is_flag=True, help="Continue --name where it stopped, with its saved settings.")
@@ -564,10 +580,28 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0))
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="[default: a tenth of the run, at most 100]")
+@click.option(
+    "--schedule",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(list(SCHEDULES)),
+    help="Learning rate after the warmup: held, or decayed to lr * --min-lr-ratio.",
+)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="End of the decay.")
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0: no clipping.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
 @click.option("--eval-interval", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-iters", default=5, show_default=True, type=click.IntRange(min=1), help="Batches per evaluation.")
+@click.option(
+    "--eval-at-start/--no-eval-at-start", default=True, show_default=True, help="Evaluate at step 0, before training."
+)
+@click.option(
+    "--eval-timing",
+    default="interval",
+    show_default=True,
+    type=click.Choice(list(EVAL_TIMINGS)),
+    help="interval: after steps N, 2N, ...; book: after updates 1, N+1, 2N+1, ... (chapter 5's loop).",
+)
 @click.option("--save-interval", default=500, show_default=True, type=click.IntRange(min=0), help="0: only at end.")
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--seed", default=123, show_default=True, type=int)
@@ -576,10 +610,18 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster steps).")
 @click.option("--sample-prompt", help="Greedy sample shown at each evaluation [default: fits the corpus].")
 @click.option("--sample-tokens", default=30, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--sample-every",
+    default="eval",
+    show_default=True,
+    type=click.Choice(list(SAMPLE_TIMINGS)),
+    help="Greedy sample after each evaluation or after each epoch.",
+)
 @click.option("--emb-dim", type=click.IntRange(min=1), help="Override the preset's embedding size.")
 @click.option("--n-layers", type=click.IntRange(min=1), help="Override the preset's number of layers.")
 @click.option("--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads.")
 @click.option("--drop-rate", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
+@click.option("--qkv-bias/--no-qkv-bias", default=None, help="Biases on query/key/value [default: the preset's].")
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print every event as one JSON line (as in metrics.jsonl).")
@@ -595,6 +637,7 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 
     from click.core import ParameterSource
 
+    from gpt2term.core.errors import InputError
     from gpt2term.core.training import Trainer, TrainingControl, TrainingSettings, resume_settings, stop_on_signals
 
     def given(option: str) -> bool:
@@ -605,8 +648,10 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
     values["grad_clip"] = values["grad_clip"] or None
     model = {k: options[k] for k in _MODEL_OPTIONS if options[k] is not None}
     if options["resume"]:
+        if given("recipe"):
+            raise InputError("--recipe starts a new run; --resume keeps the settings the run was saved with")
         # Only what was typed changes the saved settings (`resume_settings` refuses what would change the run).
-        skipped = (*_MODEL_OPTIONS, "resume", "overwrite")
+        skipped = (*_MODEL_OPTIONS, "resume", "overwrite", "recipe")
         overrides = {renamed.get(k, k): values[renamed.get(k, k)] for k in options if k not in skipped and given(k)}
         if corpus:
             overrides["corpus"] = list(corpus)
@@ -614,7 +659,10 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
             overrides["model"] = model
         settings = resume_settings(name, **overrides)
     else:
-        settings = TrainingSettings(name=name, corpus=list(corpus), model=model, **values)
+        # The recipe gives the defaults; only what was typed overrides it.
+        typed = {renamed.get(k, k): values[renamed.get(k, k)] for k in options if k not in _MODEL_OPTIONS and given(k)}
+        typed.pop("recipe", None)
+        settings = TrainingSettings.from_recipe(values["recipe"], name=name, corpus=list(corpus), model=model, **typed)
     control = TrainingControl()
     printer = _TrainingPrinter(as_json)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

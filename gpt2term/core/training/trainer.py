@@ -237,17 +237,19 @@ class Trainer:
                 f"{self.settings.name!r} has already done its {self.total_steps} steps; pass --max-steps "
                 "(or --epochs) with a larger number to train it further"
             )
+        if self.settings.eval_at_start and not self.settings.resume and self.step == 0 < self.total_steps:
+            self._evaluate_at_start(plan)
         while self.step < self.total_steps:
             stop = self._obey_control(plan)
             if stop is not None:
                 status = stop
                 break
-            step_start = time.perf_counter()
+            step_start, epoch = time.perf_counter(), self.epoch
             loss, grad_norm, lr = self._train_step(plan)
             if plan.device.type == "cuda":
                 torch.cuda.synchronize(plan.device)
             self._report_step(loss, grad_norm, lr, plan.tokens_per_step, time.perf_counter() - step_start)
-            self._evaluate_and_save(plan)
+            self._evaluate_and_save(plan, epoch_ended=self.epoch > epoch)
         self._elapsed_before += time.perf_counter() - self._session_start
         return status, message
 
@@ -340,13 +342,29 @@ class Trainer:
             )
         )
 
-    def _evaluate_and_save(self, plan: _RunPlan) -> None:
-        """Every `eval_interval` steps (and at the last) evaluate and sample on rank 0; every `save_interval` save."""
+    def _evaluate_at_start(self, plan: _RunPlan) -> None:
+        """Step 0: the loss before any update (about ln(50257) for a fresh model), so the curve has its start."""
+        if self._dist.is_main:
+            self._evaluate(plan)
+        self._dist.barrier()
+
+    def _evaluate_and_save(self, plan: _RunPlan, *, epoch_ended: bool = False) -> None:
+        """Every `eval_interval` steps (and at the last) evaluate and sample on rank 0; every `save_interval` save.
+
+        With `eval_timing` "book" the evaluations come where chapter 5's loop makes them: its global step counts
+        from 0 after the first update, so after updates 1, N+1, 2N+1, ... With `sample_every` "epoch" the sample
+        comes after each epoch's last batch (and at the end) instead of after each evaluation."""
         s = self.settings
-        if self.step % s.eval_interval == 0 or self.step == self.total_steps:
+        last = self.step == self.total_steps
+        counted = self.step - 1 if s.eval_timing == "book" else self.step
+        evaluate = counted % s.eval_interval == 0 or last
+        sample = (epoch_ended or last) if s.sample_every == "epoch" else evaluate
+        if evaluate or sample:
             if self._dist.is_main:
-                self._evaluate(plan)
-                self._sample(plan)
+                if evaluate:
+                    self._evaluate(plan)
+                if sample:
+                    self._sample(plan)
             self._dist.barrier()
         if s.save_interval and self.step % s.save_interval == 0 and self.step < self.total_steps:
             self._save(plan, "periodic")
@@ -455,7 +473,7 @@ class Trainer:
             batches=batches,
             steps_per_epoch=per_epoch,
             tokens_per_step=context_length * batches.batch_size * dist.world_size * s.grad_accum,
-            schedule=Schedule(s.lr, s.min_lr_ratio, warmup, self.total_steps),
+            schedule=Schedule(s.lr, s.min_lr_ratio, warmup, self.total_steps, s.schedule),
             train_eval=evaluation_batches(len(train_set), batches.batch_size, eval_batches),
             val_eval=evaluation_batches(len(val_set), batches.batch_size, eval_batches),
             source=source,
