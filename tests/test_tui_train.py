@@ -178,8 +178,10 @@ def test_a_run_from_the_screen_pauses_resumes_saves_stops_and_lands_in_the_check
             recorder = await start(pilot, screen)
 
             # Live: the sparklines get data, the step count rises.
-            await recorder.until(lambda ev: any(isinstance(e, EvalEvent) for e in ev), "an evaluation")
-            await settle(pilot, lambda: len(screen.state.val_loss) > 0, "the validation loss")
+            # The first evaluation is the untrained model's (step 0); the sparklines fill once steps follow.
+            await recorder.until(lambda ev: any(isinstance(e, EvalEvent) and e.step > 0 for e in ev), "an evaluation")
+            await settle(pilot, lambda: len(screen.state.val_loss) > 1, "the validation loss")
+            assert screen.state.val_loss.steps[:2] == [0, 3]
             assert screen.query_one("#spark-train-loss", MetricSparkline).values
             assert screen.query_one("#spark-val-loss", MetricSparkline).values
             assert screen.query_one("#spark-lr", MetricSparkline).values
