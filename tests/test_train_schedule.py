@@ -109,7 +109,8 @@ def test_samples_after_each_epoch(corpus_file):
 
 
 def test_resume_does_not_repeat_the_step_zero_evaluation(corpus_file):
-    run(settings(corpus_file, max_steps=2))
+    first = run(settings(corpus_file, max_steps=2))
+    assert [e.step for e in of_type(first, "eval")] == [0, 2]
     from gpt2term.core.training import resume_settings
 
     again = run(resume_settings("run", max_steps=4))
