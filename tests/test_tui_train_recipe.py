@@ -96,3 +96,33 @@ def test_the_step_zero_evaluation_reaches_the_train_screen(corpus_file):  # noqa
             assert "eval at step 0: train loss" in log
 
     asyncio.run(scenario())
+
+
+def test_resuming_a_book_run_shows_its_recipe_fixed_and_keeps_its_own_fields(corpus_file):  # noqa: F811
+    from gpt2term.core.training import Trainer, TrainingSettings
+    from gpt2term.tui.widgets.train_form import ModelChoice
+
+    model = {"emb_dim": 32, "n_layers": 1, "n_heads": 2}
+    saved = TrainingSettings.from_recipe("book", name="bk", corpus=[str(corpus_file)], model=model, context_length=16,
+                                         max_steps=2, eval_iters=1, sample_tokens=2)  # fmt: skip
+    Trainer(saved).run()
+
+    async def scenario() -> None:
+        app = small_app()
+        async with app.run_test(size=(100, 40)) as pilot:
+            screen = await open_train(pilot)
+            form = screen.form
+            form.choose(ModelChoice("resume", "bk"))
+            await settle(pilot, lambda: form.value("name") == "bk", "the resumed run's fields")
+            for _ in range(5):  # the Select messages of that fill are handled after it
+                await pilot.pause()
+            recipe = form.query_one("#recipe", Select)
+            assert (str(recipe.value), recipe.disabled) == ("book", True)
+            assert (form.value("context_length"), form.value("emb_dim"), form.value("batch_size")) == ("16", "32", "2")
+            assert str(form.query_one("#schedule", Select).value) == "constant"
+            assert str(form.query_one("#model", Select).value) == "resume:bk"
+            s = form.read()
+            assert (s.resume, s.recipe, s.eval_timing, s.schedule, s.model["qkv_bias"]) == (
+                True, "book", "book", "constant", False)  # fmt: skip
+
+    asyncio.run(scenario())

@@ -126,7 +126,8 @@ class TrainForm(VerticalScroll):
         self._filling = False
         self._rows: dict[str, CheckpointInfo] = {}  # the store as last listed
         self.choosing: ModelChoice | None = None  # a choice to make once the store is listed
-        self._recipe_model: str | None = None  # the Model a recipe chose; its Changed message fills nothing
+        # Selects the form itself set (id: value): their Changed message, handled after the fill, fills nothing.
+        self._quiet: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         with Grid(id="train-grid"):
@@ -223,6 +224,16 @@ class TrainForm(VerticalScroll):
     def recipe(self) -> str:
         return str(self.query_one("#recipe", Select).value)
 
+    def _select(self, field_id: str, value: str) -> None:
+        select = self.query_one(f"#{field_id}", Select)
+        if str(select.value) != value:
+            self._quiet[field_id] = value
+            select.value = value
+
+    def _set_by_form(self, field_id: str, event: Select.Changed) -> bool:
+        """Whether this Changed message is of a value the form set itself (not the user's choice)."""
+        return self._quiet.pop(field_id, None) == str(event.value)
+
     def _check(self, field_id: str, value: bool, *, disabled: bool = False) -> None:
         box = self.query_one(f"#{field_id}", Checkbox)
         box.value, box.disabled = value, disabled
@@ -231,12 +242,9 @@ class TrainForm(VerticalScroll):
         """The recipe's model (a new one of its preset) and its values in every field it has; the corpus stays."""
         given = RECIPES[recipe]
         settings = TrainingSettings.from_recipe(recipe)
-        self.query_one("#recipe", Select).value = recipe
+        self._select("recipe", recipe)
         preset_name = given.get("preset", DEFAULT_PRESET)
-        model = self.query_one("#model", Select)
-        if str(model.value) != ModelChoice("new", preset_name).value:
-            # Select.Changed comes after this fill is over and would put back the preset's own context length.
-            self._recipe_model = model.value = ModelChoice("new", preset_name).value
+        self._select("model", ModelChoice("new", preset_name).value)  # its own fill would undo the recipe's
         self._fill_new(preset_name)
         cfg = preset(preset_name).with_(**settings.model)
         for field_id in MODEL_FIELDS:
@@ -307,8 +315,8 @@ class TrainForm(VerticalScroll):
         for field_id in MODEL_FIELDS:
             self._set(field_id, getattr(cfg, field_id))
         self._check("qkv_bias", cfg.qkv_bias, disabled=True)
-        recipe = self.query_one("#recipe", Select)
-        recipe.value, recipe.disabled = saved.recipe if saved.recipe in RECIPES else "default", True
+        self._select("recipe", saved.recipe if saved.recipe in RECIPES else "default")
+        self.query_one("#recipe", Select).disabled = True
         self.query_one("#schedule", Select).value = saved.schedule if saved.schedule in SCHEDULES else "cosine"
         self._set("min_lr_ratio", saved.min_lr_ratio)
         self._set("context_length", saved.context_length or cfg.context_length)
@@ -343,7 +351,7 @@ class TrainForm(VerticalScroll):
 
     @on(Select.Changed, "#recipe")
     def _recipe_changed(self, event: Select.Changed) -> None:
-        if self._filling or event.value is Select.BLANK:
+        if self._set_by_form("recipe", event) or self._filling or event.value is Select.BLANK:
             return
         self._filling = True
         try:
@@ -356,8 +364,7 @@ class TrainForm(VerticalScroll):
 
     @on(Select.Changed, "#model")
     def _model_changed(self, event: Select.Changed) -> None:
-        chosen_by_recipe, self._recipe_model = event.value == self._recipe_model, None
-        if not self._filling and not chosen_by_recipe and event.value is not Select.BLANK:
+        if not self._set_by_form("model", event) and not self._filling and event.value is not Select.BLANK:
             self._apply_choice(ModelChoice.parse(str(event.value)))
 
     def _apply_choice(self, choice: ModelChoice) -> None:
