@@ -201,3 +201,19 @@ def test_book_eval_lines_carry_the_books_step_label(pydoc_file):
     assert "| Ep 1 (Step 000000): Train loss " in lines[1] and "| Ep 1 (Step 000005): Train loss " in lines[2]
     train_loss = lines[1].split("train loss ")[1].split()[0]
     assert f"Train loss {train_loss}, Val loss " in lines[1]
+
+
+def test_train_help_lists_the_recipes_and_the_new_switches():
+    result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--recipe [default|book]" in text and "'book' (chapter 5's run: gpt2-124M without qkv bias" in text
+    switches = [
+        "--schedule [constant|cosine|linear]",
+        "--min-lr-ratio",
+        "--qkv-bias / --no-qkv-bias",
+        "--eval-at-start / --no-eval-at-start",
+        "--eval-timing [interval|book]",
+        "--sample-every [eval|epoch]",
+    ]
+    assert [s for s in switches if s not in text] == []
