@@ -414,7 +414,7 @@ class Trainer:
         if s.init_from:
             from gpt2term.core.store.resolve import resolve_weights
 
-            return resolve_weights(s.init_from, store, n_heads=s.model.get("n_heads"), with_state=True)
+            return resolve_weights(s.init_from, store, n_heads=s.model.get("n_heads"), with_state=not s.fresh_optimizer)
         return None
 
     def _continues_optimizer(self, checkpoint: Any) -> bool:
