@@ -42,8 +42,9 @@ class Gpt2termGroup(click.Group):
     metavar="NAME",
     help="The app opens this model: a checkpoint name or a weights path (default: the last one used).",
 )
+@click.option("--n-heads", type=click.IntRange(min=1), help="Attention heads of a --checkpoint .pth without a config.")
 @click.pass_context
-def cli(ctx: click.Context, checkpoint: str | None) -> None:
+def cli(ctx: click.Context, checkpoint: str | None, n_heads: int | None) -> None:
     """GPT-2 from scratch in your terminal: prompt it, train it, look inside it.
 
     With no command, opens the app.
@@ -51,7 +52,7 @@ def cli(ctx: click.Context, checkpoint: str | None) -> None:
     if ctx.invoked_subcommand is None:
         from gpt2term.tui.app import make_app
 
-        make_app(checkpoint).run()
+        make_app(checkpoint, n_heads=n_heads).run()
 
 
 def _set_threads(threads: int | None) -> None:
@@ -60,7 +61,18 @@ def _set_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
-def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None):  # returns a GPTModel
+def n_heads_option(func):
+    """`--n-heads` for every command that reads weights: a .pth state_dict carries no head count."""
+    return click.option(
+        "--n-heads",
+        type=click.IntRange(min=1),
+        help="Attention heads of a .pth without a config (default: 64-dim heads); must agree with a file's config.",
+    )(func)
+
+
+def load_model(
+    checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None, n_heads: int | None = None
+):  # returns a GPTModel
     """The model a command runs (see `open_model`), with what the user should know about it on stderr."""
     from gpt2term.core.store.resolve import open_model
 
@@ -70,7 +82,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
             "expect gibberish until you train or import one",
             err=True,
         )
-    opened = open_model(checkpoint, dtype=dtype)
+    opened = open_model(checkpoint, dtype=dtype, n_heads=n_heads)
     for notice in opened.notices:
         click.echo(f"note: {notice}", err=True)
     return opened.model
@@ -98,6 +110,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
     type=click.Choice(DTYPE_NAMES),
     help="Number format of the weights while decoding: bf16 reads half the bytes per token (faster on a CPU).",
 )
+@n_heads_option
 def generate(
     prompt: str,
     checkpoint: str | None,
@@ -114,6 +127,7 @@ def generate(
     no_limit: bool,
     threads: int | None,
     dtype: str,
+    n_heads: int | None,
 ) -> None:
     """Continue PROMPT, streaming tokens as the model picks them (greedy by default, as in the course)."""
     from gpt2term.core.errors import InputError
@@ -135,7 +149,7 @@ def generate(
     )
     _set_threads(threads)
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, dtype=dtype)
+    model = load_model(checkpoint, dtype=dtype, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     settings.check_for(model.cfg)
     ctx = model.cfg.context_length
@@ -210,14 +224,15 @@ def inspect() -> None:
 @click.option("--checkpoint", "-c", help="Checkpoint name or weights path (default: untrained GPT-2 124M).")
 @click.option("--layer", type=int, default=-1, show_default=True, help="Layer to print (text output).")
 @click.option("--json", "as_json", is_flag=True, help="All layers and heads: {tokens, attention[layer][head][q][k]}.")
-def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool) -> None:
+@n_heads_option
+def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool, n_heads: int | None) -> None:
     """How much each token of PROMPT attends to each earlier token, per layer and head."""
     from gpt2term.core.errors import InputError
     from gpt2term.core.inspection import attention_weights
     from gpt2term.core.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, quiet=as_json)
+    model = load_model(checkpoint, quiet=as_json, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     weights = attention_weights(model, ids)
     if as_json:
@@ -240,13 +255,16 @@ def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: 
 @click.option("--position", type=int, default=-1, show_default=True, help="Token position (-1: the last).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="{position, layers: [{layer, top: [{token_id, text, prob}]}]}")
-def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int, as_json: bool) -> None:
+@n_heads_option
+def inspect_lens(
+    prompt: str, checkpoint: str | None, position: int, top_k: int, as_json: bool, n_heads: int | None
+) -> None:
     """The logit lens: what each layer would predict next at POSITION, first layer first, real output last."""
     from gpt2term.core.inspection import first_layer_with_final_answer, logit_lens
     from gpt2term.core.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, quiet=as_json)
+    model = load_model(checkpoint, quiet=as_json, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     layers = logit_lens(model, tokenizer, ids, position, top_k)
     resolved = position % len(ids)
@@ -571,6 +589,11 @@ RECIPE_HELP = (
 @click.option("--preset", "-p", default="tiny", show_default=True, help="Model size for a new run: tiny, mini, gpt2...")
 @click.option("--from", "init_from", metavar="CHECKPOINT", help="Start a new run from these weights (name or path).")
 @click.option("--resume", is_flag=True, help="Continue --name where it stopped, with its saved settings.")
+@click.option(
+    "--fresh-optimizer",
+    is_flag=True,
+    help="With --from a file holding an AdamW state (model_and_optimizer.pth): start a new optimizer instead.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint of that name.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (instead of --epochs).")
@@ -619,7 +642,9 @@ RECIPE_HELP = (
 )
 @click.option("--emb-dim", type=click.IntRange(min=1), help="Override the preset's embedding size.")
 @click.option("--n-layers", type=click.IntRange(min=1), help="Override the preset's number of layers.")
-@click.option("--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads.")
+@click.option(
+    "--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads (with --from: a .pth's heads)."
+)
 @click.option("--drop-rate", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
 @click.option("--qkv-bias/--no-qkv-bias", default=None, help="Biases on query/key/value [default: the preset's].")
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
@@ -686,6 +711,7 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: loss, perplexity, tokens, checkpoint, corpus.")
+@n_heads_option
 def eval_command(
     corpus: tuple[str, ...],
     checkpoint: str | None,
@@ -696,6 +722,7 @@ def eval_command(
     encoding_errors: str,
     threads: int | None,
     as_json: bool,
+    n_heads: int | None,
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it; `pydoc` when none is given)."""
     from gpt2term.core.data import describe_corpus, load_corpus
@@ -710,7 +737,10 @@ def eval_command(
         checkpoint = store.most_recent()
         if checkpoint is None:
             raise InputError("no checkpoint to evaluate; pass --checkpoint NAME (see gpt2term ckpt list)")
-    model = open_model(checkpoint, store, device=resolve_device(device), remember=False, float32=True).model
+    opened = open_model(checkpoint, store, device=resolve_device(device), remember=False, float32=True, n_heads=n_heads)
+    for notice in opened.notices:
+        click.echo(f"note: {notice}", err=True)
+    model = opened.model
     data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
     result = evaluate_ids(
         model, data.train_ids, context_length=context_length, batch_size=batch_size, amp_dtype=resolve_dtype(dtype)

@@ -199,8 +199,10 @@ def make_app(
     untrained: bool = False,
     tokenizer: Tokenizer | None = None,
     keymap: dict[str, str] | None = None,
+    n_heads: int | None = None,
 ) -> Gpt2termApp:
     """The app for a checkpoint (None: the most recently used, else an untrained GPT-2), or for a given model.
+    `n_heads`: the head count of a .pth checkpoint, which carries none (`gpt2term -c model.pth --n-heads 8`).
 
     The keymap defaults to the user's `keymap.toml`; a broken file is reported in the app, which then uses the
     default keys.
@@ -213,4 +215,4 @@ def make_app(
         given = AppModel(model.eval(), model_name, untrained=untrained)
         return Gpt2termApp(lambda: given, f"loading {model_name}…", tokenizer, keymap, keymap_error)
     label = f"loading {checkpoint}…" if checkpoint else "loading…"
-    return Gpt2termApp(lambda: load_app_model(checkpoint), label, tokenizer, keymap, keymap_error)
+    return Gpt2termApp(lambda: load_app_model(checkpoint, n_heads=n_heads), label, tokenizer, keymap, keymap_error)

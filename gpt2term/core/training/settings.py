@@ -46,6 +46,7 @@ class TrainingSettings:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields overriding the preset (emb_dim, ...)
     init_from: str | None = None  # --from: a checkpoint name or weights path to fine-tune
+    fresh_optimizer: bool = False  # --from a book model_and_optimizer.pth: start a new AdamW instead of its state
     resume: bool = False
     overwrite: bool = False
     epochs: float | None = None
@@ -164,9 +165,10 @@ def resume_settings(name: str, store: CheckpointStore | None = None, **overrides
     meta = store.info(name).meta or {}
     saved = meta.get("training")
     if not isinstance(saved, dict):
+        carried = " (its AdamW state carries over)" if store.info(name).has_optimizer else ""
         raise CheckpointError(
             f"checkpoint {name!r} was not saved by a training run, so it has nothing to resume; "
-            f"fine-tune it instead with: gpt2term train --from {name} --name NEW_NAME"
+            f"continue training it with: gpt2term train --from {name} --name NEW_NAME{carried}"
         )
     settings = TrainingSettings.from_dict(saved)
     if "corpus" in overrides:

@@ -18,6 +18,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 from textual.worker import Worker
 
+from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.interop import find_hf_cached_models
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.formatting import format_bytes
@@ -254,15 +255,20 @@ class CheckpointsScreen(WorkerErrors, Screen):
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Exported {name} to {', '.join(str(p) for p in result.paths)}{notes}"
 
-    def action_import(self) -> None:
+    def action_import(self, typed: ImportRequest | None = None, error: str | None = None) -> None:
         def import_(request: ImportRequest | None) -> None:
             if request is not None:
                 self._run(lambda: self._import(request), f"Importing {request.spec}…", None)
 
-        self.app.push_screen(ImportScreen(find_hf_cached_models()), import_)
+        self.app.push_screen(ImportScreen(find_hf_cached_models(), typed, error), import_)
 
-    def _import(self, request: ImportRequest) -> tuple[str, str]:
-        result = self.store.import_weights(request.spec, request.name)
+    def _import(self, request: ImportRequest) -> tuple[str, str] | None:
+        """In a worker. A file the store refuses opens the dialog again, with the error and what was typed."""
+        try:
+            result = self.store.import_weights(request.spec, request.name, n_heads=request.n_heads)
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self.action_import, request, str(exc))
+            return None
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Imported {request.spec} as {result.info.name}.{notes}", result.info.name
 
