@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2term.core import tf_checkpoint
 from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.errors import CheckpointError
@@ -50,6 +51,8 @@ def resolve_weights(
             return _usable(load_folder(path.parent, suggest_name(path.parent.name)))
         loaded = load_weights_file(path)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
+        if loaded.source.startswith(tf_checkpoint.SOURCE_PREFIX):
+            stem = tf_checkpoint.name_for(loaded.source)
     else:
         cached = find_hf_cached(spec) if is_name or spec.count("/") == 1 else None
         if cached is None:
