@@ -194,9 +194,9 @@ def test_an_unreadable_tensorflow_checkpoint_is_one_line_exit_2_and_no_store_ent
 def test_crc32c_lanes_agree_with_the_byte_by_byte_definition():
     assert crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C
     rng = np.random.default_rng(1)
-    for n in (0, 3, 255, 4096 * 16 + 7, 3 * 65536 * 256 + 1234):  # the last goes through the numpy lanes
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert crc32c(data) == _crc_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF, n
+    for n, max_lanes in ((0, 1), (3, 1), (4095, 65536), (100_003, 65536), (1_000_003, 100), (2**20, 64)):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()  # from 4096 bytes on, in numpy lanes
+        assert crc32c(data, max_lanes) == _crc_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF, n
 
 
 def test_the_tui_import_dialog_takes_a_tensorflow_folder(tf_copy, tf_arrays):

@@ -86,14 +86,14 @@ def _crc_bytes(crc: int, data: bytes) -> int:
     return crc
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
+def crc32c(data: bytes | bytearray | memoryview, max_lanes: int = 65536) -> int:
     """CRC-32C (Castagnoli), as TensorFlow checksums tensors and table blocks.
 
     Pure Python is far too slow for GPT-2's 500 MB, so large inputs are cut into equal lanes whose registers are
     advanced side by side with numpy (two bytes per step), then joined pairwise with the zero-bytes operator."""
     buf = np.frombuffer(data, dtype=np.uint8)
     n = buf.size
-    lane = max(256, ((n + 65535) // 65536 + 63) // 64 * 64)  # at most 65536 lanes, a multiple of 64 bytes
+    lane = max(256, (-(-n // max_lanes) + 63) // 64 * 64)  # a multiple of 64 bytes
     lanes = n // lane
     if lanes < 16:
         return _crc_bytes(0xFFFFFFFF, bytes(buf)) ^ 0xFFFFFFFF
