@@ -239,7 +239,8 @@ def book_pretrained(*, qkv_bias: bool = True) -> tuple[torch.nn.Module, GPTConfi
     hf = random_hf_gpt2(vocab=120, positions=24, emb=128, heads=2, layers=2, seed=3)
     cfg = config_from_hf(hf.config.to_dict()).with_(qkv_bias=qkv_bias)
     sd = from_hf_state_dict(hf.state_dict(), cfg)
-    if not qkv_bias:  # then the reference is our own model without biases
+    if not qkv_bias:  # then the reference is our own model without biases, its head trained apart (untied)
+        sd["out_head.weight"] = torch.randn_like(sd["out_head.weight"]) * 0.2
         model = GPTModel(cfg).eval()
         model.load_state_dict(sd)
         return model, cfg, book_state_dict(sd, cfg)
@@ -253,10 +254,11 @@ def logits_of(reference: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv-bias", "no-qkv-bias"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["pretrained-qkv-bias-tied", "no-qkv-bias-untied"])
 def test_the_books_pretrained_files_import_with_their_layout(tmp_path, suffix, qkv_bias):
     reference, cfg, sd = book_pretrained(qkv_bias=qkv_bias)
-    assert "trf_blocks.0.att.mask" in sd and torch.equal(sd["out_head.weight"], sd["tok_emb.weight"])
+    assert "trf_blocks.0.att.mask" in sd
+    assert torch.equal(sd["out_head.weight"], sd["tok_emb.weight"]) == qkv_bias  # tied as GPT-2's, or trained apart
     file = tmp_path / f"gpt2-small-124M{suffix}"
     if suffix == ".pth":
         torch.save(sd, file)
