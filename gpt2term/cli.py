@@ -90,7 +90,11 @@ def load_model(
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--checkpoint", "-c", help="A name from `gpt2term ckpt list`, a model.safetensors (or folder), a .pth.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    help="A name from `gpt2term ckpt list`, a model.safetensors (or folder), a .pth, OpenAI's TensorFlow 124M/ folder.",
+)
 @click.option("--max-new-tokens", "-n", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy (argmax).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Sample only among the K most probable tokens.")
@@ -384,7 +388,9 @@ def ckpt_show(name: str, as_json: bool) -> None:
 )
 def ckpt_import(source: str, name: str | None, n_heads: int | None) -> None:
     """Copy weights into the store: a HF model.safetensors (file or folder), a GPT-2 from the Hugging Face cache
-    by name (gpt2, gpt2-medium, ...), the book's model.pth / model_and_optimizer.pth, or a checkpoint folder."""
+    by name (gpt2, gpt2-medium, ...), the book's model.pth / model_and_optimizer.pth (or its pretrained
+    gpt2-small-124M.pth / .safetensors), OpenAI's TensorFlow checkpoint folder (124M/, read without TensorFlow), or a
+    checkpoint folder."""
     from gpt2term.formatting import format_count
 
     result = _store().import_weights(source, name, n_heads=n_heads)

@@ -269,7 +269,7 @@ def load_hf(path: Path, n_heads: int | None = None) -> LoadedWeights:
     if not file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors in this folder; point at a save_pretrained() folder")
     sd = read_safetensors(file)
-    if "tok_emb.weight" in sd:  # the course's names: a model.safetensors of gpt2term's store, copied out
+    if "tok_emb.weight" in sd or "out_head.weight" in sd:  # the course's names: gpt2term's own, or the book's
         return load_course_safetensors(file, sd, n_heads)
     notices = []
     config_file = folder / "config.json"
@@ -307,8 +307,9 @@ def load_hf(path: Path, n_heads: int | None = None) -> LoadedWeights:
 
 
 def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor], n_heads: int | None = None) -> LoadedWeights:
-    """A safetensors file in the course's names (gpt2term's own): the config from the meta.json beside it when there
-    is one, else read off the shapes."""
+    """A safetensors file in the course's names (gpt2term's own, or the book's pretrained
+    `gpt2-small-124M.safetensors`): the config from the meta.json beside it when there is one, else read off the
+    shapes."""
     meta_file = file.parent / "meta.json"
     cfg = None
     if meta_file.is_file():
@@ -319,6 +320,11 @@ def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor], n_heads: in
         except (OSError, ValueError, RecursionError, Gpt2termError) as exc:
             raise CheckpointError(f"{meta_file}: no usable config ({exc}); remove it to infer from shapes") from exc
     notices = []
+    pair = ("tok_emb.weight", "out_head.weight")
+    if (pair[0] in sd) != (pair[1] in sd):  # safetensors' save_model keeps one name of a tied pair
+        present, absent = pair if pair[0] in sd else pair[::-1]
+        sd = {**sd, absent: sd[present].clone()}
+        notices.append(f"{file.name} holds {present} only (the head was tied to the token embedding): used it for both")
     if cfg is None:
         try:
             cfg = infer_book_config(sd)
@@ -425,8 +431,8 @@ def load_book_pth(path: Path, cfg: GPTConfig | None = None, n_heads: int | None 
 
 
 def load_weights_file(path: Path, n_heads: int | None = None) -> LoadedWeights:
-    """Any weights file or folder a user may point at: HF safetensors (file or folder) or a book `.pth`.
-    `n_heads`: the head count of a file that carries no config (`--n-heads`)."""
+    """Any weights file or folder a user may point at: HF safetensors (file or folder), a book `.pth`, or OpenAI's
+    TensorFlow checkpoint folder. `n_heads`: the head count of a file that carries no config (`--n-heads`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; check the path")
@@ -436,12 +442,24 @@ def load_weights_file(path: Path, n_heads: int | None = None) -> LoadedWeights:
         for name in ("model_and_optimizer.pth", "model.pth"):
             if (path / name).is_file():
                 return load_book_pth(path / name, n_heads=n_heads)
-        raise CheckpointError(f"{path}: no model.safetensors or model.pth inside; point at the weights file")
+        from gpt2term.core import tf_checkpoint  # OpenAI's TensorFlow folder; it builds on this module
+
+        if tf_checkpoint.is_tf_checkpoint_folder(path):
+            return tf_checkpoint.load_tf_checkpoint(path)  # hparams.json has the heads; resolve checks --n-heads
+        raise CheckpointError(
+            f"{path}: no model.safetensors, model.pth or TensorFlow model.ckpt.index inside; point at the weights file"
+        )
     if path.suffix == ".safetensors":
         return load_hf(path, n_heads)
     if path.suffix in (".pth", ".pt", ".bin"):
         return load_book_pth(path, n_heads=n_heads)
-    raise CheckpointError(f"{path}: unknown weights format; expected .safetensors or .pth")
+    from gpt2term.core import tf_checkpoint
+
+    if tf_checkpoint.is_tf_checkpoint_file(path):
+        return tf_checkpoint.load_tf_checkpoint(path)
+    raise CheckpointError(
+        f"{path}: unknown weights format; expected .safetensors, .pth or a TensorFlow checkpoint folder"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- writing files

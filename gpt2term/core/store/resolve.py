@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2term.core import tf_checkpoint
 from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.errors import CheckpointError, InputError
@@ -54,6 +55,8 @@ def resolve_weights(
             return _heads_agree(_usable(folder), n_heads)
         loaded = load_weights_file(path, n_heads)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
+        if loaded.source.startswith(tf_checkpoint.SOURCE_PREFIX):
+            stem = tf_checkpoint.name_for(loaded.source)
     else:
         cached = find_hf_cached(spec) if is_name or spec.count("/") == 1 else None
         if cached is None:
