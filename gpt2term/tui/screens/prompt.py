@@ -16,7 +16,7 @@ from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 from textual.worker import Worker
 
 from gpt2term.core.errors import Gpt2termError
@@ -31,6 +31,7 @@ from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScr
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel
@@ -68,10 +69,10 @@ class PromptScreen(WorkerErrors, Screen):
         bind("prompt.settings", "settings"),
         bind("prompt.toggle-colours", "toggle_colours"),
         bind("prompt.toggle-boundaries", "toggle_boundaries"),
-        bind("prompt.copy", "copy_last", show=False),  # in the command palette; the footer has no room at 80 columns
-        bind("prompt.save", "save", show=False),
-        bind("prompt.compare", "compare", show=False),
-        bind("prompt.versus", "versus", show=False),
+        bind("prompt.copy", "copy_last"),  # the footer shows what fits (FOOTER_FIRST); the palette has them all
+        bind("prompt.save", "save"),
+        bind("prompt.compare", "compare"),
+        bind("prompt.versus", "versus"),
     ]
 
     if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class PromptScreen(WorkerErrors, Screen):
                 yield PerplexityPanel(id="perplexity")
         yield Static(id="status")
         yield PromptInput(id="prompt")
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def transcript(self) -> Transcript:

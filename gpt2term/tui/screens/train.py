@@ -23,7 +23,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
+from textual.widgets import Button, Input, ProgressBar, Select, Static
 from textual.worker import Worker
 
 from gpt2term.core.errors import Gpt2termError
@@ -47,6 +47,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import StoreListed, TrainingEnded, TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState
 from gpt2term.tui.widgets.event_log import EventLog
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import ModelChoice, TrainForm
 from gpt2term.tui.widgets.training_charts import (
@@ -158,7 +159,7 @@ class TrainScreen(WorkerErrors, Screen):
                     yield Button("Save now", id="save_now", compact=True)
                     yield Button("Stop", id="stop", variant="error", compact=True)
                     yield Button("Follow a run…", id="follow", compact=True)
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def form(self) -> TrainForm:
