@@ -129,9 +129,9 @@ def test_footers_fit_the_width_whole_and_keep_what_a_newcomer_needs_first(size):
                 await pilot.pause()
                 screen = app.screen
                 if key == "f4":
-                    await settle(pilot, lambda: screen.listed, "the store listed")
+                    await settle(pilot, lambda s=screen: s.listed, "the store listed")
                     await pilot.pause()
-                await settle(pilot, lambda: bool(footer_keys(screen)), "the footer drew")
+                await settle(pilot, lambda s=screen: bool(footer_keys(s)), "the footer drew")
                 footer = screen.query_one(FittedFooter)
                 keys = footer_keys(screen)
                 palette = [k for k in keys if k.has_class("-command-palette")]
