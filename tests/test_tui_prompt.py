@@ -120,7 +120,7 @@ def test_probability_panel_shows_the_engines_probabilities_for_the_token_under_t
                 assert rows == want
                 header = panel.render().plain.splitlines()[1]
                 assert f"chose {show_token(step.token_text)} rank {step.rank}" in header
-                assert panel.border_subtitle == f"token {step_index + 1}/6"
+                assert panel.border_subtitle.startswith(f"token {step_index + 1}/6 ")
 
             check(5)  # the latest token
             await pilot.press("tab", "left", "left")  # the token cursor, two tokens back
@@ -235,13 +235,19 @@ def test_history_copy_save_and_toggles(tiny_checkpoint, tmp_path):
             # Copy the last completion.
             await pilot.press("ctrl+g")
             assert app.clipboard == second.completion and second.completion
-            # Token boundaries: each token's own text, in alternating backgrounds.
+            # Token boundaries: each token's own text, the prompt's too, in alternating backgrounds.
             body = screen.transcript.views[second.id].body
             await pilot.press("ctrl+t")
             pieces = [s.token_text.replace("\n", "↵\n") or "∅" for s in second.steps]
             assert body.plain == second.prompt + "".join(pieces)
-            backgrounds = {str(span.style) for span in body.render().spans if "on #" in str(span.style)}
-            assert len(backgrounds) == 2
+            spans = [span for span in body.render().spans if "on #" in str(span.style)]
+            assert len({str(span.style).rpartition("on ")[2] for span in spans}) == 2
+            prompt_tokens = [app.tokenizer.token_text(i) for i in second.prompt_ids]
+            assert len(prompt_tokens) > 1
+            drawn = [body.plain[span.start : span.end] for span in spans[: len(prompt_tokens)]]
+            assert drawn == prompt_tokens  # one background per prompt token, not one for the whole prompt
+            backs = [str(span.style).rpartition("on ")[2] for span in spans]
+            assert all(a != b for a, b in zip(backs, backs[1:], strict=False)), "neighbouring tokens share a background"
             # Colours by probability: every token gets a colour.
             await pilot.press("ctrl+l")
             coloured = [span for span in body.render().spans if str(span.style).startswith("#")]

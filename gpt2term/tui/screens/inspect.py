@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
@@ -33,7 +34,7 @@ from gpt2term.tui.workers import WorkerErrors
 
 TOP_WEIGHTS = 5  # how many of the strongest attention weights are listed as numbers
 LENS_TOP_K = 5
-LENS_CELL_WIDTH = 20  # a longer token's cell is cut, so the five columns fit 110 columns
+LENS_CELL_WIDTH = 20  # at most; narrower when the view is (a longer token is cut with an ellipsis)
 _COLD = Color.parse("#1b2230")  # no attention
 _HOT = Color.parse("#e8872b")  # the strongest weight of the row
 
@@ -202,24 +203,41 @@ class AttentionScreen(ComputedView):
         self.redraw()
 
 
-def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
-    """The lens as a table: one line per layer (embeddings first, output last), its top predictions across."""
+LENS_LABEL_WIDTH = 14  # "★ embeddings  "
+
+
+def lens_cell(token: str, prob: float, width: int) -> str:
+    """One prediction in `width` cells: the token (cut with an ellipsis when long), then its whole probability."""
+    label, percent = show_token(token), format_prob(prob)
+    room = max(2, width - len(percent) - 1)
+    if cell_len(label) > room:
+        label = set_cell_size(label, room - 1) + "…"
+    return set_cell_size(f"{label} {percent}", max(width, cell_len(label) + 1 + len(percent)))
+
+
+def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None, width: int | None = None) -> Text:
+    """The lens as a table: one line per layer (embeddings first, output last), its top predictions across.
+    `width`: the cells the table may take; its columns narrow to fit, so no line wraps onto a second."""
     first = first_layer_with_final_answer(layers)
     last = len(layers) - 1
-    cells = [[f"{show_token(c.text)} {format_prob(c.prob)}" for c in lens.top] for lens in layers]
-    width = min(LENS_CELL_WIDTH, max(len(cell) for row in cells for cell in row))
+    columns = max(len(lens.top) for lens in layers)
+    widest = max(cell_len(f"{show_token(c.text)} {format_prob(c.prob)}") for lens in layers for c in lens.top)
+    cell_width = min(LENS_CELL_WIDTH, widest)
+    if width is not None:
+        cell_width = max(12, min(cell_width, (width - LENS_LABEL_WIDTH) // columns - 2))
     text = Text()
-    for lens, row in zip(layers, cells, strict=True):
+    for lens in layers:
+        row = [lens_cell(c.text, c.prob, cell_width) for c in lens.top]
         name = (
             "embeddings" if lens.layer == 0 else f"output {lens.layer}" if lens.layer == last else f"layer {lens.layer}"
         )
         marker = "★" if lens.layer == first else "·"
         label = f"{marker} {name:<10}  "
-        line = Text(label + "".join(f"{cell[:width]:<{width}}  " for cell in row))
+        line = Text(label + "  ".join(row))
         if lens.layer == first:
             line.stylize("bold")
         if lens.layer >= first:  # the final answer, from the layer where it first comes out on top
-            line.stylize("reverse", len(label), len(label) + len(row[0][:width]))
+            line.stylize("reverse", len(label), len(label) + len(row[0]))
         text.append_text(line)
         text.append("\n")
     text.append(f"★ first layer whose top prediction is already the final answer: {layers[first].layer}", style="dim")
@@ -259,7 +277,9 @@ class LensScreen(ComputedView):
         self.query_one("#lens-title", Static).update(
             f"Logit lens after {show_token(last)}: what each layer predicts next (top {LENS_TOP_K})"
         )
-        self.query_one("#lens-table", Static).update(lens_lines(layers, chosen))
+        table = self.query_one("#lens-table", Static)
+        width = table.content_size.width or self.app.size.width - 8
+        table.update(lens_lines(layers, chosen, width - 1))  # - 1: the scroll bar that a short terminal brings
         self.query_one("#lens-note", Static).update(
             "Each layer's residual stream sent straight through the final LayerNorm and output head; the last "
             f"line is the model's real output. {key_display(self.app, 'dialog.cancel')} back."
