@@ -26,7 +26,7 @@ from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel, show_token
-from tests.pilot_helpers import settle
+from tests.pilot_helpers import screen_text, settle
 
 TINY = GPTConfig(emb_dim=64, n_heads=4, n_layers=2, context_length=64)
 PROMPT = "The quick brown fox"
@@ -338,3 +338,29 @@ def test_a_missing_checkpoint_is_reported_in_the_app_which_keeps_running():
             assert isinstance(app.screen, PromptScreen) and not app.screen.turns
 
     asyncio.run(scenario())
+
+
+def test_ctrl_s_saves_where_the_dialog_says_under_the_data_folders_exports_never_the_cwd(
+    tiny_checkpoint, tmp_path, monkeypatch, isolated_home
+):
+    cwd = tmp_path / "a-git-clone"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            await set_max_new_tokens(pilot, 3)
+            await generate_in_app(pilot, PROMPT)
+            await pilot.press("ctrl+s")
+            dialog = app.screen
+            shown = dialog.query_one("#path").value
+            assert shown.startswith(str(isolated_home / "exports")), shown  # said before saving
+            assert str(isolated_home / "exports") in screen_text(app)
+            await pilot.press("enter")
+            await settle(pilot, lambda: (isolated_home / "exports").is_dir(), "the transcript saved")
+
+    asyncio.run(scenario())
+    saved = list((isolated_home / "exports").iterdir())
+    assert [p.suffix for p in saved] == [".md"] and PROMPT in saved[0].read_text()
+    assert list(cwd.iterdir()) == []  # the current folder is untouched

@@ -19,6 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 from textual.worker import Worker
 
+from gpt2term import locations
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, generate, score
 from gpt2term.core.model import GPTModel
@@ -401,7 +402,7 @@ class PromptScreen(WorkerErrors, Screen):
         if not self.turns:
             self.notify("Nothing to save yet: generate something first.", severity="warning")
             return
-        default = Path.cwd() / time.strftime("gpt2term-transcript-%Y%m%d-%H%M%S.md")
+        default = locations.exports_dir() / time.strftime("gpt2term-transcript-%Y%m%d-%H%M%S.md")
 
         def save(path: Path | None) -> None:
             if path is None:
