@@ -27,6 +27,8 @@ from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.workers import WorkerErrors
 
+FIRST_TRAIN_NOTICE = "Opening the Train screen: building its form and charts (the first time takes a moment)…"
+
 
 class Gpt2termApp(WorkerErrors, App):
     TITLE = "gpt2term"
@@ -115,6 +117,11 @@ class Gpt2termApp(WorkerErrors, App):
     def request_mode(self, mode: str) -> None:
         """Switch modes; leaving the Train mode while it trains asks whether to stop the run (it saves first)."""
         train = self._training()
+        if mode == "train" and self.train_screen is None and self.current_mode != "train":
+            # Building the Train screen the first time takes a moment: say so first, then build it.
+            self.notify(FIRST_TRAIN_NOTICE, timeout=4)
+            self.call_after_refresh(self.switch_mode, mode)
+            return
         if mode == self.current_mode or self.current_mode != "train" or train is None:
             self.switch_mode(mode)
             return

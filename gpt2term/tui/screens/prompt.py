@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 
+FIRST_TOKEN_NOTE = "reading the prompt for the first token (the first run also warms the model up)…"
+
+
 def welcome(app) -> str:
     """The first thing a new user reads, with the keys as they are bound now."""
 
@@ -169,7 +172,11 @@ class PromptScreen(WorkerErrors, Screen):
         if self.generating is not None:
             done = len(self.generating.steps)
             stop = key_display(self.app, "prompt.stop")
-            text.append(f"generating {done}/{self.generating.settings.max_new_tokens} ({stop} stops) · ", style="bold")
+            if done == 0:  # the first token waits on a pass over the whole prompt (and, the first time, warm-up)
+                text.append(f"{FIRST_TOKEN_NOTE} ({stop} stops) · ", style="bold")
+            else:
+                total = self.generating.settings.max_new_tokens
+                text.append(f"generating {done}/{total} ({stop} stops) · ", style="bold")
         elif note:
             text.append(note + " · ", style="bold")
         elif self.app.load_error:
