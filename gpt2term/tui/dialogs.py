@@ -173,6 +173,12 @@ class SavePathScreen(FormDialog[Path | None]):
             dialog.border_title = "Save transcript"
             yield Label("File (.md to read; .json keeps every token's alternatives)")
             yield Input(str(self.default), id="path")
+            yield Static(
+                f"It goes exactly where this says: by default in {self.default.parent} (the data folder's "
+                "exports); type another folder or name to put it elsewhere.",
+                classes="dialog-hint",
+                markup=False,
+            )
             yield from _buttons("Save")
 
     def read(self) -> Path | None:

@@ -15,7 +15,7 @@ from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer
+from textual.widgets import DataTable
 from textual.worker import Worker
 
 from gpt2term.core.errors import Gpt2termError
@@ -34,6 +34,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import StoreListed, StoreOperationDone
 from gpt2term.tui.run_state import Series
 from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, CheckpointTable, describe
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import resumable
 from gpt2term.tui.widgets.training_charts import LossPlot
@@ -62,13 +63,13 @@ class CheckpointsScreen(WorkerErrors, Screen):
         bind("checkpoints.load", "load"),
         bind("checkpoints.train", "train"),
         bind("checkpoints.rename", "rename"),
-        bind("checkpoints.copy", "copy", show=False),
+        bind("checkpoints.copy", "copy"),
         bind("checkpoints.delete", "delete"),
         bind("checkpoints.export", "export"),
         bind("checkpoints.import", "import"),
-        bind("checkpoints.follow", "follow", show=False),
-        bind("checkpoints.sort", "sort", show=False),
-        bind("checkpoints.refresh", "refresh", show=False),
+        bind("checkpoints.follow", "follow"),
+        bind("checkpoints.sort", "sort"),
+        bind("checkpoints.refresh", "refresh"),
     ]
 
     if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
                 with VerticalScroll(id="ckpt-details-box"):
                     yield CheckpointDetails(id="ckpt-details")
                 yield LossPlot("loss history", id="ckpt-plot")
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def table(self) -> CheckpointTable:

@@ -13,7 +13,6 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
@@ -22,7 +21,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Select
 from gpt2term.core.config import PRESETS, GPTConfig, preset
 from gpt2term.core.devices import DEVICES
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
-from gpt2term.core.model import GPTModel
+from gpt2term.core.memory import parameter_count
 from gpt2term.core.recipes import RECIPES, SCHEDULES
 from gpt2term.core.store.layout import suggest_name
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
@@ -491,6 +490,6 @@ class TrainForm(VerticalScroll):
 
 
 def _parameters(cfg: GPTConfig) -> int:
-    """The model's own count, built on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        return GPTModel(cfg).num_parameters()
+    """The model's count from its shapes: building even a meta-device model took seconds on the screen's first
+    open (the first F3 felt stuck)."""
+    return parameter_count(cfg)
