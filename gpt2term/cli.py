@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from gpt2term.core.errors import Gpt2termError
+from gpt2term.core.recipes import EVAL_TIMINGS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
@@ -43,8 +44,9 @@ class Gpt2termGroup(click.Group):
     metavar="NAME",
     help="The app opens this model: a checkpoint name or a weights path (default: the last one used).",
 )
+@click.option("--n-heads", type=click.IntRange(min=1), help="Attention heads of a --checkpoint .pth without a config.")
 @click.pass_context
-def cli(ctx: click.Context, checkpoint: str | None) -> None:
+def cli(ctx: click.Context, checkpoint: str | None, n_heads: int | None) -> None:
     """GPT-2 from scratch in your terminal: prompt it, train it, look inside it.
 
     With no command, opens the app.
@@ -52,7 +54,7 @@ def cli(ctx: click.Context, checkpoint: str | None) -> None:
     if ctx.invoked_subcommand is None:
         from gpt2term.tui.app import make_app
 
-        make_app(checkpoint).run()
+        make_app(checkpoint, n_heads=n_heads).run()
 
 
 def _set_threads(threads: int | None) -> None:
@@ -61,7 +63,18 @@ def _set_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
-def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None):  # returns a GPTModel
+def n_heads_option(func):
+    """`--n-heads` for every command that reads weights: a .pth state_dict carries no head count."""
+    return click.option(
+        "--n-heads",
+        type=click.IntRange(min=1),
+        help="Attention heads of a .pth without a config (default: 64-dim heads); must agree with a file's config.",
+    )(func)
+
+
+def load_model(
+    checkpoint: str | None, *, quiet: bool = False, dtype: str | None = None, n_heads: int | None = None
+):  # returns a GPTModel
     """The model a command runs (see `open_model`), with what the user should know about it on stderr."""
     from gpt2term.core.store.resolve import open_model
 
@@ -70,7 +83,7 @@ def load_model(checkpoint: str | None, *, quiet: bool = False, dtype: str | None
         if not quiet:
             using = f"{checkpoint!r}, {why}" if checkpoint else f"{why}; expect gibberish until you train or import one"
             click.echo(f"note: no --checkpoint given: using {using}", err=True)
-    opened = open_model(checkpoint, dtype=dtype)
+    opened = open_model(checkpoint, dtype=dtype, n_heads=n_heads)
     for notice in opened.notices:
         click.echo(f"note: {notice}", err=True)
     return opened.model
@@ -92,7 +105,8 @@ def _default_checkpoint() -> tuple[str | None, str]:
 @click.option(
     "--checkpoint",
     "-c",
-    help=f"A store name, a model.safetensors (or folder), a .pth [default: {DEFAULT_CHECKPOINT}].",
+    help="A name from `gpt2term ckpt list`, a model.safetensors (or folder), a .pth, OpenAI's TensorFlow 124M/ "
+    f"folder [default: {DEFAULT_CHECKPOINT}].",
 )
 @click.option("--max-new-tokens", "-n", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=float, help="0 means greedy (argmax).")
@@ -113,6 +127,7 @@ def _default_checkpoint() -> tuple[str | None, str]:
     type=click.Choice(DTYPE_NAMES),
     help="Number format of the weights while decoding: bf16 reads half the bytes per token (faster on a CPU).",
 )
+@n_heads_option
 def generate(
     prompt: str,
     checkpoint: str | None,
@@ -129,6 +144,7 @@ def generate(
     no_limit: bool,
     threads: int | None,
     dtype: str,
+    n_heads: int | None,
 ) -> None:
     """Continue PROMPT, streaming tokens as the model picks them (greedy by default, as in the course)."""
     from gpt2term.core.errors import InputError
@@ -150,7 +166,7 @@ def generate(
     )
     _set_threads(threads)
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, dtype=dtype)
+    model = load_model(checkpoint, dtype=dtype, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     settings.check_for(model.cfg)
     ctx = model.cfg.context_length
@@ -225,14 +241,15 @@ def inspect() -> None:
 @click.option("--checkpoint", "-c", help=f"Checkpoint name or weights path [default: {DEFAULT_CHECKPOINT}].")
 @click.option("--layer", type=int, default=-1, show_default=True, help="Layer to print (text output).")
 @click.option("--json", "as_json", is_flag=True, help="All layers and heads: {tokens, attention[layer][head][q][k]}.")
-def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool) -> None:
+@n_heads_option
+def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: bool, n_heads: int | None) -> None:
     """How much each token of PROMPT attends to each earlier token, per layer and head."""
     from gpt2term.core.errors import InputError
     from gpt2term.core.inspection import attention_weights
     from gpt2term.core.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, quiet=as_json)
+    model = load_model(checkpoint, quiet=as_json, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     weights = attention_weights(model, ids)
     if as_json:
@@ -255,13 +272,16 @@ def inspect_attention(prompt: str, checkpoint: str | None, layer: int, as_json: 
 @click.option("--position", type=int, default=-1, show_default=True, help="Token position (-1: the last).")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="{position, layers: [{layer, top: [{token_id, text, prob}]}]}")
-def inspect_lens(prompt: str, checkpoint: str | None, position: int, top_k: int, as_json: bool) -> None:
+@n_heads_option
+def inspect_lens(
+    prompt: str, checkpoint: str | None, position: int, top_k: int, as_json: bool, n_heads: int | None
+) -> None:
     """The logit lens: what each layer would predict next at POSITION, first layer first, real output last."""
     from gpt2term.core.inspection import first_layer_with_final_answer, logit_lens
     from gpt2term.core.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
-    model = load_model(checkpoint, quiet=as_json)
+    model = load_model(checkpoint, quiet=as_json, n_heads=n_heads)
     ids = tokenizer.encode(prompt)
     layers = logit_lens(model, tokenizer, ids, position, top_k)
     resolved = position % len(ids)
@@ -381,7 +401,9 @@ def ckpt_show(name: str, as_json: bool) -> None:
 )
 def ckpt_import(source: str, name: str | None, n_heads: int | None) -> None:
     """Copy weights into the store: a HF model.safetensors (file or folder), a GPT-2 from the Hugging Face cache
-    by name (gpt2, gpt2-medium, ...), the book's model.pth / model_and_optimizer.pth, or a checkpoint folder."""
+    by name (gpt2, gpt2-medium, ...), the book's model.pth / model_and_optimizer.pth (or its pretrained
+    gpt2-small-124M.pth / .safetensors), OpenAI's TensorFlow checkpoint folder (124M/, read without TensorFlow), or a
+    checkpoint folder."""
     from gpt2term.formatting import format_count
 
     result = _store().import_weights(source, name, n_heads=n_heads)
@@ -493,6 +515,7 @@ class _TrainingPrinter:
         self.val_perplexity: float | None = None
         self.last_step = None
         self.bar = None  # a rich progress bar (gpt2term.cli_progress), on a terminal, from the first step on
+        self.book_steps = False  # eval_timing "book": also print chapter 5's label for each evaluation
 
     def _line(self, text: str, *, err: bool = True) -> None:
         if self.bar is not None:
@@ -530,6 +553,7 @@ class _TrainingPrinter:
             return
         kind = event.type
         if kind == "start":
+            self.book_steps = (event.settings or {}).get("eval_timing") == "book"
             what = "resuming" if event.resumed else "training"
             cfg = event.config
             self._line(
@@ -554,9 +578,15 @@ class _TrainingPrinter:
             self.val_loss, self.val_perplexity = event.val_loss, event.val_perplexity
             speed = f"  {format_count(self.last_step.tokens_per_second)} tok/s" if self.last_step else ""
             eta = f"  ETA {format_duration(self.last_step.eta_s)}" if self.last_step else ""
+            book = (
+                f"  | Ep {event.epoch} (Step {event.step - 1:06d}): "
+                f"Train loss {event.train_loss:.3f}, Val loss {event.val_loss:.3f}"
+                if self.book_steps and event.step > 0
+                else ""
+            )
             self._line(
                 f"step {event.step}: train loss {event.train_loss:.3f}  val loss {event.val_loss:.3f}  "
-                f"val perplexity {event.val_perplexity:.1f}{speed}{eta}"
+                f"val perplexity {event.val_perplexity:.1f}{speed}{eta}{book}"
             )
         elif kind == "sample":
             self._line(f"  sample: {event.prompt}{event.text}".replace("\n", " "))
@@ -594,15 +624,27 @@ def _signal_announcer(say, distributed: bool):
     return announce
 
 
-_MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
+_MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
+RECIPE_HELP = (
+    "Defaults for every other option: 'default' (the values shown here) or 'book' (chapter 5's run: gpt2-124M "
+    "without qkv bias, context 256, dropout 0.1, constant lr 4e-4, weight decay 0.1, no warmup, no clipping, "
+    "batch 2, 10 epochs, eval every 5 steps on 5 batches as the book counts them, a greedy 'Every effort moves "
+    "you' after each epoch, seed 123). Options given explicitly still win."
+)
 
 
 @cli.command()
 @click.argument("corpus", nargs=-1)
 @click.option("--name", "-n", required=True, help="Checkpoint to write (and to continue with --resume).")
+@click.option("--recipe", default="default", show_default=True, type=click.Choice(list(RECIPES)), help=RECIPE_HELP)
 @click.option("--preset", "-p", default="tiny", show_default=True, help="Model size for a new run: tiny, mini, gpt2...")
 @click.option("--from", "init_from", metavar="CHECKPOINT", help="Start a new run from these weights (name or path).")
 @click.option("--resume", is_flag=True, help="Continue --name where it stopped, with its saved settings.")
+@click.option(
+    "--fresh-optimizer",
+    is_flag=True,
+    help="With --from a file holding an AdamW state (model_and_optimizer.pth): start a new optimizer instead.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint of that name.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (instead of --epochs).")
@@ -612,10 +654,28 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--weight-decay", default=0.1, show_default=True, type=click.FloatRange(min=0))
 @click.option("--warmup-steps", type=click.IntRange(min=0), help="[default: a tenth of the run, at most 100]")
+@click.option(
+    "--schedule",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(list(SCHEDULES)),
+    help="Learning rate after the warmup: held, or decayed to lr * --min-lr-ratio.",
+)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="End of the decay.")
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0), help="0: no clipping.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
 @click.option("--eval-interval", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-iters", default=5, show_default=True, type=click.IntRange(min=1), help="Batches per evaluation.")
+@click.option(
+    "--eval-at-start/--no-eval-at-start", default=True, show_default=True, help="Evaluate at step 0, before training."
+)
+@click.option(
+    "--eval-timing",
+    default="interval",
+    show_default=True,
+    type=click.Choice(list(EVAL_TIMINGS)),
+    help="interval: after steps N, 2N, ...; book: after updates 1, N+1, 2N+1, ... (chapter 5's loop).",
+)
 @click.option("--save-interval", default=500, show_default=True, type=click.IntRange(min=0), help="0: only at end.")
 @click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--seed", default=123, show_default=True, type=int)
@@ -624,10 +684,20 @@ _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slow start, faster steps).")
 @click.option("--sample-prompt", help="Greedy sample shown at each evaluation [default: fits the corpus].")
 @click.option("--sample-tokens", default=30, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--sample-every",
+    default="eval",
+    show_default=True,
+    type=click.Choice(list(SAMPLE_TIMINGS)),
+    help="Greedy sample after each evaluation or after each epoch.",
+)
 @click.option("--emb-dim", type=click.IntRange(min=1), help="Override the preset's embedding size.")
 @click.option("--n-layers", type=click.IntRange(min=1), help="Override the preset's number of layers.")
-@click.option("--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads.")
+@click.option(
+    "--n-heads", type=click.IntRange(min=1), help="Override the preset's attention heads (with --from: a .pth's heads)."
+)
 @click.option("--drop-rate", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
+@click.option("--qkv-bias/--no-qkv-bias", default=None, help="Biases on query/key/value [default: the preset's].")
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print every event as one JSON line (as in metrics.jsonl).")
@@ -644,6 +714,7 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 
     from click.core import ParameterSource
 
+    from gpt2term.core.errors import InputError
     from gpt2term.core.training import Trainer, TrainingControl, TrainingSettings, resume_settings, stop_on_signals
 
     def given(option: str) -> bool:
@@ -654,8 +725,10 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
     values["grad_clip"] = values["grad_clip"] or None
     model = {k: options[k] for k in _MODEL_OPTIONS if options[k] is not None}
     if options["resume"]:
+        if given("recipe"):
+            raise InputError("--recipe starts a new run; --resume keeps the settings the run was saved with")
         # Only what was typed changes the saved settings (`resume_settings` refuses what would change the run).
-        skipped = (*_MODEL_OPTIONS, "resume", "overwrite")
+        skipped = (*_MODEL_OPTIONS, "resume", "overwrite", "recipe")
         overrides = {renamed.get(k, k): values[renamed.get(k, k)] for k in options if k not in skipped and given(k)}
         if corpus:
             overrides["corpus"] = list(corpus)
@@ -663,7 +736,10 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
             overrides["model"] = model
         settings = resume_settings(name, **overrides)
     else:
-        settings = TrainingSettings(name=name, corpus=list(corpus), model=model, **values)
+        # The recipe gives the defaults; only what was typed overrides it.
+        typed = {renamed.get(k, k): values[renamed.get(k, k)] for k in options if k not in _MODEL_OPTIONS and given(k)}
+        typed.pop("recipe", None)
+        settings = TrainingSettings.from_recipe(values["recipe"], name=name, corpus=list(corpus), model=model, **typed)
     control = TrainingControl()
     printer = _TrainingPrinter(as_json)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -699,6 +775,7 @@ def train(ctx: click.Context, corpus: tuple[str, ...], name: str, as_json: bool,
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: loss, perplexity, tokens, checkpoint, corpus.")
+@n_heads_option
 def eval_command(
     corpus: tuple[str, ...],
     checkpoint: str | None,
@@ -710,6 +787,7 @@ def eval_command(
     threads: int | None,
     as_json: bool,
     max_tokens: int | None,
+    n_heads: int | None,
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it, or the first --max-tokens; `pydoc` when
     none is given). Shows a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
@@ -729,7 +807,12 @@ def eval_command(
     shown = checkpoint or UNTRAINED_NAME
     how = how if checkpoint else "untrained, random weights: the store has no checkpoint"
     limit = f", its first {max_tokens:,} tokens" if max_tokens else ""
-    model = open_model(checkpoint, _store(), device=resolve_device(device), remember=False, float32=True).model
+    opened = open_model(
+        checkpoint, _store(), device=resolve_device(device), remember=False, float32=True, n_heads=n_heads
+    )
+    for notice in opened.notices:
+        click.echo(f"note: {notice}", err=True)
+    model = opened.model
     data = load_corpus(list(corpus), val_ratio=0.0, encoding_errors=encoding_errors)
     window = min(context_length or model.cfg.context_length, model.cfg.context_length)
     bar = None

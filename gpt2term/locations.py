@@ -30,6 +30,12 @@ def checkpoints_dir() -> Path:
     return home() / "checkpoints"
 
 
+def exports_dir() -> Path:
+    """Where the app saves what you ask it to (transcripts, exported models) unless you type another path: never
+    the current folder, which may be a git clone."""
+    return home() / "exports"
+
+
 def cache_dir() -> Path:
     """Things that can be rebuilt (tokenized corpora, ...): safe to delete."""
     override = _override()
@@ -63,6 +69,7 @@ def all_paths() -> dict[str, Path]:
     return {
         "home": home(),
         "checkpoints": checkpoints_dir(),
+        "exports": exports_dir(),
         "cache": cache_dir(),
         "config": config_dir(),
         "state": state_path(),

@@ -13,3 +13,16 @@ async def settle(pilot, condition: Callable[[], bool], what: str) -> None:
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
     raise AssertionError(f"never happened: {what}")
+
+
+def screen_text(app) -> str:
+    """What the terminal shows now, as plain text (each line the width of the screen)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(
+        width=app.size.width, height=app.size.height, file=io.StringIO(), record=True, legacy_windows=False
+    )
+    console.print(app.screen._compositor.render_update(full=True))
+    return console.export_text()

@@ -24,7 +24,17 @@ from gpt2term.core.training import evaluate_ids
 
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]
 # Steps of a second or so, so "before the next step event" means something on a quiet machine too.
-SLOW = ["--preset", "tiny", "--context-length", "128", "--batch-size", "8", "--save-interval", "0"]
+SLOW = [
+    "--preset",
+    "tiny",
+    "--context-length",
+    "128",
+    "--batch-size",
+    "8",
+    "--save-interval",
+    "0",
+    "--no-eval-at-start",
+]
 MESSAGE = "Ctrl-C: stopping after this step, then saving; Ctrl-C again to quit without saving"
 
 

@@ -160,7 +160,7 @@ def test_exports_do_not_overwrite_unless_asked(tmp_path):
         export_book_pth(model.state_dict(), TINY, tmp_path / "model.pth")
     export_book_pth(tiny_model(1).state_dict(), TINY, tmp_path / "model.pth", overwrite=True)
     assert_same_weights(load_book_pth(tmp_path / "model.pth", TINY).state_dict, tiny_model(1).state_dict())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]  # no temporary file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pth"]  # no temporary file left
 
 
 class Payload:

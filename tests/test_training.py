@@ -74,7 +74,8 @@ def test_loss_falls_far_below_its_start_and_validation_perplexity_is_reported(co
     steps = of_type(events, "step")
     assert abs(steps[0].loss - math.log(50257)) < 0.3  # an untrained GPT-2 is uniformly unsure
     evals = of_type(events, "eval")
-    assert [e.step for e in evals] == [20, 40]
+    assert [e.step for e in evals] == [0, 20, 40]  # step 0: before the first update
+    assert abs(evals[0].val_loss - math.log(50257)) < 0.3 and evals[0].tokens_seen == 0
     assert evals[-1].val_loss < 2.0 and evals[-1].train_loss < 2.0
     assert evals[-1].val_perplexity == pytest.approx(math.exp(evals[-1].val_loss))
     assert [s.step for s in of_type(events, "sample")] == [20, 40]
@@ -95,7 +96,7 @@ def test_every_event_is_a_json_line_in_metrics_readable_during_the_run(corpus_fi
             seen_during_run.extend(store.read_metrics("run"))  # what another process tailing the file sees
 
     events, _ = run(small_settings(corpus_file), listeners=[follow])
-    assert [r["type"] for r in seen_during_run] == ["start", "step", "step"]
+    assert [r["type"] for r in seen_during_run] == ["start", "eval", "step", "step"]
     records = store.read_metrics("run")
     assert [r["type"] for r in records] == [e.type for e in events]
     assert records == [e.to_dict() for e in events]

@@ -174,12 +174,19 @@ def test_export_then_import_and_gpt2_from_the_hugging_face_cache(tmp_path, monke
             await settle(pilot, lambda: "gpt2" in screen.table.names, "GPT-2 from the cache")
             assert store.info("gpt2").get("source") == "huggingface-cache:openai-community/gpt2"
 
+            # A missing file: said inside the dialog, which stays open with what was typed (issue 14).
             before = sorted(p.name for p in store.root.iterdir())
             await pilot.press("i")
             app.screen.query_one("#spec").value = str(tmp_path / "nothing-here.safetensors")
+            app.screen.query_one("#name").value = "typed-name"
             await pilot.press("ctrl+s")
-            await settle(pilot, lambda: notified(app, "nothing-here.safetensors"), "the error")
+            await pilot.pause()
+            dialog = app.screen
+            assert isinstance(dialog, ImportScreen)
+            assert "nothing-here.safetensors: no such file or folder" in str(dialog.query_one("#import-error").render())
+            assert dialog.query_one("#name").value == "typed-name"
             assert sorted(p.name for p in store.root.iterdir()) == before
+            await pilot.press("escape")
             assert isinstance(app.screen, CheckpointsScreen)
 
     asyncio.run(scenario())

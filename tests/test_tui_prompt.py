@@ -26,7 +26,7 @@ from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel, show_token
-from tests.pilot_helpers import settle
+from tests.pilot_helpers import screen_text, settle
 
 TINY = GPTConfig(emb_dim=64, n_heads=4, n_layers=2, context_length=64)
 PROMPT = "The quick brown fox"
@@ -120,7 +120,7 @@ def test_probability_panel_shows_the_engines_probabilities_for_the_token_under_t
                 assert rows == want
                 header = panel.render().plain.splitlines()[1]
                 assert f"chose {show_token(step.token_text)} rank {step.rank}" in header
-                assert panel.border_subtitle == f"token {step_index + 1}/6"
+                assert panel.border_subtitle.startswith(f"token {step_index + 1}/6 ")
 
             check(5)  # the latest token
             await pilot.press("tab", "left", "left")  # the token cursor, two tokens back
@@ -235,13 +235,19 @@ def test_history_copy_save_and_toggles(tiny_checkpoint, tmp_path):
             # Copy the last completion.
             await pilot.press("ctrl+g")
             assert app.clipboard == second.completion and second.completion
-            # Token boundaries: each token's own text, in alternating backgrounds.
+            # Token boundaries: each token's own text, the prompt's too, in alternating backgrounds.
             body = screen.transcript.views[second.id].body
             await pilot.press("ctrl+t")
             pieces = [s.token_text.replace("\n", "↵\n") or "∅" for s in second.steps]
             assert body.plain == second.prompt + "".join(pieces)
-            backgrounds = {str(span.style) for span in body.render().spans if "on #" in str(span.style)}
-            assert len(backgrounds) == 2
+            spans = [span for span in body.render().spans if "on #" in str(span.style)]
+            assert len({str(span.style).rpartition("on ")[2] for span in spans}) == 2
+            prompt_tokens = [app.tokenizer.token_text(i) for i in second.prompt_ids]
+            assert len(prompt_tokens) > 1
+            drawn = [body.plain[span.start : span.end] for span in spans[: len(prompt_tokens)]]
+            assert drawn == prompt_tokens  # one background per prompt token, not one for the whole prompt
+            backs = [str(span.style).rpartition("on ")[2] for span in spans]
+            assert all(a != b for a, b in zip(backs, backs[1:], strict=False)), "neighbouring tokens share a background"
             # Colours by probability: every token gets a colour.
             await pilot.press("ctrl+l")
             coloured = [span for span in body.render().spans if str(span.style).startswith("#")]
@@ -332,3 +338,29 @@ def test_a_missing_checkpoint_is_reported_in_the_app_which_keeps_running():
             assert isinstance(app.screen, PromptScreen) and not app.screen.turns
 
     asyncio.run(scenario())
+
+
+def test_ctrl_s_saves_where_the_dialog_says_under_the_data_folders_exports_never_the_cwd(
+    tiny_checkpoint, tmp_path, monkeypatch, isolated_home
+):
+    cwd = tmp_path / "a-git-clone"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            await set_max_new_tokens(pilot, 3)
+            await generate_in_app(pilot, PROMPT)
+            await pilot.press("ctrl+s")
+            dialog = app.screen
+            shown = dialog.query_one("#path").value
+            assert shown.startswith(str(isolated_home / "exports")), shown  # said before saving
+            assert str(isolated_home / "exports") in screen_text(app)
+            await pilot.press("enter")
+            await settle(pilot, lambda: (isolated_home / "exports").is_dir(), "the transcript saved")
+
+    asyncio.run(scenario())
+    saved = list((isolated_home / "exports").iterdir())
+    assert [p.suffix for p in saved] == [".md"] and PROMPT in saved[0].read_text()
+    assert list(cwd.iterdir()) == []  # the current folder is untouched

@@ -38,11 +38,13 @@ from gpt2term.tui.app import make_app
 from gpt2term.tui.dialogs import ConfirmScreen, FollowScreen, LeaveRunScreen
 from gpt2term.tui.messages import TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState, Series
+from gpt2term.tui.screens import train as train_screen
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets import train_form
 from gpt2term.tui.widgets.train_form import DEFAULT_STEPS
 from gpt2term.tui.widgets.training_charts import MetricSparkline
+from tests.pilot_helpers import screen_text
 
 SMALL = {"n_layers": "1", "emb_dim": "32", "n_heads": "2", "context_length": "16", "batch_size": "4"}
 
@@ -178,8 +180,10 @@ def test_a_run_from_the_screen_pauses_resumes_saves_stops_and_lands_in_the_check
             recorder = await start(pilot, screen)
 
             # Live: the sparklines get data, the step count rises.
-            await recorder.until(lambda ev: any(isinstance(e, EvalEvent) for e in ev), "an evaluation")
-            await settle(pilot, lambda: len(screen.state.val_loss) > 0, "the validation loss")
+            # The first evaluation is the untrained model's (step 0); the sparklines fill once steps follow.
+            await recorder.until(lambda ev: any(isinstance(e, EvalEvent) and e.step > 0 for e in ev), "an evaluation")
+            await settle(pilot, lambda: len(screen.state.val_loss) > 1, "the validation loss")
+            assert screen.state.val_loss.steps[:2] == [0, 3]
             assert screen.query_one("#spark-train-loss", MetricSparkline).values
             assert screen.query_one("#spark-val-loss", MetricSparkline).values
             assert screen.query_one("#spark-lr", MetricSparkline).values
@@ -397,3 +401,28 @@ def test_following_a_run_that_another_writer_appends_to_metrics_jsonl():
         asyncio.run(scenario())
     finally:
         lock.release()
+
+
+def test_the_screen_estimates_the_runs_whole_duration_from_its_first_steps():
+    store = CheckpointStore()
+    name = "timed"
+    store.append_metrics(name, start_event(name).to_dict())
+    for n in range(1, train_screen.ESTIMATE_AFTER_STEPS):  # one step short of an estimate
+        store.append_metrics(name, step_event(n).to_dict())
+
+    async def scenario() -> None:
+        app = small_app()
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await open_train(pilot)
+            app.open_train("follow", name)
+            await settle(pilot, lambda: screen.state.step == train_screen.ESTIMATE_AFTER_STEPS - 1, "the steps", 0.05)
+            assert screen.estimate is None and "in all" not in str(screen.query_one("#run-eta").render())
+            # step n of 20 took n seconds: 5.0K tokens/s, 20 s in all
+            store.append_metrics(name, step_event(train_screen.ESTIMATE_AFTER_STEPS).to_dict())
+            await settle(pilot, lambda: screen.estimate is not None, "the estimate", 0.05)
+            said = f"over the first {train_screen.ESTIMATE_AFTER_STEPS} steps: this run should take about 20s in all"
+            assert "measured 5.0K tokens/s " + said in screen.log_view.lines_written[-1]
+            assert "about 20s in all" in str(screen.query_one("#run-eta").render())
+            assert "about 20s in all" in screen_text(app)  # on screen, not only in the widget
+
+    asyncio.run(scenario())

@@ -26,6 +26,7 @@ from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.atomic import (
     fsync_path,
+    give_user_permissions,
     replace_atomically,
     storage_error,
     temp_beside,
@@ -33,6 +34,25 @@ from gpt2term.core.store.atomic import (
 )
 
 HEAD_DIM_GUESS = 64  # every released GPT-2 size uses 64-dimensional heads
+BOOK_CONFIG_FILE = "model.json"  # written beside every .pth we export: a state_dict carries no head count
+
+
+def with_given_heads(cfg: GPTConfig, n_heads: int, source: object) -> GPTConfig:
+    """The shapes' config with the head count the user gave (`--n-heads`): the one thing shapes cannot tell."""
+    if n_heads < 1 or cfg.emb_dim % n_heads:
+        divisors = [h for h in range(1, cfg.emb_dim + 1) if cfg.emb_dim % h == 0 and cfg.emb_dim // h >= 8]
+        hint = ", ".join(str(h) for h in divisors[-4:]) or "1"
+        raise InputError(
+            f"{source}: --n-heads {n_heads} does not divide its {cfg.emb_dim} embedding dims; pass a divisor of "
+            f"{cfg.emb_dim} (e.g. {hint})"
+        )
+    return cfg.with_(n_heads=n_heads)
+
+
+def _heads_notice(cfg: GPTConfig, n_heads: int | None) -> str:
+    if n_heads is not None:
+        return f"{cfg.n_heads} heads of {cfg.head_dim} dims, as given by --n-heads"
+    return f"assuming {cfg.n_heads} heads of {HEAD_DIM_GUESS} dims (pass --n-heads if it was trained with others)"
 
 
 @dataclass
@@ -241,15 +261,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); is it complete?") from exc
 
 
-def load_hf(path: Path) -> LoadedWeights:
-    """A Hugging Face GPT-2 `model.safetensors` (with `config.json` beside it when present) or its folder."""
+def load_hf(path: Path, n_heads: int | None = None) -> LoadedWeights:
+    """A Hugging Face GPT-2 `model.safetensors` (with `config.json` beside it when present) or its folder.
+    `n_heads` is the head count for a file without a config (its shapes cannot tell it)."""
     folder = path if path.is_dir() else path.parent
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors in this folder; point at a save_pretrained() folder")
     sd = read_safetensors(file)
-    if "tok_emb.weight" in sd:  # the course's names: a model.safetensors of gpt2term's store, copied out
-        return load_course_safetensors(file, sd)
+    if "tok_emb.weight" in sd or "out_head.weight" in sd:  # the course's names: gpt2term's own, or the book's
+        return load_course_safetensors(file, sd, n_heads)
     notices = []
     config_file = folder / "config.json"
     if config_file.is_file():
@@ -267,9 +288,11 @@ def load_hf(path: Path) -> LoadedWeights:
                 f"{file}: not a GPT-2 model (neither Hugging Face names such as wte.weight nor gpt2term's such as "
                 "tok_emb.weight)"
             ) from exc
+        if n_heads is not None:
+            cfg = with_given_heads(cfg, n_heads, file)
         notices.append(
-            f"no config.json beside {file.name}: config inferred from shapes with {HEAD_DIM_GUESS}-dimensional heads "
-            f"({cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.emb_dim} dims)"
+            f"no config.json beside {file.name}: config inferred from shapes ({cfg.n_layers} layers, "
+            f"{cfg.emb_dim} dims), {_heads_notice(cfg, n_heads)}"
         )
     try:
         ours = from_hf_state_dict(sd, cfg)
@@ -283,9 +306,10 @@ def load_hf(path: Path) -> LoadedWeights:
     return LoadedWeights(ours, cfg, f"huggingface:{file}", notices)
 
 
-def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor]) -> LoadedWeights:
-    """A safetensors file in the course's names (gpt2term's own): the config from the meta.json beside it when there
-    is one, else read off the shapes."""
+def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor], n_heads: int | None = None) -> LoadedWeights:
+    """A safetensors file in the course's names (gpt2term's own, or the book's pretrained
+    `gpt2-small-124M.safetensors`): the config from the meta.json beside it when there is one, else read off the
+    shapes."""
     meta_file = file.parent / "meta.json"
     cfg = None
     if meta_file.is_file():
@@ -296,14 +320,21 @@ def load_course_safetensors(file: Path, sd: dict[str, torch.Tensor]) -> LoadedWe
         except (OSError, ValueError, RecursionError, Gpt2termError) as exc:
             raise CheckpointError(f"{meta_file}: no usable config ({exc}); remove it to infer from shapes") from exc
     notices = []
+    pair = ("tok_emb.weight", "out_head.weight")
+    if (pair[0] in sd) != (pair[1] in sd):  # safetensors' save_model keeps one name of a tied pair
+        present, absent = pair if pair[0] in sd else pair[::-1]
+        sd = {**sd, absent: sd[present].clone()}
+        notices.append(f"{file.name} holds {present} only (the head was tied to the token embedding): used it for both")
     if cfg is None:
         try:
             cfg = infer_book_config(sd)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{file}: not a whole GPTModel (no {exc}); is the file complete?") from exc
+        if n_heads is not None:
+            cfg = with_given_heads(cfg, n_heads, file)
         notices.append(
             f"no meta.json beside {file.name}: config read off its shapes ({cfg.n_layers} layers, {cfg.emb_dim} "
-            f"dims, context {cfg.context_length}), assuming {cfg.n_heads} heads of {HEAD_DIM_GUESS} dims"
+            f"dims, context {cfg.context_length}), {_heads_notice(cfg, n_heads)}"
         )
     sd = {k: v for k, v in sd.items() if not k.endswith(".att.mask")}
     return LoadedWeights(sd, cfg, f"safetensors:{file}", notices)
@@ -338,8 +369,35 @@ def infer_book_config(sd: dict[str, torch.Tensor]) -> GPTConfig:
     )
 
 
-def load_book_pth(path: Path, cfg: GPTConfig | None = None) -> LoadedWeights:
-    """The book's `model.pth` (a state_dict) or `model_and_optimizer.pth` (model and optimizer state dicts)."""
+def read_book_config(path: Path, sd: dict[str, torch.Tensor]) -> GPTConfig | None:
+    """The `model.json` beside a `.pth` (what our exports write, in the course's GPT_CONFIG names), checked against
+    the weights' shapes so that one left over from another model is refused rather than trusted."""
+    file = path.parent / BOOK_CONFIG_FILE
+    if not file.is_file():
+        return None
+    fix = f"fix or remove {file} (then pass --n-heads)"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        cfg = GPTConfig.from_dict(data, complete=True)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, Gpt2termError) as exc:
+        raise CheckpointError(f"{file}: not a usable config ({str(exc)[:120]}); {fix}") from exc
+    try:
+        shapes = infer_book_config(sd)
+    except (KeyError, ValueError):
+        return cfg  # an incomplete state_dict: load_state_dict_checked names what is missing
+    for key in ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bias"):
+        if getattr(cfg, key) != getattr(shapes, key):
+            raise CheckpointError(
+                f"{file} does not belong to {path.name}: its {key} is {getattr(cfg, key)} but the weights have "
+                f"{getattr(shapes, key)}; {fix}"
+            )
+    return cfg
+
+
+def load_book_pth(path: Path, cfg: GPTConfig | None = None, n_heads: int | None = None) -> LoadedWeights:
+    """The book's `model.pth` (a state_dict) or `model_and_optimizer.pth` (model and optimizer state dicts).
+    The config: `cfg`, else the `model.json` beside it, else read off the shapes with `n_heads` heads (or, without
+    it, GPT-2's 64-dimensional heads, with a notice saying so)."""
     data = torch_load_safely(path)
     optimizer_state = None
     if isinstance(data, dict) and "model_state_dict" in data:
@@ -348,39 +406,60 @@ def load_book_pth(path: Path, cfg: GPTConfig | None = None) -> LoadedWeights:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path}: not a state_dict; save one with torch.save(model.state_dict(), path)")
     if is_hf_state_dict(data):
-        cfg = cfg or infer_hf_config(data)
-        return LoadedWeights(from_hf_state_dict(data, cfg), cfg, f"pth:{path}", [], optimizer_state)
+        notices = []
+        if cfg is None:
+            cfg = infer_hf_config(data)
+            if n_heads is not None:
+                cfg = with_given_heads(cfg, n_heads, path)
+            notices.append(f"{path.name} holds no config: {_heads_notice(cfg, n_heads)}")
+        return LoadedWeights(from_hf_state_dict(data, cfg), cfg, f"pth:{path}", notices, optimizer_state)
     if "tok_emb.weight" not in data:
         raise CheckpointError(f"{path}: no tok_emb.weight; this is not a GPTModel state_dict from the book")
     sd = {k: v for k, v in data.items() if not k.endswith(".att.mask")}
     notices = []
     if cfg is None:
+        cfg = read_book_config(path, sd)
+    if cfg is None:
         cfg = infer_book_config(sd)
+        if n_heads is not None:
+            cfg = with_given_heads(cfg, n_heads, path)
         notices.append(
             f"{path.name} holds no config: read off its shapes ({cfg.n_layers} layers, {cfg.emb_dim} dims, "
-            f"context {cfg.context_length}, qkv_bias={cfg.qkv_bias}), assuming {cfg.n_heads} heads of "
-            f"{HEAD_DIM_GUESS} dims"
+            f"context {cfg.context_length}, qkv_bias={cfg.qkv_bias}), {_heads_notice(cfg, n_heads)}"
         )
     return LoadedWeights(sd, cfg, f"pth:{path}", notices, optimizer_state)
 
 
-def load_weights_file(path: Path) -> LoadedWeights:
-    """Any weights file or folder a user may point at: HF safetensors (file or folder) or a book `.pth`."""
+def load_weights_file(path: Path, n_heads: int | None = None) -> LoadedWeights:
+    """Any weights file or folder a user may point at: HF safetensors (file or folder), a book `.pth`, or OpenAI's
+    TensorFlow checkpoint folder. `n_heads`: the head count of a file that carries no config (`--n-heads`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
         if (path / "model.safetensors").is_file():
-            return load_hf(path)
+            return load_hf(path, n_heads)
         for name in ("model_and_optimizer.pth", "model.pth"):
             if (path / name).is_file():
-                return load_book_pth(path / name)
-        raise CheckpointError(f"{path}: no model.safetensors or model.pth inside; point at the weights file")
+                return load_book_pth(path / name, n_heads=n_heads)
+        from gpt2term.core import tf_checkpoint  # OpenAI's TensorFlow folder; it builds on this module
+
+        if tf_checkpoint.is_tf_checkpoint_folder(path):
+            return tf_checkpoint.load_tf_checkpoint(path)  # hparams.json has the heads; resolve checks --n-heads
+        raise CheckpointError(
+            f"{path}: no model.safetensors, model.pth or TensorFlow model.ckpt.index inside; point at the weights file"
+        )
     if path.suffix == ".safetensors":
-        return load_hf(path)
+        return load_hf(path, n_heads)
     if path.suffix in (".pth", ".pt", ".bin"):
-        return load_book_pth(path)
-    raise CheckpointError(f"{path}: unknown weights format; expected .safetensors or .pth")
+        return load_book_pth(path, n_heads=n_heads)
+    from gpt2term.core import tf_checkpoint
+
+    if tf_checkpoint.is_tf_checkpoint_file(path):
+        return tf_checkpoint.load_tf_checkpoint(path)
+    raise CheckpointError(
+        f"{path}: unknown weights format; expected .safetensors, .pth or a TensorFlow checkpoint folder"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- writing files
@@ -417,6 +496,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
             raise
         code = int(found[1])
         raise OSError(code, os.strerror(code), str(path)) from None
+    give_user_permissions(path)
     fsync_path(path)
 
 
@@ -522,13 +602,17 @@ def export_book_pth(
     optimizer_state: dict | None = None,
     with_optimizer: bool = False,
     overwrite: bool = False,
+    lr: float | None = None,
 ) -> ExportResult:
     """The book's files: `model.pth` (`torch.save(model.state_dict(), ...)`), or with `with_optimizer`,
     `model_and_optimizer.pth` (`{"model_state_dict": ..., "optimizer_state_dict": ...}`). A folder path gets the
-    book's file name inside it. Both load with `weights_only=True`, as torch.load does by default."""
+    book's file name inside it. Both load with `weights_only=True`, as torch.load does by default.
+    Beside it goes `model.json` (the config, which a state_dict lacks), read back on import. `lr`: the learning
+    rate every param group carries (the run's --lr; `load_state_dict` sets it on the reader's optimizer), instead
+    of the last scheduled one."""
     path = Path(path).expanduser()
     with _writing_to(path):
-        return _export_book_pth(state_dict, cfg, path, optimizer_state, with_optimizer, overwrite)
+        return _export_book_pth(state_dict, cfg, path, optimizer_state, with_optimizer, overwrite, lr)
 
 
 def _export_book_pth(
@@ -538,21 +622,42 @@ def _export_book_pth(
     optimizer_state: dict | None,
     with_optimizer: bool,
     overwrite: bool,
+    lr: float | None = None,
 ) -> ExportResult:
     if path.is_dir():
         path = path / ("model_and_optimizer.pth" if with_optimizer else "model.pth")
     _refuse_overwrite(path, overwrite)
+    config_file = path.parent / BOOK_CONFIG_FILE
+    config_text = json.dumps(book_config(cfg), indent=2) + "\n"
+    if config_file.exists() and not overwrite and _read_text(config_file) != config_text:
+        raise InputError(
+            f"{config_file} already exists and holds another model's config; pass --force to overwrite it, "
+            "or export into another folder"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     notices: list[str] = []
     model_sd = book_state_dict(state_dict, cfg)
     payload: dict[str, Any] = model_sd
     if with_optimizer:
+        why = "the run's --lr"
         if optimizer_state is None:
-            optimizer_state = fresh_adamw_state(state_dict)
+            optimizer_state, why = fresh_adamw_state(state_dict), "a fresh AdamW's"
             notices.append(
                 "this checkpoint has no optimizer state: wrote a fresh AdamW state (lr 0.0004, weight_decay 0.1)"
             )
-        elif _count_params(optimizer_state) != len(state_dict):
+        elif lr is not None:
+            groups = [{**g, "lr": lr} for g in optimizer_state.get("param_groups", [])]
+            optimizer_state = {**optimizer_state, "param_groups": groups}
+        else:
+            why = "as imported: no training run set it"
+        rates = sorted({g["lr"] for g in optimizer_state.get("param_groups", []) if isinstance(g.get("lr"), float)})
+        if rates:
+            shown = ", ".join(f"{r:g}" for r in rates)
+            notices.append(
+                f"param groups carry lr={shown} ({why}); the course's AdamW(lr=...) + optimizer.load_state_dict(...) "
+                f"resumes at lr={shown} whatever lr it was built with (set param_groups' lr after loading to change it)"
+            )
+        if _count_params(optimizer_state) != len(state_dict):
             notices.append(
                 f"the optimizer state covers {_count_params(optimizer_state)} tensors but the model has "
                 f"{len(state_dict)} parameters; build the optimizer the way it was trained before loading it"
@@ -569,7 +674,30 @@ def _export_book_pth(
         replace_atomically(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult([path], notices)
+    tmp = temp_beside(config_file)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(config_text)
+        fsync_path(tmp)
+        replace_atomically(tmp, config_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult([path, config_file], notices)
+
+
+def book_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The config as the course writes GPT_CONFIG_124M: the same key names, so a reader can pass it to GPTModel."""
+    return {k: cfg.to_dict()[k] for k in BOOK_CONFIG_KEYS}
+
+
+BOOK_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------ the Hugging Face local cache

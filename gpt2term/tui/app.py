@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from textual import work
 from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.dom import DOMNode
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.worker import Worker
@@ -16,13 +19,15 @@ from textual.worker import Worker
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
 from gpt2term.tui.dialogs import ConfirmScreen, LeaveRunScreen
-from gpt2term.tui.keymap import bind, read_keymap
+from gpt2term.tui.keymap import DEFAULT_KEYS, bind, read_keymap
 from gpt2term.tui.messages import ModelLoaded, ModelLoadFailed
 from gpt2term.tui.model_source import AppModel, load_app_model
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.workers import WorkerErrors
+
+FIRST_TRAIN_NOTICE = "Opening the Train screen: building its form and charts (the first time takes a moment)…"
 
 
 class Gpt2termApp(WorkerErrors, App):
@@ -112,6 +117,11 @@ class Gpt2termApp(WorkerErrors, App):
     def request_mode(self, mode: str) -> None:
         """Switch modes; leaving the Train mode while it trains asks whether to stop the run (it saves first)."""
         train = self._training()
+        if mode == "train" and self.train_screen is None and self.current_mode != "train":
+            # Building the Train screen the first time takes a moment: say so first, then build it.
+            self.notify(FIRST_TRAIN_NOTICE, timeout=4)
+            self.call_after_refresh(self.switch_mode, mode)
+            return
         if mode == self.current_mode or self.current_mode != "train" or train is None:
             self.switch_mode(mode)
             return
@@ -164,31 +174,36 @@ class Gpt2termApp(WorkerErrors, App):
             self.request_mode("train")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield SystemCommand("Prompt mode", "Prompt the model and watch each token's probability", self._mode("prompt"))
-        yield SystemCommand("Train mode", "Train a model and watch the loss", self._mode("train"))
-        yield SystemCommand("Checkpoints mode", "Your trained and imported models", self._mode("checkpoints"))
-        if isinstance(screen, PromptScreen):
-            yield SystemCommand(
-                "Decoding settings", "Greedy, temperature, top-k, top-p, seed, ...", screen.action_settings
-            )
-            yield SystemCommand("Toggle token colours", "Colour tokens by probability", screen.action_toggle_colours)
-            yield SystemCommand(
-                "Toggle token boundaries", "Show where tokens begin and end", screen.action_toggle_boundaries
-            )
-            yield SystemCommand("Copy last completion", "To the clipboard (OSC 52)", screen.action_copy_last)
-            yield SystemCommand("Save transcript", "As Markdown, or JSON with every token", screen.action_save)
-        if isinstance(screen, TrainScreen):
-            yield SystemCommand("Start a run", "Train with the form's settings", screen.action_start)
-            yield SystemCommand("Follow a run", "Watch a run another process is training", screen.action_follow)
-        if isinstance(screen, CheckpointsScreen):
-            yield SystemCommand("Copy checkpoint", "Copy the selected checkpoint to a new name", screen.action_copy)
-            yield SystemCommand("Sort checkpoints", "Sort by the next column", screen.action_sort)
-            yield SystemCommand("Follow its run", "Watch the selected checkpoint's run live", screen.action_follow)
-            yield SystemCommand("Refresh", "Read the store again", screen.action_refresh)
+        """Every binding of the screen and of the widgets on it, by name and key, made from the bindings
+        themselves: a new action is in the palette the moment it has a key."""
+        yield from binding_commands(self, screen)
         yield from super().get_system_commands(screen)
 
     def _mode(self, mode: str) -> Callable[[], None]:
         return lambda: self.request_mode(mode)
+
+
+def bound_actions(app: App, screen: Screen) -> list[tuple[DOMNode, Binding]]:
+    """(node, binding) for each of our bindings on the app, the screen and the widgets on it, once per id."""
+    found: dict[str, tuple[DOMNode, Binding]] = {}
+    for node in (app, screen, *screen.walk_children()):
+        for bindings in node._bindings.key_to_bindings.values():
+            for binding in bindings:
+                if binding.id in DEFAULT_KEYS and binding.id not in found:
+                    found[binding.id] = (node, binding)
+    return list(found.values())
+
+
+def binding_commands(app: App, screen: Screen) -> Iterable[SystemCommand]:
+    for node, binding in bound_actions(app, screen):
+        spec = DEFAULT_KEYS[binding.id]
+        keys = (getattr(app, "_keymap", None) or {}).get(binding.id, spec.keys).split(",")
+        shown = "/".join(app.get_key_display(Binding(key, "")) for key in keys)
+        yield SystemCommand(
+            f"{spec.description} ({shown}): {spec.help}",
+            f"key binding {binding.id} (remap it in keymap.toml)",
+            partial(app.run_action, binding.action, node),
+        )
 
 
 def make_app(
@@ -199,8 +214,10 @@ def make_app(
     untrained: bool = False,
     tokenizer: Tokenizer | None = None,
     keymap: dict[str, str] | None = None,
+    n_heads: int | None = None,
 ) -> Gpt2termApp:
     """The app for a checkpoint (None: the most recently used, else an untrained GPT-2), or for a given model.
+    `n_heads`: the head count of a .pth checkpoint, which carries none (`gpt2term -c model.pth --n-heads 8`).
 
     The keymap defaults to the user's `keymap.toml`; a broken file is reported in the app, which then uses the
     default keys.
@@ -213,4 +230,4 @@ def make_app(
         given = AppModel(model.eval(), model_name, untrained=untrained)
         return Gpt2termApp(lambda: given, f"loading {model_name}…", tokenizer, keymap, keymap_error)
     label = f"loading {checkpoint}…" if checkpoint else "loading…"
-    return Gpt2termApp(lambda: load_app_model(checkpoint), label, tokenizer, keymap, keymap_error)
+    return Gpt2termApp(lambda: load_app_model(checkpoint, n_heads=n_heads), label, tokenizer, keymap, keymap_error)

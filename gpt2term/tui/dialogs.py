@@ -173,6 +173,12 @@ class SavePathScreen(FormDialog[Path | None]):
             dialog.border_title = "Save transcript"
             yield Label("File (.md to read; .json keeps every token's alternatives)")
             yield Input(str(self.default), id="path")
+            yield Static(
+                f"It goes exactly where this says: by default in {self.default.parent} (the data folder's "
+                "exports); type another folder or name to put it elsewhere.",
+                classes="dialog-hint",
+                markup=False,
+            )
             yield from _buttons("Save")
 
     def read(self) -> Path | None:
@@ -343,30 +349,46 @@ class ExportScreen(FormDialog[ExportRequest | None]):
 class ImportRequest:
     spec: str  # a path, or a name in the Hugging Face cache
     name: str | None
+    n_heads: int | None = None  # a .pth carries no head count (`ckpt import --n-heads`)
 
 
 class ImportScreen(FormDialog[ImportRequest | None]):
-    """A weights file or folder to import, or one of the GPT-2s found in the local Hugging Face cache."""
+    """A weights file or folder to import, or one of the GPT-2s found in the local Hugging Face cache. Opened again
+    with the `typed` request and its `error` when an import failed, so nothing has to be typed twice."""
 
     DEFAULT_CSS = DIALOG_CSS.format(name="ImportScreen") + "ImportScreen #hf-cache { height: auto; max-height: 6; }"
 
-    def __init__(self, cached: list[HFCachedModel]) -> None:
+    def __init__(
+        self, cached: list[HFCachedModel], typed: ImportRequest | None = None, error: str | None = None
+    ) -> None:
         super().__init__()
         self.cached = cached
+        self.typed = typed or ImportRequest("", None)
+        self.error = error
 
     def compose(self) -> ComposeResult:
+        typed = self.typed
         with Vertical(id="dialog") as dialog:
             dialog.border_title = "Import weights"
-            yield Label("A file or folder: HF model.safetensors (+ config.json), the book's .pth, a checkpoint folder")
-            yield Input("", id="spec", placeholder="~/Downloads/gpt2/ or model.pth")
+            yield Static(
+                "A file or folder: a Hugging Face model.safetensors (+ config.json), the book's .pth "
+                "(+ model.json), or a checkpoint folder",
+                classes="dialog-question",
+                id="import-label",
+            )
+            yield Input(typed.spec, id="spec", placeholder="~/Downloads/gpt2/ or model.pth", compact=True)
             if self.cached:
                 yield Label("or GPT-2 from your Hugging Face cache (no download):")
                 yield OptionList(
                     *[Option(f"{m.name}  ({m.repo_id})", id=m.name) for m in self.cached], id="hf-cache", compact=True
                 )
             yield Label("Name in the store (empty: from the file's name)")
-            yield Input("", id="name", placeholder="e.g. gpt2-small")
-            yield Static("", classes="dialog-error", id="import-error", markup=False)
+            yield Input(typed.name or "", id="name", placeholder="e.g. gpt2-small", compact=True)
+            yield Label("Heads of a .pth without model.json (empty: 64-dim heads)")
+            heads = "" if typed.n_heads is None else str(typed.n_heads)
+            yield Input(heads, id="n-heads", placeholder="e.g. 12", type="integer", compact=True)
+            error = f"⚠ {self.error}" if self.error else ""
+            yield Static(error, classes="dialog-error", id="import-error", markup=False)
             yield from _buttons("Import")
 
     def on_mount(self) -> None:
@@ -380,9 +402,15 @@ class ImportScreen(FormDialog[ImportRequest | None]):
     def read(self) -> ImportRequest:
         spec = self.query_one("#spec", Input).value.strip()
         name = self.query_one("#name", Input).value.strip() or None
+        heads = self.query_one("#n-heads", Input).value.strip()
         if not spec:
             raise Gpt2termError("give a path, or pick a model from the cache")
-        return ImportRequest(spec, validate_name(name) if name is not None else None)
+        cached = {m.name for m in self.cached} | {m.repo_id for m in self.cached}
+        if spec not in cached and not Path(spec).expanduser().exists():
+            raise Gpt2termError(f"{Path(spec).expanduser()}: no such file or folder; check the path")
+        if heads and (not heads.isdigit() or int(heads) < 1):
+            raise Gpt2termError(f"attention heads must be a whole number of at least 1, got {heads!r}")
+        return ImportRequest(spec, validate_name(name) if name is not None else None, int(heads) if heads else None)
 
 
 # ------------------------------------------------------------------ the train screen's dialog

@@ -84,7 +84,7 @@ def untrained_gpt2(device: str | None = None) -> AppModel:
     return AppModel(opened.model, opened.name, untrained=True, notices=[UNTRAINED_HINT])
 
 
-def load_app_model(checkpoint: str | None, device: str | None = None) -> AppModel:
+def load_app_model(checkpoint: str | None, device: str | None = None, n_heads: int | None = None) -> AppModel:
     """The model the app opens: `checkpoint` (a store name or a path, as `generate --checkpoint` takes), else the
     most recently used checkpoint in the store, else an untrained GPT-2 124M.
 
@@ -95,7 +95,7 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
 
     store = CheckpointStore()
     if checkpoint is not None:
-        return _from_checkpoint(checkpoint, store, device)
+        return _from_checkpoint(checkpoint, store, device, n_heads)
     notices: list[str] = []
     last = store.last_used()
     rows = store.list()
@@ -119,8 +119,8 @@ def load_app_model(checkpoint: str | None, device: str | None = None) -> AppMode
     return untrained
 
 
-def _from_checkpoint(spec: str, store: CheckpointStore, device: str | None) -> AppModel:
-    opened = open_model(spec, store, device=device or default_device())
+def _from_checkpoint(spec: str, store: CheckpointStore, device: str | None, n_heads: int | None = None) -> AppModel:
+    opened = open_model(spec, store, device=device or default_device(), n_heads=n_heads)
     return AppModel(
         opened.model,
         opened.name,

@@ -18,6 +18,8 @@ from gpt2term.tui.app import Gpt2termApp, make_app
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 
+SMALL_SIZES = ((80, 24), (120, 36))  # the sizes a new user's terminal has: each footer must fit them whole
+
 
 async def _loaded(app: Gpt2termApp, pilot) -> PromptScreen:
     for _ in range(600):
@@ -117,8 +119,9 @@ async def _shoot_training(
             paths.append(path)
 
         await shoot("train")
-        await pilot.resize_terminal(80, 24)
-        await shoot("train-80x24")
+        for width, height in SMALL_SIZES:  # the footers (and everything else) at the widths a newcomer has
+            await pilot.resize_terminal(width, height)
+            await shoot(f"train-{width}x{height}")
         await pilot.resize_terminal(*size)
         await pilot.press("f4", "n")  # leave the run training
         table = app.screen.table
@@ -128,6 +131,10 @@ async def _shoot_training(
             await pilot.pause(0.05)
         table.move_cursor(row=table.get_row_index(form["name"]))
         await shoot("checkpoints")
+        for width, height in SMALL_SIZES:
+            await pilot.resize_terminal(width, height)
+            await shoot(f"checkpoints-{width}x{height}")
+        await pilot.resize_terminal(*size)
         await pilot.press("f3", "f8")
         await app.workers.wait_for_complete()
     return paths
@@ -172,8 +179,9 @@ def main(
     shot_at: int,
     run_form: str,
 ) -> None:
-    """Write screenshots/prompt.svg, prompt-80x24.svg, tokens.svg, settings.svg, attention.svg, lens.svg, compare.svg,
-    versus.svg (it needs a second checkpoint in the store), train.svg, train-80x24.svg and checkpoints.svg."""
+    """Write screenshots/prompt.svg, prompt-80x24.svg, prompt-120x36.svg, tokens.svg, settings.svg, attention.svg,
+    lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), train.svg, train-80x24.svg,
+    train-120x36.svg, checkpoints.svg, checkpoints-80x24.svg and checkpoints-120x36.svg."""
     out.mkdir(parents=True, exist_ok=True)
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
@@ -189,6 +197,7 @@ def main(
     shots = [
         ("prompt", (140, 40), prompts_list, 6, True, False, False),
         ("prompt-80x24", (80, 24), prompts_list[-1:], 3, False, False, False),
+        ("prompt-120x36", (120, 36), prompts_list, 0, False, False, False),
         ("tokens", (110, 30), prompts_list[-1:], 0, True, True, False),
         ("settings", (100, 30), prompts_list[-1:], 0, False, False, True),
     ]

@@ -58,6 +58,26 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_user_permissions(path: Path) -> None:
+    """The mode a plain `open(path, "w")` gives (0o666 less the umask), for files a library creates privately:
+    safetensors writes through a 0600 temporary file, so the weights alone would be unreadable to the user's group."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def temp_beside(target: Path) -> Path:
     """A temporary name in the target's folder (a rename never crosses file systems), hidden, unique per process."""
     return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from gpt2term.core import tf_checkpoint
 from gpt2term.core.accel import accelerate
 from gpt2term.core.config import GPTConfig, preset
-from gpt2term.core.errors import CheckpointError
+from gpt2term.core.errors import CheckpointError, InputError
 from gpt2term.core.interop import find_hf_cached, load_hf_cached, load_weights_file
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.layout import MAX_NAME_LENGTH, NAME_RE, WEIGHTS_FILE, is_checkpoint_folder, suggest_name
@@ -34,22 +35,28 @@ def resolve_weights(
     *,
     n_heads: int | None = None,
     prefer_store: bool = True,
+    with_state: bool = False,
 ) -> Checkpoint:
     """What a user means by `--checkpoint SPEC`: a store name, else a path (a checkpoint folder of ours, HF
-    safetensors file or folder, a book .pth), else a GPT-2 in the local Hugging Face cache ("gpt2", ...)."""
+    safetensors file or folder, a book .pth), else a GPT-2 in the local Hugging Face cache ("gpt2", ...).
+    `n_heads` (`--n-heads`) is the head count of a file that carries no config; for one that does, it must agree.
+    `with_state` also reads a store checkpoint's optimizer and trainer state (`train --from`)."""
     store = store or CheckpointStore()
     spec = str(spec)
     is_name = bool(NAME_RE.match(spec)) and ".." not in spec and len(spec) <= MAX_NAME_LENGTH
     if prefer_store and is_name and store.exists(spec):
-        return _usable(store.load(spec))
+        return _heads_agree(_usable(store.load(spec, with_state=with_state)), n_heads)
     path = Path(spec).expanduser()
     if path.exists():
         if is_checkpoint_folder(path):
-            return _usable(load_folder(path, suggest_name(path.name)))
+            return _heads_agree(_usable(load_folder(path, suggest_name(path.name), with_state=with_state)), n_heads)
         if path.name == WEIGHTS_FILE and is_checkpoint_folder(path.parent):  # our model.safetensors, by its path
-            return _usable(load_folder(path.parent, suggest_name(path.parent.name)))
-        loaded = load_weights_file(path)
+            folder = load_folder(path.parent, suggest_name(path.parent.name), with_state=with_state)
+            return _heads_agree(_usable(folder), n_heads)
+        loaded = load_weights_file(path, n_heads)
         stem = path.parent.name if path.is_file() and path.stem in ("model", "pytorch_model") else path.stem
+        if loaded.source.startswith(tf_checkpoint.SOURCE_PREFIX):
+            stem = tf_checkpoint.name_for(loaded.source)
     else:
         cached = find_hf_cached(spec) if is_name or spec.count("/") == 1 else None
         if cached is None:
@@ -61,10 +68,6 @@ def resolve_weights(
             )
         loaded = load_hf_cached(cached)
         stem = cached.name
-    if n_heads is not None:
-        loaded.config = loaded.config.with_(n_heads=n_heads)
-        loaded.notices = [n for n in loaded.notices if "heads" not in n]
-        loaded.notices.append(f"using {n_heads} attention heads of {loaded.config.head_dim} dims, as given")
     checkpoint = Checkpoint(
         name=suggest_name(stem),
         config=loaded.config,
@@ -75,7 +78,17 @@ def resolve_weights(
         trainer_state=None,
         notices=list(loaded.notices),
     )
-    return _usable(checkpoint)
+    return _heads_agree(_usable(checkpoint), n_heads)
+
+
+def _heads_agree(checkpoint: Checkpoint, n_heads: int | None) -> Checkpoint:
+    """A --n-heads for weights whose config names the head count is a mistake unless it says the same."""
+    if n_heads is not None and n_heads != checkpoint.config.n_heads:
+        raise InputError(
+            f"{checkpoint.name!r} has its config ({checkpoint.config.n_heads} heads of {checkpoint.config.head_dim} "
+            f"dims); --n-heads {n_heads} disagrees: drop --n-heads (it is only for .pth files without a config)"
+        )
+    return checkpoint
 
 
 UNTRAINED_NAME = "gpt2-124M"
@@ -119,15 +132,18 @@ def open_model(
     dtype: str | torch.dtype | None = None,
     remember: bool = True,
     float32: bool = False,
+    n_heads: int | None = None,
 ) -> OpenedModel:
     """The one way a name or a path (see `resolve_weights`) becomes a running model, for the CLI and the TUI:
     resolved, refused if non-finite, built on `device`, accelerated (`dtype`: see `accelerate`). None: the untrained
     GPT-2 124M. With `remember`, a store checkpoint becomes the one opened next time; `float32` casts weights saved
-    in half precision (evaluation measures in float32)."""
+    in half precision (evaluation measures in float32); `n_heads`: see `resolve_weights`."""
     if spec is None:
+        if n_heads is not None:
+            raise InputError("--n-heads describes a weights file; give the file with --checkpoint PATH.pth")
         return OpenedModel(accelerate(untrained_model(device), dtype), UNTRAINED_NAME, untrained=True)
     store = store or CheckpointStore()
-    loaded = resolve_weights(spec, store)
+    loaded = resolve_weights(spec, store, n_heads=n_heads)
     model = loaded.build_model(device)
     if float32:
         model = model.float()

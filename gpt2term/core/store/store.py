@@ -668,6 +668,7 @@ class CheckpointStore:
         checkpoint = self.load(name, with_state=fmt == "pth-optimizer")
         if fmt == "hf":
             return export_hf(checkpoint.state_dict, checkpoint.config, path, overwrite=overwrite)
+        run_lr = (checkpoint.meta.get("training") or {}).get("lr")
         return export_book_pth(
             checkpoint.state_dict,
             checkpoint.config,
@@ -675,6 +676,7 @@ class CheckpointStore:
             optimizer_state=checkpoint.optimizer_state,
             with_optimizer=fmt == "pth-optimizer",
             overwrite=overwrite,
+            lr=float(run_lr) if isinstance(run_lr, int | float) and not isinstance(run_lr, bool) else None,
         )
 
     # ---------------------------------------------------------------- app state

@@ -11,6 +11,7 @@ from gpt2term.core.data import ENCODING_ERRORS, normalize_sources
 from gpt2term.core.devices import check_threads, resolve_dtype
 from gpt2term.core.errors import CheckpointError, InputError
 from gpt2term.core.generation import check_seed
+from gpt2term.core.recipes import COURSE_PROMPT, EVAL_TIMINGS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
 
 if TYPE_CHECKING:
     from gpt2term.core.store.store import CheckpointStore
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 DEFAULT_EPOCHS = 1
 MAX_GRAD_ACCUM = 4096  # far past any real use; a larger count is a typo that would make one step run for days
 PYDOC_PROMPT = 'The "for" statement is used to'
-COURSE_PROMPT = "Every effort moves you"
 # Settings that define the run itself, so `--resume` keeps them: the weights' shape and origin (preset, model,
 # init_from), the text and how it is tokenized, cut and split (corpus, encoding_errors, context_length, stride,
 # val_ratio), and the data order a saved position points into (batch_size, seed). The train form derives its
@@ -46,6 +46,7 @@ class TrainingSettings:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields overriding the preset (emb_dim, ...)
     init_from: str | None = None  # --from: a checkpoint name or weights path to fine-tune
+    fresh_optimizer: bool = False  # --from a book model_and_optimizer.pth: start a new AdamW instead of its state
     resume: bool = False
     overwrite: bool = False
     epochs: float | None = None
@@ -54,13 +55,16 @@ class TrainingSettings:
     context_length: int | None = None  # default: the model's
     stride: int | None = None  # default: context_length
     lr: float = 5e-4
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    schedule: str = "cosine"  # after the warmup: constant, cosine or linear (see SCHEDULES)
+    min_lr_ratio: float = 0.1  # the cosine or linear decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # default: a tenth of the run, at most 100 steps
     grad_clip: float | None = 1.0
     grad_accum: int = 1
     eval_interval: int = 50
     eval_iters: int = 5
+    eval_at_start: bool = True  # evaluate the untrained (or loaded) model before the first update
+    eval_timing: str = "interval"  # see EVAL_TIMINGS
     save_interval: int = 500  # 0: only at the end, on stop and on Ctrl-C
     val_ratio: float = 0.1
     seed: int = 123
@@ -69,8 +73,21 @@ class TrainingSettings:
     compile: bool = False
     sample_prompt: str | None = None  # default: one that fits the corpus
     sample_tokens: int = 30
+    sample_every: str = "eval"  # see SAMPLE_TIMINGS
     encoding_errors: str = "strict"
     threads: int | None = None
+    recipe: str = "default"  # the RECIPES entry the run's defaults came from
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **given: Any) -> TrainingSettings:
+        """The recipe's settings over the defaults, then the `given` ones over both (`model` merged key by key)."""
+        if recipe not in RECIPES:
+            raise InputError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        values = {k: v for k, v in RECIPES[recipe].items() if k != "model"}
+        model = {**RECIPES[recipe].get("model", {}), **(given.pop("model", None) or {})}
+        if "max_steps" in given and "epochs" not in given:
+            values.pop("epochs", None)  # a recipe's length in epochs gives way to --max-steps
+        return cls(**{**values, **given, "model": model, "recipe": recipe})
 
     def validate(self) -> None:
         """One clear line for each setting that cannot work, before anything slow happens."""
@@ -85,7 +102,8 @@ class TrainingSettings:
             value = getattr(self, option)
             if value is not None and value <= 0:
                 raise InputError(f"--{option.replace('_', '-')} must be positive, got {value}")
-        for option in ("epochs", "lr", "weight_decay", "grad_clip"):  # nan passes every comparison below
+        # nan passes every comparison below
+        for option in ("epochs", "lr", "weight_decay", "grad_clip", "min_lr_ratio"):
             value = getattr(self, option)
             if value is not None and not math.isfinite(value):
                 raise InputError(f"--{option.replace('_', '-')} must be a finite number, got {value}")
@@ -93,6 +111,18 @@ class TrainingSettings:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.save_interval < 0 or (self.warmup_steps or 0) < 0:
             raise InputError("--weight-decay, --save-interval and --warmup-steps cannot be negative")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise InputError(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        for option, allowed in (
+            ("schedule", SCHEDULES),
+            ("eval_timing", EVAL_TIMINGS),
+            ("sample_every", SAMPLE_TIMINGS),
+            ("recipe", tuple(RECIPES)),
+        ):
+            if getattr(self, option) not in allowed:
+                raise InputError(
+                    f"--{option.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, option)!r}"
+                )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise InputError(f"--grad-clip must be positive, got {self.grad_clip}")
         if self.grad_accum > MAX_GRAD_ACCUM:
@@ -135,9 +165,10 @@ def resume_settings(name: str, store: CheckpointStore | None = None, **overrides
     meta = store.info(name).meta or {}
     saved = meta.get("training")
     if not isinstance(saved, dict):
+        carried = " (its AdamW state carries over)" if store.info(name).has_optimizer else ""
         raise CheckpointError(
             f"checkpoint {name!r} was not saved by a training run, so it has nothing to resume; "
-            f"fine-tune it instead with: gpt2term train --from {name} --name NEW_NAME"
+            f"continue training it with: gpt2term train --from {name} --name NEW_NAME{carried}"
         )
     settings = TrainingSettings.from_dict(saved)
     if "corpus" in overrides:

@@ -110,6 +110,36 @@ def _cpu_copy(value: Any) -> Any:
     return value
 
 
+def adamw_steps(optimizer_state: dict) -> int:
+    """The updates an AdamW state has seen (its per-parameter step count), 0 for an unused one."""
+    for entry in (optimizer_state.get("state") or {}).values():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if step is not None:
+            return int(float(step))
+    return 0
+
+
+def load_adamw_state(optimizer: torch.optim.Optimizer, state: Any, source: str) -> None:
+    """Another program's AdamW state (the book's `model_and_optimizer.pth`) into this run's optimizer, refused in one
+    line where it cannot belong to this model: torch itself only notices a wrong shape at the first step."""
+    fix = f"start a new optimizer with --fresh-optimizer (the weights of {source} are still used)"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        groups = state["param_groups"]
+        indices = [i for g in groups for i in g["params"]]
+        entries = state.get("state") or {}
+        if len(groups) != len(optimizer.param_groups) or len(indices) != len(params):
+            raise ValueError(f"it covers {len(indices)} tensors in {len(groups)} groups, the model has {len(params)}")
+        for index, param in zip(indices, params, strict=True):
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = (entries.get(index) or {}).get(key)
+                if moment is not None and tuple(moment.shape) != tuple(param.shape):
+                    raise ValueError(f"its {key} #{index} has shape {tuple(moment.shape)}, not {tuple(param.shape)}")
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the optimizer state of {source} does not fit this model ({exc}); {fix}") from exc
+
+
 class Trainer:
     """Runs one training run to its end (max steps or epochs), a stop, or a failure; see the package docstring.
 
@@ -151,6 +181,7 @@ class Trainer:
         self._pending_metrics = None  # train --overwrite: this run's metrics.jsonl until its first save
         self._started = False  # failures before the start event are only raised, not logged
         self._unwritten: deque[dict[str, Any]] = deque(maxlen=UNWRITTEN_EVENTS)  # metrics lines the disk refused
+        self._optimizer_note: str | None = None  # train --from a file with AdamW state: the one line saying so
         self._metrics_warned = False
 
     def add_listener(self, listener: Listener) -> None:
@@ -241,17 +272,19 @@ class Trainer:
                 f"{self.settings.name!r} has already done its {self.total_steps} steps; pass --max-steps "
                 "(or --epochs) with a larger number to train it further"
             )
+        if self.settings.eval_at_start and not self.settings.resume and self.step == 0 < self.total_steps:
+            self._evaluate_at_start(plan)
         while self.step < self.total_steps:
             stop = self._obey_control(plan)
             if stop is not None:
                 status = stop
                 break
-            step_start = time.perf_counter()
+            step_start, epoch = time.perf_counter(), self.epoch
             loss, grad_norm, lr = self._train_step(plan)
             if plan.device.type == "cuda":
                 torch.cuda.synchronize(plan.device)
             self._report_step(loss, grad_norm, lr, plan.tokens_per_step, time.perf_counter() - step_start)
-            self._evaluate_and_save(plan)
+            self._evaluate_and_save(plan, epoch_ended=self.epoch > epoch)
         self._elapsed_before += time.perf_counter() - self._session_start
         return status, message
 
@@ -344,13 +377,28 @@ class Trainer:
             )
         )
 
-    def _evaluate_and_save(self, plan: _RunPlan) -> None:
-        """Every `eval_interval` steps (and at the last) evaluate and sample on rank 0; every `save_interval` save."""
+    def _evaluate_at_start(self, plan: _RunPlan) -> None:
+        """Step 0: the loss before any update (about ln(50257) for a fresh model), so the curve has its start."""
+        if self._dist.is_main:
+            self._evaluate(plan)
+        self._dist.barrier()
+
+    def _evaluate_and_save(self, plan: _RunPlan, *, epoch_ended: bool = False) -> None:
+        """Every `eval_interval` steps (and at the last) evaluate and sample on rank 0; every `save_interval` save.
+
+        With `eval_timing` "book" the evaluations come where chapter 5's loop makes them: its global step counts
+        from 0 after the first update, so after updates 1, N+1, 2N+1, ... With `sample_every` "epoch" the sample
+        comes after each epoch's last batch (and at the end) instead of after each evaluation."""
         s = self.settings
-        if self.step % s.eval_interval == 0 or self.step == self.total_steps:
+        last = self.step == self.total_steps
+        counted = self.step - 1 if s.eval_timing == "book" else self.step
+        evaluate = counted % s.eval_interval == 0 or last
+        sample = (epoch_ended or last) if s.sample_every == "epoch" else evaluate
+        if evaluate or sample:
             if self._dist.is_main:
-                self._evaluate(plan)
-                if not self.control.stop_requested:
+                if evaluate:
+                    self._evaluate(plan)
+                if sample and not self.control.stop_requested:  # a Ctrl-C cut the evaluation: no sample either
                     self._sample(plan)
             self._dist.barrier()
         if s.save_interval and self.step % s.save_interval == 0 and self.step < self.total_steps:
@@ -388,8 +436,20 @@ class Trainer:
         if s.init_from:
             from gpt2term.core.store.resolve import resolve_weights
 
-            return resolve_weights(s.init_from, store)
+            return resolve_weights(s.init_from, store, n_heads=s.model.get("n_heads"), with_state=not s.fresh_optimizer)
         return None
+
+    def _continues_optimizer(self, checkpoint: Any) -> bool:
+        """--from weights that carry an AdamW state but no run of ours (the book's model_and_optimizer.pth, or one
+        imported into the store) continues that state; a run's own checkpoint is a new run (fine-tuning)."""
+        s = self.settings
+        return bool(
+            s.init_from
+            and checkpoint is not None
+            and checkpoint.optimizer_state is not None
+            and not checkpoint.trainer_state
+            and not s.fresh_optimizer
+        )
 
     def _model_config(self, checkpoint: Any) -> GPTConfig:
         """The checkpoint's shape (only its dropout may change), or the preset's with the run's overrides."""
@@ -460,7 +520,7 @@ class Trainer:
             batches=batches,
             steps_per_epoch=per_epoch,
             tokens_per_step=context_length * batches.batch_size * dist.world_size * s.grad_accum,
-            schedule=Schedule(s.lr, s.min_lr_ratio, warmup, self.total_steps),
+            schedule=Schedule(s.lr, s.min_lr_ratio, warmup, self.total_steps, s.schedule),
             train_eval=evaluation_batches(len(train_set), batches.batch_size, eval_batches),
             val_eval=evaluation_batches(len(val_set), batches.batch_size, eval_batches),
             source=source,
@@ -488,7 +548,16 @@ class Trainer:
         if state is not None:
             optimizer.load_state_dict(checkpoint.optimizer_state)
             self._restore(state, device)
-        elif dist.rank:
+        elif self._continues_optimizer(checkpoint):
+            load_adamw_state(optimizer, checkpoint.optimizer_state, s.init_from)
+            for group in optimizer.param_groups:  # the state brings the moments; this run's settings the rest
+                group["weight_decay"] = s.weight_decay
+            self._optimizer_note = (
+                f"continuing the AdamW state of {s.init_from} (moments and step counts, "
+                f"{adamw_steps(checkpoint.optimizer_state)} steps); the learning rate is this run's --lr "
+                "and schedule; --fresh-optimizer starts a new AdamW instead"
+            )
+        if dist.rank and state is None:
             torch.manual_seed(s.seed + dist.rank)  # same initial weights, different dropout on every rank
         self._saved_step = self.step if s.resume else None
         self._optimizer = optimizer
@@ -560,6 +629,8 @@ class Trainer:
                     "same data order and settings, but not bit for bit",
                 )
             )
+        if self._optimizer_note:
+            warnings.append(("optimizer-continued", self._optimizer_note))
         for kind, text in warnings:
             self._emit(WarningEvent(step=self.step, kind=kind, message=text))
 

@@ -15,9 +15,10 @@ from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer
+from textual.widgets import DataTable
 from textual.worker import Worker
 
+from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.interop import find_hf_cached_models
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.formatting import format_bytes
@@ -33,6 +34,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import StoreListed, StoreOperationDone
 from gpt2term.tui.run_state import Series
 from gpt2term.tui.widgets.checkpoint_table import COLUMNS, CheckpointDetails, CheckpointTable, describe
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import resumable
 from gpt2term.tui.widgets.training_charts import LossPlot
@@ -61,13 +63,13 @@ class CheckpointsScreen(WorkerErrors, Screen):
         bind("checkpoints.load", "load"),
         bind("checkpoints.train", "train"),
         bind("checkpoints.rename", "rename"),
-        bind("checkpoints.copy", "copy", show=False),
+        bind("checkpoints.copy", "copy"),
         bind("checkpoints.delete", "delete"),
         bind("checkpoints.export", "export"),
         bind("checkpoints.import", "import"),
-        bind("checkpoints.follow", "follow", show=False),
-        bind("checkpoints.sort", "sort", show=False),
-        bind("checkpoints.refresh", "refresh", show=False),
+        bind("checkpoints.follow", "follow"),
+        bind("checkpoints.sort", "sort"),
+        bind("checkpoints.refresh", "refresh"),
     ]
 
     if TYPE_CHECKING:
@@ -87,7 +89,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
                 with VerticalScroll(id="ckpt-details-box"):
                     yield CheckpointDetails(id="ckpt-details")
                 yield LossPlot("loss history", id="ckpt-plot")
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def table(self) -> CheckpointTable:
@@ -254,15 +256,20 @@ class CheckpointsScreen(WorkerErrors, Screen):
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Exported {name} to {', '.join(str(p) for p in result.paths)}{notes}"
 
-    def action_import(self) -> None:
+    def action_import(self, typed: ImportRequest | None = None, error: str | None = None) -> None:
         def import_(request: ImportRequest | None) -> None:
             if request is not None:
                 self._run(lambda: self._import(request), f"Importing {request.spec}…", None)
 
-        self.app.push_screen(ImportScreen(find_hf_cached_models()), import_)
+        self.app.push_screen(ImportScreen(find_hf_cached_models(), typed, error), import_)
 
-    def _import(self, request: ImportRequest) -> tuple[str, str]:
-        result = self.store.import_weights(request.spec, request.name)
+    def _import(self, request: ImportRequest) -> tuple[str, str] | None:
+        """In a worker. A file the store refuses opens the dialog again, with the error and what was typed."""
+        try:
+            result = self.store.import_weights(request.spec, request.name, n_heads=request.n_heads)
+        except Gpt2termError as exc:
+            self.app.call_from_thread(self.action_import, request, str(exc))
+            return None
         notes = "".join(f"\nnote: {notice}" for notice in result.notices)
         return f"Imported {request.spec} as {result.info.name}.{notes}", result.info.name
 

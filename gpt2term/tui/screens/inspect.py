@@ -7,15 +7,17 @@ layers and heads only redraws: the UI never waits on the model.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.color import Color
 from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Static
 from textual.worker import Worker
 
@@ -33,7 +35,7 @@ from gpt2term.tui.workers import WorkerErrors
 
 TOP_WEIGHTS = 5  # how many of the strongest attention weights are listed as numbers
 LENS_TOP_K = 5
-LENS_CELL_WIDTH = 20  # a longer token's cell is cut, so the five columns fit 110 columns
+LENS_CELL_WIDTH = 20  # at most; narrower when the view is (a longer token is cut with an ellipsis)
 _COLD = Color.parse("#1b2230")  # no attention
 _HOT = Color.parse("#e8872b")  # the strongest weight of the row
 
@@ -202,24 +204,41 @@ class AttentionScreen(ComputedView):
         self.redraw()
 
 
-def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None) -> Text:
-    """The lens as a table: one line per layer (embeddings first, output last), its top predictions across."""
+LENS_LABEL_WIDTH = 14  # "★ embeddings  "
+
+
+def lens_cell(token: str, prob: float, width: int) -> str:
+    """One prediction in `width` cells: the token (cut with an ellipsis when long), then its whole probability."""
+    label, percent = show_token(token), format_prob(prob)
+    room = max(2, width - len(percent) - 1)
+    if cell_len(label) > room:
+        label = set_cell_size(label, room - 1) + "…"
+    return set_cell_size(f"{label} {percent}", max(width, cell_len(label) + 1 + len(percent)))
+
+
+def lens_lines(layers: Sequence[LensLayer], chosen: str | None = None, width: int | None = None) -> Text:
+    """The lens as a table: one line per layer (embeddings first, output last), its top predictions across.
+    `width`: the cells the table may take; its columns narrow to fit, so no line wraps onto a second."""
     first = first_layer_with_final_answer(layers)
     last = len(layers) - 1
-    cells = [[f"{show_token(c.text)} {format_prob(c.prob)}" for c in lens.top] for lens in layers]
-    width = min(LENS_CELL_WIDTH, max(len(cell) for row in cells for cell in row))
+    columns = max(len(lens.top) for lens in layers)
+    widest = max(cell_len(f"{show_token(c.text)} {format_prob(c.prob)}") for lens in layers for c in lens.top)
+    cell_width = min(LENS_CELL_WIDTH, widest)
+    if width is not None:
+        cell_width = max(12, min(cell_width, (width - LENS_LABEL_WIDTH) // columns - 2))
     text = Text()
-    for lens, row in zip(layers, cells, strict=True):
+    for lens in layers:
+        row = [lens_cell(c.text, c.prob, cell_width) for c in lens.top]
         name = (
             "embeddings" if lens.layer == 0 else f"output {lens.layer}" if lens.layer == last else f"layer {lens.layer}"
         )
         marker = "★" if lens.layer == first else "·"
         label = f"{marker} {name:<10}  "
-        line = Text(label + "".join(f"{cell[:width]:<{width}}  " for cell in row))
+        line = Text(label + "  ".join(row))
         if lens.layer == first:
             line.stylize("bold")
         if lens.layer >= first:  # the final answer, from the layer where it first comes out on top
-            line.stylize("reverse", len(label), len(label) + len(row[0][:width]))
+            line.stylize("reverse", len(label), len(label) + len(row[0]))
         text.append_text(line)
         text.append("\n")
     text.append(f"★ first layer whose top prediction is already the final answer: {layers[first].layer}", style="dim")
@@ -259,7 +278,9 @@ class LensScreen(ComputedView):
         self.query_one("#lens-title", Static).update(
             f"Logit lens after {show_token(last)}: what each layer predicts next (top {LENS_TOP_K})"
         )
-        self.query_one("#lens-table", Static).update(lens_lines(layers, chosen))
+        table = self.query_one("#lens-table", Static)
+        width = table.content_size.width or self.app.size.width - 8
+        table.update(lens_lines(layers, chosen, width - 1))  # - 1: the scroll bar that a short terminal brings
         self.query_one("#lens-note", Static).update(
             "Each layer's residual stream sent straight through the final LayerNorm and output head; the last "
             f"line is the model's real output. {key_display(self.app, 'dialog.cancel')} back."
@@ -267,14 +288,23 @@ class LensScreen(ComputedView):
 
 
 COMPARE_BEAMS = 4
+PENDING = ("greedy", "sampled", f"beam search ({COMPARE_BEAMS} beams)")  # named before their labels are known
 COMPARE_MAX_TOKENS = 30  # long enough to tell the texts apart, short enough that three decodings stay quick
 
 
+ProgressCallback = Callable[[int, str, str, "Continuation | None"], None]
+
+
 def decode_three_ways(
-    model: GPTModel, tokenizer: Tokenizer, prompt_ids: Sequence[int], settings: DecodingSettings
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    settings: DecodingSettings,
+    progress: ProgressCallback | None = None,
 ) -> list[tuple[str, Continuation]]:
     """The same prompt decoded greedily, by sampling (with a seed) and by beam search, each with the model's own
-    log-probability of its text, so they compare like with like."""
+    log-probability of its text, so they compare like with like. `progress(index, label, text so far, result)`
+    hears each decoding start, each token as it comes (beam search: only its end), and each finish."""
     n = min(settings.max_new_tokens, COMPARE_MAX_TOKENS)
     temperature = settings.temperature or 1.0
     seed = settings.seed if settings.seed is not None else 1
@@ -291,13 +321,22 @@ def decode_three_ways(
         ("greedy", DecodingSettings(max_new_tokens=n, stop_at_eos=settings.stop_at_eos, top_n=1)),
         (f"sampled (T={temperature:g}{_filters(settings)}, seed {seed})", sampled),
     ]
+    beam_label = f"beam search ({COMPARE_BEAMS} beams)"
+    report = progress or (lambda index, label, text, result: None)
     results = []
-    for label, decoding in runs:
-        ids = [step.token_id for step in generate(model, tokenizer, list(prompt_ids), decoding)]
-        text = tokenizer.decode(ids)
-        results.append((label, Continuation(tuple(ids), text, sequence_logprob(model, prompt_ids, ids))))
+    for index, (label, decoding) in enumerate(runs):
+        report(index, label, "", None)
+        ids: list[int] = []
+        for step in generate(model, tokenizer, list(prompt_ids), decoding):
+            ids.append(step.token_id)
+            report(index, label, tokenizer.decode(ids), None)
+        found = Continuation(tuple(ids), tokenizer.decode(ids), sequence_logprob(model, prompt_ids, ids))
+        results.append((label, found))
+        report(index, label, found.text, found)
+    report(len(runs), beam_label, "", None)
     best = beam_search(model, tokenizer, prompt_ids, COMPARE_BEAMS, n, settings.stop_at_eos)[0]
-    results.append((f"beam search ({COMPARE_BEAMS} beams)", best))
+    results.append((beam_label, best))
+    report(len(runs), beam_label, best.text, best)
     return results
 
 
@@ -341,8 +380,49 @@ class CompareScreen(ComputedView):
                 yield Static(id="compare-table", markup=False)
             yield Static(id="compare-note", classes="inspect-note", markup=False)
 
+    class Progress(Message):
+        """One decoding started, got a token, or finished (posted from the worker)."""
+
+        def __init__(self, index: int, label: str, text: str, result: Continuation | None) -> None:
+            super().__init__()
+            self.index, self.label, self.text, self.result = index, label, text, result
+
+    def compute(self) -> None:
+        """No spinner over the view: each decoding fills in as it goes, with a line saying which one runs."""
+        self.progress: dict[int, tuple[str, str, Continuation | None]] = {}
+        self._compute()
+
     def calculate(self) -> list[tuple[str, Continuation]]:
-        return decode_three_ways(self.model, self.tokenizer, self.prompt_ids, self.settings)
+        def progress(index: int, label: str, text: str, result: Continuation | None) -> None:
+            self.post_message(self.Progress(index, label, text, result))
+
+        return decode_three_ways(self.model, self.tokenizer, self.prompt_ids, self.settings, progress)
+
+    def on_compare_screen_progress(self, message: Progress) -> None:
+        if self.results is not None:
+            return
+        self.progress[message.index] = (message.label, message.text, message.result)
+        table = Text()
+        for index in range(3):
+            if index not in self.progress:
+                table.append(f"· {PENDING[index]}: waiting\n\n", style="dim")
+                continue
+            label, text, result = self.progress[index]
+            if result is None:
+                table.append(f"· {label}: decoding…\n", style="bold yellow")
+                table.append(visible_whitespace(text) + "\n\n")
+            else:
+                table.append(self._head(label, result, best=False) + "\n")
+                table.append(visible_whitespace(result.text) + "\n\n")
+        self.query_one("#compare-table", Static).update(table)
+
+    @staticmethod
+    def _head(label: str, found: Continuation, best: bool) -> str:
+        perplexity = f"{found.perplexity:.2f}" if found.perplexity is not None else "-"
+        return (
+            f"{'★' if best else '·'} {label}: {len(found.token_ids)} tokens, log-probability "
+            f"{found.logprob:.3f} · perplexity {perplexity}"
+        )
 
     def show(self, results: list[tuple[str, Continuation]]) -> None:
         self.results = results
@@ -350,12 +430,7 @@ class CompareScreen(ComputedView):
         best = max(range(len(results)), key=lambda i: results[i][1].logprob)
         table = Text()
         for i, (label, found) in enumerate(results):
-            perplexity = f"{found.perplexity:.2f}" if found.perplexity is not None else "-"
-            head = (
-                f"{'★' if i == best else '·'} {label}: {len(found.token_ids)} tokens, log-probability "
-                f"{found.logprob:.3f} · perplexity {perplexity}"
-            )
-            table.append(head + "\n", style="bold" if i == best else "")
+            table.append(self._head(label, found, i == best) + "\n", style="bold" if i == best else "")
             table.append(visible_whitespace(found.text) + "\n\n")
         self.query_one("#compare-table", Static).update(table)
         self.query_one("#compare-note", Static).update(

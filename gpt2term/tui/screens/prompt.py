@@ -16,9 +16,10 @@ from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 from textual.worker import Worker
 
+from gpt2term import locations
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, generate, score
 from gpt2term.core.model import GPTModel
@@ -31,6 +32,7 @@ from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScr
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel
@@ -40,6 +42,9 @@ from gpt2term.tui.workers import WorkerErrors
 
 if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
+
+
+FIRST_TOKEN_NOTE = "reading the prompt for the first token (the first run also warms the model up)…"
 
 
 def welcome(app) -> str:
@@ -68,10 +73,10 @@ class PromptScreen(WorkerErrors, Screen):
         bind("prompt.settings", "settings"),
         bind("prompt.toggle-colours", "toggle_colours"),
         bind("prompt.toggle-boundaries", "toggle_boundaries"),
-        bind("prompt.copy", "copy_last", show=False),  # in the command palette; the footer has no room at 80 columns
-        bind("prompt.save", "save", show=False),
-        bind("prompt.compare", "compare", show=False),
-        bind("prompt.versus", "versus", show=False),
+        bind("prompt.copy", "copy_last"),  # the footer shows what fits (FOOTER_FIRST); the palette has them all
+        bind("prompt.save", "save"),
+        bind("prompt.compare", "compare"),
+        bind("prompt.versus", "versus"),
     ]
 
     if TYPE_CHECKING:
@@ -100,7 +105,7 @@ class PromptScreen(WorkerErrors, Screen):
                 yield PerplexityPanel(id="perplexity")
         yield Static(id="status")
         yield PromptInput(id="prompt")
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def transcript(self) -> Transcript:
@@ -167,7 +172,11 @@ class PromptScreen(WorkerErrors, Screen):
         if self.generating is not None:
             done = len(self.generating.steps)
             stop = key_display(self.app, "prompt.stop")
-            text.append(f"generating {done}/{self.generating.settings.max_new_tokens} ({stop} stops) · ", style="bold")
+            if done == 0:  # the first token waits on a pass over the whole prompt (and, the first time, warm-up)
+                text.append(f"{FIRST_TOKEN_NOTE} ({stop} stops) · ", style="bold")
+            else:
+                total = self.generating.settings.max_new_tokens
+                text.append(f"generating {done}/{total} ({stop} stops) · ", style="bold")
         elif note:
             text.append(note + " · ", style="bold")
         elif self.app.load_error:
@@ -400,7 +409,7 @@ class PromptScreen(WorkerErrors, Screen):
         if not self.turns:
             self.notify("Nothing to save yet: generate something first.", severity="warning")
             return
-        default = Path.cwd() / time.strftime("gpt2term-transcript-%Y%m%d-%H%M%S.md")
+        default = locations.exports_dir() / time.strftime("gpt2term-transcript-%Y%m%d-%H%M%S.md")
 
         def save(path: Path | None) -> None:
             if path is None:

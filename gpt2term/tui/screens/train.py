@@ -23,7 +23,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Input, ProgressBar, Select, Static
+from textual.widgets import Button, Input, ProgressBar, Select, Static
 from textual.worker import Worker
 
 from gpt2term.core.errors import Gpt2termError
@@ -34,6 +34,8 @@ from gpt2term.core.training import (
     CheckpointEvent,
     FailedEvent,
     Listener,
+    StartEvent,
+    StepEvent,
     Trainer,
     TrainingControl,
     TrainingEvent,
@@ -47,6 +49,7 @@ from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import StoreListed, TrainingEnded, TrainingEventsReady
 from gpt2term.tui.run_state import EventRelay, RunState
 from gpt2term.tui.widgets.event_log import EventLog
+from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
 from gpt2term.tui.widgets.train_form import ModelChoice, TrainForm
 from gpt2term.tui.widgets.training_charts import (
@@ -67,6 +70,7 @@ FOLLOW_INTERVAL_S = 0.5
 FOLLOW_BUDGET_S = 0.05  # a poll reads at most this long before letting the UI draw (a long file: a few polls)
 ACTIONS = ("start", "pause", "resume", "save_now", "stop", "follow", "unfollow", "prompt")
 BUTTONS = ("pause", "resume", "save_now", "stop", "follow")
+ESTIMATE_AFTER_STEPS = 5  # steps measured before the screen says how long the whole run should take
 
 
 def describe_writer(holder: LockHolder | None) -> str | None:
@@ -122,6 +126,8 @@ class TrainScreen(WorkerErrors, Screen):
         self._writer: str | None = None
         self._after_run: list[Callable[[], object]] = []
         self._enabled: tuple[bool, ...] = ()
+        self._steps_since_start = 0
+        self.estimate: str | None = None  # the run's duration from its first steps' speed, once they have run
         self.listeners: list[Listener] = []  # more listeners for every run started here (a test's recorder)
 
     @property
@@ -158,7 +164,7 @@ class TrainScreen(WorkerErrors, Screen):
                     yield Button("Save now", id="save_now", compact=True)
                     yield Button("Stop", id="stop", variant="error", compact=True)
                     yield Button("Follow a run…", id="follow", compact=True)
-        yield Footer(compact=True)
+        yield FittedFooter()
 
     @property
     def form(self) -> TrainForm:
@@ -277,6 +283,8 @@ class TrainScreen(WorkerErrors, Screen):
         eta = f"ETA {format_duration(s.eta_s)}" if s.eta_s is not None and s.active else ""
         if s.elapsed_s:
             eta = f"{eta} · {format_duration(s.elapsed_s)} so far" if eta else f"took {format_duration(s.elapsed_s)}"
+        if self.estimate is not None and s.eta_s is not None and s.active:
+            eta += f" · about {format_duration(s.elapsed_s + s.eta_s)} in all"
         self.query_one("#run-eta", Static).update(eta)
         self.query_one("#spark-train-loss", MetricSparkline).show(s.train_loss)
         self.query_one("#spark-val-loss", MetricSparkline).show(s.val_loss)
@@ -317,12 +325,31 @@ class TrainScreen(WorkerErrors, Screen):
         for event in events:
             for line in self.state.apply(event):
                 self.log_view.add(line, event.time)
+            if isinstance(event, StartEvent):
+                self._steps_since_start, self.estimate = 0, None
+            elif isinstance(event, StepEvent):
+                self._estimate(event)
             if isinstance(event, WarningEvent) and event.kind == "overfitting":
                 self.notify(event.message, title="Overfitting", severity="warning", timeout=15)
             elif isinstance(event, CheckpointEvent) and event.reason == "requested" and self.mode == "training":
                 self.notify(f"Saved {event.name!r} at step {event.step}.")
             elif isinstance(event, FailedEvent) and self.mode == "training":
                 self.notify(event.message, title="Training failed", severity="error", timeout=20)
+
+    def _estimate(self, event: StepEvent) -> None:
+        """Once the first steps have run, say how long the whole run should take at the speed measured on this
+        machine now (a busy machine trains slower than the README's figures)."""
+        self._steps_since_start += 1
+        if self.estimate is not None or event.eta_s is None or self._steps_since_start < ESTIMATE_AFTER_STEPS:
+            return
+        total = event.elapsed_s + event.eta_s
+        self.estimate = (
+            f"measured {format_count(event.tokens_per_second)} tokens/s over the first {self._steps_since_start} "
+            f"steps: this run should take about {format_duration(total)} in all"
+        )
+        self.log_view.add(self.estimate, event.time)
+        if self.mode == "training":
+            self.notify(self.estimate[0].upper() + self.estimate[1:] + ".", title="Estimate", timeout=8)
 
     # ------------------------------------------------------------------ a run of our own
 

@@ -26,6 +26,10 @@ COLUMNS: tuple[tuple[str, str, Callable[[CheckpointInfo], Any]], ...] = (
     ("source", "source", lambda r: r.damaged or str(r.get("source") or "")),
 )
 NEWEST_FIRST = {"updated", "step", "tokens_seen", "parameters", "size"}  # first click sorts these descending
+# When the table is too narrow for every column, these leave first (the details panel shows them all); a column is
+# left out whole, never cut, and what is left of a long source is cut with an ellipsis.
+DROP_FIRST = ("tokens_seen", "size", "parameters", "updated", "step")
+SOURCE_ROOM = 24  # the source column's room when columns are chosen ("imported from Hugging Face gpt2" reads whole)
 
 
 def _number(value: Any, fmt: Callable[[float], str]) -> str:
@@ -60,9 +64,35 @@ class CheckpointTable(DataTable):
         self.sort_column = "updated"
         self.sort_reverse = True
 
+        self.shown_columns = [key for key, _, _ in COLUMNS]
+        self._filled_width = 0
+
     def on_mount(self) -> None:
         for key, header, _ in COLUMNS:
             self.add_column(header, key=key)
+
+    def on_resize(self) -> None:
+        if self.size.width != self._filled_width and self.rows_by_name:
+            self._fill(self.selected_name)
+
+    def _choose_columns(self, rows: list[list[Text]]) -> tuple[list[str], int | None]:
+        """The columns that fit the width whole, and the cells the source column may take (None: all it needs)."""
+        keys = [key for key, _, _ in COLUMNS]
+        room = self.scrollable_content_region.width - 1  # a vertical scrollbar may come
+        if room <= 0:
+            return keys, None
+        pad = 2 * self.cell_padding
+        widths = {key: len(header) + 2 for key, header, _ in COLUMNS}  # +2: the sort arrow
+        for cells_ in rows:
+            for (key, _, _), cell in zip(COLUMNS, cells_, strict=True):
+                widths[key] = max(widths[key], cell.cell_len)
+        need = dict(widths, source=min(widths["source"], SOURCE_ROOM))  # a longer source is cut, not a column
+        for drop in DROP_FIRST:
+            if sum(need[k] + pad for k in keys) <= room:
+                break
+            keys.remove(drop)
+        left = room - sum(widths[k] + pad for k in keys if k != "source") - pad
+        return keys, None if left >= widths["source"] else max(len("source") + 2, left)
 
     @property
     def selected_name(self) -> str | None:
@@ -90,7 +120,9 @@ class CheckpointTable(DataTable):
         self._fill(self.selected_name)
 
     def next_sort(self) -> None:
-        keys = [key for key, _, _ in COLUMNS]
+        keys = [key for key, _, _ in COLUMNS if key in self.shown_columns] or [key for key, _, _ in COLUMNS]
+        if self.sort_column not in keys:
+            keys.append(self.sort_column)
         self.sort_by(keys[(keys.index(self.sort_column) + 1) % len(keys)])
 
     def _fill(self, select: str | None) -> None:
@@ -103,12 +135,20 @@ class CheckpointTable(DataTable):
             return (missing != self.sort_reverse, 0 if missing else value, row.name.lower())
 
         rows = sorted(self.rows_by_name.values(), key=order, reverse=self.sort_reverse)
-        self.clear()
+        all_cells = [cells(row) for row in rows]
+        self.shown_columns, source_width = self._choose_columns(all_cells)
+        self._filled_width = self.size.width
+        self.clear(columns=True)
         for key, header, _ in COLUMNS:
-            arrow = (" ▼" if self.sort_reverse else " ▲") if key == self.sort_column else ""
-            self.columns[key].label = Text(header + arrow)  # type: ignore[index]
-        for row in rows:
-            self.add_row(*cells(row), key=row.name)
+            if key in self.shown_columns:
+                arrow = (" ▼" if self.sort_reverse else " ▲") if key == self.sort_column else ""
+                self.add_column(Text(header + arrow), key=key)
+        for row, row_cells in zip(rows, all_cells, strict=True):
+            shown = [cell for (key, _, _), cell in zip(COLUMNS, row_cells, strict=True) if key in self.shown_columns]
+            if source_width is not None and shown[-1].cell_len > source_width:
+                shown[-1] = shown[-1].copy()
+                shown[-1].truncate(source_width, overflow="ellipsis")
+            self.add_row(*shown, key=row.name)
         if select in self.rows_by_name:
             self.move_cursor(row=self.get_row_index(select))
 

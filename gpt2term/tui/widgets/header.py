@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 MODES = (("prompt", "Prompt"), ("train", "Train"), ("checkpoints", "Checkpoints"))
+MIN_INFO = 24  # below this many cells for the model's name and facts, the other modes show their keys only
 
 
 class ModelHeader(Widget):
@@ -34,11 +35,11 @@ class ModelHeader(Widget):
         self.watch(self.app, "loading_label", lambda _: self.refresh(), init=False)
 
     def _modes(self, short: bool) -> Text:
+        """Each mode's key and its whole name (never a cut word); `short`: only the current mode is named."""
         text = Text()
         for mode, title in MODES:
-            if short:
-                title = title[:5]
-            label = f" {key_display(self.app, 'mode.' + mode)} {title} "
+            key = key_display(self.app, "mode." + mode)
+            label = f" {key} {title} " if mode == self.mode or not short else f" {key} "
             text.append(label, style="reverse bold" if mode == self.mode else "dim")
         return text
 
@@ -48,6 +49,8 @@ class ModelHeader(Widget):
         loading = self.app.loading_label
         for compact, short_modes in ((False, False), (True, False), (True, True)):
             modes = self._modes(short_modes)
+            if short_modes and width - self._modes(False).cell_len >= MIN_INFO:
+                modes = self._modes(False)  # the model's name is cut (it has its own panel) before a mode's
             if loading:
                 parts = [loading]
             elif app_model is None:

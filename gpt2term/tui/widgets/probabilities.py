@@ -5,6 +5,8 @@ It draws as many candidates as fit its height, so it stays readable from 80x24 t
 
 from __future__ import annotations
 
+import math
+
 from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 from textual.widget import Widget
@@ -13,6 +15,7 @@ from gpt2term.core.generation import Step
 from gpt2term.formatting import format_prob
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
+LOG_FLOOR = 1e-6  # bars are drawn on a log scale from 0.0001% (empty) to 100% (full); the panel says so
 
 
 _ESCAPES = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
@@ -30,6 +33,14 @@ def tail_cells(text: str, cells: int) -> str:
     while cell_len(text) > cells:
         text = text[1:]
     return text
+
+
+def log_fraction(prob: float) -> float:
+    """How much of a bar `prob` fills on the log scale: an untrained model's 0.002% tokens (1 in 50,257) still get
+    a fifth of the bar, and the bars of two tokens differ where their probabilities differ by a factor."""
+    if prob <= 0:
+        return 0.0
+    return max(0.0, min(1.0, 1 - math.log10(max(prob, LOG_FLOOR)) / math.log10(LOG_FLOOR)))
 
 
 def bar(fraction: float, width: int) -> str:
@@ -55,7 +66,7 @@ class ProbabilityPanel(Widget):
     def show(self, step: Step | None, context: str = "", total_tokens: int = 0) -> None:
         self.step, self.context, self.total_tokens = step, context, total_tokens
         of = f"/{total_tokens}" if total_tokens else ""
-        self.border_subtitle = f"token {step.index + 1}{of}" if step is not None else ""
+        self.border_subtitle = f"token {step.index + 1}{of} · log bars" if step is not None else ""
         self.refresh()
 
     def render(self) -> Text:
@@ -81,7 +92,7 @@ class ProbabilityPanel(Widget):
         rows = max(1, height - 2)
         chosen_listed = any(c.token_id == step.token_id for c in step.top[:rows])
         candidates = list(step.top[: rows if chosen_listed else rows - 1])
-        label_width = min(16, max(6, width - 14))  # the token matters more than the bar's length
+        label_width = min(16, max(6, width - 18))  # the token matters more than the bar's length
         bar_width = max(1, width - label_width - 10)
         for candidate in candidates:
             self._row(text, candidate.text, candidate.prob, candidate.token_id == step.token_id, label_width, bar_width)
@@ -94,7 +105,7 @@ class ProbabilityPanel(Widget):
     def _row(
         text: Text, token: str, prob: float, chosen: bool, label_width: int, bar_width: int, rank: int | None = None
     ) -> None:
-        """`▶ ' the'         ██████▍    45.3%`: marker, token, bar (the probability of the whole width), percent."""
+        """`▶ ' the'         ██████▍    45.3%`: marker, token, bar (log scale: `log_fraction`), percent."""
         label = show_token(token)
         if rank is not None:
             label = f"#{rank} {label}"
@@ -104,5 +115,5 @@ class ProbabilityPanel(Widget):
         text.append("▶ " if chosen else "  ", style="bold")
         text.append(label, style="bold" if chosen else "")
         text.append(" ")
-        text.append(bar(prob, bar_width).ljust(bar_width), style="green" if chosen else "blue")
+        text.append(bar(log_fraction(prob), bar_width).ljust(bar_width), style="green" if chosen else "blue")
         text.append(format_prob(prob).rjust(7) + "\n", style="bold" if chosen else "")

@@ -3,7 +3,8 @@
 Its defaults are a run worth watching on a laptop CPU (the `tiny` preset on the built-in pydoc corpus, 300
 steps with an evaluation every 25), so one key starts it. "Model" offers a new model from a preset, or each
 stored checkpoint to resume (its saved settings fixed, as `train --resume` keeps them) or to fine-tune
-(`train --from`).
+(`train --from`). "Recipe" fills the form with a named run (`train --recipe`; "book" is chapter 5's) and gives
+the defaults of the settings the form does not show.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Grid, VerticalScroll
-from textual.widgets import Button, Input, Label, Select
+from textual.widgets import Button, Checkbox, Input, Label, Select
 
 from gpt2term.core.config import PRESETS, GPTConfig, preset
 from gpt2term.core.devices import DEVICES
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
-from gpt2term.core.model import GPTModel
+from gpt2term.core.memory import parameter_count
+from gpt2term.core.recipes import RECIPES, SCHEDULES
 from gpt2term.core.store.layout import suggest_name
 from gpt2term.core.store.store import CheckpointInfo, CheckpointStore
 from gpt2term.core.training import FIXED_ON_RESUME as FIXED_SETTINGS
@@ -48,6 +49,7 @@ FIELDS = (
     ("epochs", "Epochs", "float?"),
     ("batch_size", "Batch size", "int"),
     ("lr", "Learn. rate", "float"),
+    ("min_lr_ratio", "Min lr ×", "float"),
     ("eval_interval", "Eval every", "int"),
     ("save_interval", "Save every", "int"),
     ("seed", "Seed", "int"),
@@ -57,6 +59,16 @@ MODEL_FIELDS = ("n_layers", "emb_dim", "n_heads")
 FIELD_SETTINGS = dict.fromkeys(MODEL_FIELDS, "model")
 # Fields a resumed run keeps as saved: those whose setting `train --resume` keeps (the core decides which).
 FIXED_ON_RESUME = tuple(f for f, _, _ in FIELDS if FIELD_SETTINGS.get(f, f) in FIXED_SETTINGS)
+# The one-key run's values of the fields a recipe fills (a recipe's own values replace them).
+FORM_DEFAULTS = {
+    "max_steps": DEFAULT_STEPS,
+    "epochs": None,
+    "batch_size": 8,
+    "lr": 5e-4,
+    "min_lr_ratio": 0.1,
+    "eval_interval": DEFAULT_EVAL_INTERVAL,
+    "seed": 123,
+}
 
 
 @dataclass(frozen=True)
@@ -113,9 +125,13 @@ class TrainForm(VerticalScroll):
         self._filling = False
         self._rows: dict[str, CheckpointInfo] = {}  # the store as last listed
         self.choosing: ModelChoice | None = None  # a choice to make once the store is listed
+        # Selects the form itself set (id: value): their Changed message, handled after the fill, fills nothing.
+        self._quiet: dict[str, str] = {}
 
     def compose(self) -> ComposeResult:
         with Grid(id="train-grid"):
+            yield Label("Recipe")
+            yield Select([(r, r) for r in RECIPES], value="default", allow_blank=False, compact=True, id="recipe")
             yield Label("Model")
             yield Select(
                 model_options([]),
@@ -128,6 +144,12 @@ class TrainForm(VerticalScroll):
                 yield Label(label)
                 input_type = "integer" if kind.startswith("int") else "number" if kind.startswith("float") else "text"
                 yield Input(id=field_id, type=input_type, compact=True, select_on_focus=False)
+            yield Label("Schedule")
+            yield Select([(k, k) for k in SCHEDULES], value="cosine", allow_blank=False, compact=True, id="schedule")
+            yield Label("QKV bias")
+            yield Checkbox("query/key/value", value=True, compact=True, id="qkv_bias")
+            yield Label("Eval at 0")
+            yield Checkbox("before training", value=True, compact=True, id="eval_at_start")
             yield Label("Device")
             yield Select([(d, d) for d in DEVICES], value="auto", allow_blank=False, compact=True, id="device")
             yield Label("Dtype")
@@ -188,21 +210,53 @@ class TrainForm(VerticalScroll):
         self.refresh_models()
         self._filling = True
         try:
-            self.query_one("#model", Select).value = ModelChoice("new", DEFAULT_PRESET).value
-            self._fill_new(DEFAULT_PRESET)
+            self._fill_recipe("default")
             self._set("corpus", "pydoc")
-            self._set("max_steps", DEFAULT_STEPS)
-            self._set("epochs", None)
-            self._set("batch_size", 8)
-            self._set("lr", 5e-4)
-            self._set("eval_interval", DEFAULT_EVAL_INTERVAL)
             self._set("save_interval", DEFAULT_SAVE_INTERVAL)
-            self._set("seed", 123)
             self.query_one("#device", Select).value = "auto"
             self.query_one("#dtype", Select).value = "float32"
             self.new_name()
         finally:
             self._filling = False
+
+    @property
+    def recipe(self) -> str:
+        return str(self.query_one("#recipe", Select).value)
+
+    def _select(self, field_id: str, value: str) -> None:
+        select = self.query_one(f"#{field_id}", Select)
+        if str(select.value) != value:
+            self._quiet[field_id] = value
+            select.value = value
+
+    def _set_by_form(self, field_id: str, event: Select.Changed) -> bool:
+        """Whether this Changed message is of a value the form set itself (not the user's choice)."""
+        return self._quiet.pop(field_id, None) == str(event.value)
+
+    def _check(self, field_id: str, value: bool, *, disabled: bool = False) -> None:
+        box = self.query_one(f"#{field_id}", Checkbox)
+        box.value, box.disabled = value, disabled
+
+    def _fill_recipe(self, recipe: str) -> None:
+        """The recipe's model (a new one of its preset) and its values in every field it has; the corpus stays."""
+        given = RECIPES[recipe]
+        settings = TrainingSettings.from_recipe(recipe)
+        self._select("recipe", recipe)
+        preset_name = given.get("preset", DEFAULT_PRESET)
+        self._select("model", ModelChoice("new", preset_name).value)  # its own fill would undo the recipe's
+        self._fill_new(preset_name)
+        cfg = preset(preset_name).with_(**settings.model)
+        for field_id in MODEL_FIELDS:
+            self._set(field_id, getattr(cfg, field_id))
+        self._set("context_length", settings.context_length or cfg.context_length)
+        self._check("qkv_bias", cfg.qkv_bias)
+        values = FORM_DEFAULTS | {k: getattr(settings, k) for k in FORM_DEFAULTS if k in given}
+        if "epochs" in given:
+            values["max_steps"] = None
+        for field_id, value in values.items():
+            self._set(field_id, value)
+        self.query_one("#schedule", Select).value = settings.schedule
+        self._check("eval_at_start", settings.eval_at_start)
 
     def new_name(self) -> None:
         """A name no checkpoint has yet, from the model and the corpus (e.g. tiny-pydoc, tiny-pydoc-2)."""
@@ -234,6 +288,8 @@ class TrainForm(VerticalScroll):
         for field_id in FIXED_ON_RESUME:
             self.query_one(f"#{field_id}", Input).disabled = False
         self.query_one("#name", Input).disabled = False
+        self.query_one("#recipe", Select).disabled = False
+        self._check("qkv_bias", cfg.qkv_bias)
 
     def _info(self, name: str) -> CheckpointInfo:
         if name not in self._rows:
@@ -245,6 +301,8 @@ class TrainForm(VerticalScroll):
         cfg = info.config or GPTConfig()
         for field_id in MODEL_FIELDS:
             self._set(field_id, getattr(cfg, field_id), disabled=True)
+        self._check("qkv_bias", cfg.qkv_bias, disabled=True)
+        self.query_one("#recipe", Select).disabled = False
         self._set("context_length", min(cfg.context_length, FINE_TUNE_CONTEXT))
         for field_id in ("corpus", "batch_size", "seed", "context_length", "name"):
             self.query_one(f"#{field_id}", Input).disabled = False
@@ -255,6 +313,11 @@ class TrainForm(VerticalScroll):
         cfg = info.config or GPTConfig()
         for field_id in MODEL_FIELDS:
             self._set(field_id, getattr(cfg, field_id))
+        self._check("qkv_bias", cfg.qkv_bias, disabled=True)
+        self._select("recipe", saved.recipe if saved.recipe in RECIPES else "default")
+        self.query_one("#recipe", Select).disabled = True
+        self.query_one("#schedule", Select).value = saved.schedule if saved.schedule in SCHEDULES else "cosine"
+        self._set("min_lr_ratio", saved.min_lr_ratio)
         self._set("context_length", saved.context_length or cfg.context_length)
         self._set("corpus", corpus_text(saved.corpus))
         self._set("batch_size", saved.batch_size)
@@ -285,9 +348,22 @@ class TrainForm(VerticalScroll):
         """Pick a model choice as if the user had (used by the checkpoints screen's Train action)."""
         self.refresh_models(then=choice)
 
+    @on(Select.Changed, "#recipe")
+    def _recipe_changed(self, event: Select.Changed) -> None:
+        if self._set_by_form("recipe", event) or self._filling or event.value is Select.BLANK:
+            return
+        self._filling = True
+        try:
+            was_auto = self.value("name") == self._auto_name
+            self._fill_recipe(str(event.value))
+            if was_auto or not self.value("name"):
+                self.new_name()
+        finally:
+            self._filling = False
+
     @on(Select.Changed, "#model")
     def _model_changed(self, event: Select.Changed) -> None:
-        if not self._filling and event.value is not Select.BLANK:
+        if not self._set_by_form("model", event) and not self._filling and event.value is not Select.BLANK:
             self._apply_choice(ModelChoice.parse(str(event.value)))
 
     def _apply_choice(self, choice: ModelChoice) -> None:
@@ -338,6 +414,8 @@ class TrainForm(VerticalScroll):
                 self.store,
                 **changes,
                 lr=numbers["lr"],
+                schedule=str(self.query_one("#schedule", Select).value),
+                min_lr_ratio=numbers["min_lr_ratio"],
                 eval_interval=numbers["eval_interval"],
                 save_interval=numbers["save_interval"],
                 device=device,
@@ -352,12 +430,18 @@ class TrainForm(VerticalScroll):
             raise InputError(
                 f"a checkpoint named {name!r} already exists; pick another Name, or choose 'resume {name}' as the Model"
             )
-        settings = TrainingSettings(
+        qkv_bias = self.query_one("#qkv_bias", Checkbox).value
+        recipe = self.recipe
+        settings = TrainingSettings.from_recipe(
+            recipe,
             name=name,
             corpus=sources,
             batch_size=int(numbers["batch_size"]),
             context_length=int(numbers["context_length"]),
             lr=float(numbers["lr"]),
+            min_lr_ratio=float(numbers["min_lr_ratio"]),
+            schedule=str(self.query_one("#schedule", Select).value),
+            eval_at_start=self.query_one("#eval_at_start", Checkbox).value,
             eval_interval=int(numbers["eval_interval"]),
             save_interval=int(numbers["save_interval"]),
             seed=int(numbers["seed"]),
@@ -369,7 +453,12 @@ class TrainForm(VerticalScroll):
         if choice.kind == "new":
             settings.preset = choice.name
             base = preset(choice.name)
-            settings.model = {f: int(numbers[f]) for f in MODEL_FIELDS if int(numbers[f]) != getattr(base, f)}
+            model = {k: v for k, v in settings.model.items() if k not in MODEL_FIELDS}  # the recipe's (dropout, bias)
+            model.update({f: int(numbers[f]) for f in MODEL_FIELDS if int(numbers[f]) != getattr(base, f)})
+            model.pop("qkv_bias", None)
+            if qkv_bias != base.qkv_bias or "qkv_bias" in RECIPES[recipe].get("model", {}):
+                model["qkv_bias"] = qkv_bias  # what the box shows, even where it is the preset's own
+            settings.model = model
             base.with_(**settings.model, context_length=settings.context_length)  # a shape that cannot work says so
         else:
             settings.init_from = choice.name
@@ -390,7 +479,9 @@ class TrainForm(VerticalScroll):
             params = ""
             if choice.kind == "new":
                 cfg = preset(choice.name).with_(
-                    **{f: int(self.value(f)) for f in MODEL_FIELDS}, context_length=int(self.value("context_length"))
+                    **{f: int(self.value(f)) for f in MODEL_FIELDS},
+                    context_length=int(self.value("context_length")),
+                    qkv_bias=self.query_one("#qkv_bias", Checkbox).value,
                 )
                 params = f" ({format_count(_parameters(cfg))} parameters)"
         except (ValueError, Gpt2termError):
@@ -399,6 +490,6 @@ class TrainForm(VerticalScroll):
 
 
 def _parameters(cfg: GPTConfig) -> int:
-    """The model's own count, built on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        return GPTModel(cfg).num_parameters()
+    """The model's count from its shapes: building even a meta-device model took seconds on the screen's first
+    open (the first F3 felt stuck)."""
+    return parameter_count(cfg)

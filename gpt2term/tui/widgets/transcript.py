@@ -63,9 +63,9 @@ class TokenText(Widget):
         self._rendered_steps = 0
 
     def _build(self) -> Text:
-        text = Text(self.turn.prompt, style="bold")
+        text = self._prompt()
         for index, step in enumerate(self.turn.steps):
-            text.append(*token_piece(step, index, self.display_mode, index == self.selected))
+            text.append(*token_piece(step, self._parity + index, self.display_mode, index == self.selected))
         self._rendered_steps = len(self.turn.steps)
         return text
 
@@ -74,9 +74,28 @@ class TokenText(Widget):
             self._text = self._build()
         for index in range(self._rendered_steps, len(self.turn.steps)):  # only the new tokens
             step = self.turn.steps[index]
-            self._text.append(*token_piece(step, index, self.display_mode, index == self.selected))
+            self._text.append(*token_piece(step, self._parity + index, self.display_mode, index == self.selected))
         self._rendered_steps = len(self.turn.steps)
         return self._text
+
+    @property
+    def _parity(self) -> int:
+        """Generated tokens continue the prompt's alternation of backgrounds, so the first one stands out too."""
+        return len(self.turn.prompt_ids)
+
+    def _prompt(self) -> Text:
+        """The prompt in bold; with boundaries shown, as the tokens the model read (a prompt longer than the
+        context: its last tokens, after an ellipsis)."""
+        if not self.display_mode.boundaries:
+            return Text(self.turn.prompt, style="bold")
+        tokenizer = self.app.tokenizer
+        text = Text()
+        if tokenizer.decode(self.turn.prompt_ids) != self.turn.prompt:
+            text.append("…", style="bold dim")
+        for index, token_id in enumerate(self.turn.prompt_ids):
+            piece = tokenizer.token_text(token_id).replace("\n", "↵\n") or "∅"
+            text.append(piece, style=f"bold on {_BOUNDARY_BG[index % 2]}")
+        return text
 
     def tokens_added(self) -> None:
         self.refresh(layout=True)
