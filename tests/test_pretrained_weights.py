@@ -122,6 +122,9 @@ def test_ckpt_import_of_a_tensorflow_folder_stores_gpt2_with_tied_head(tf_copy, 
     # One of its files names the folder too; the name is given here.
     assert run("ckpt", "import", str(tf_copy / "model.ckpt.index"), "--name", "again").exit_code == 0
     assert store.exists("again")
+    # Its 96-token vocabulary cannot read GPT-2's token ids: one line, not an IndexError from the embedding.
+    refused = run("generate", "-c", "again", "Every effort moves you")
+    assert refused.exit_code == 2 and "vocabulary has only 96 entries" in refused.output, refused.output
 
 
 def _index_handle(index: bytes) -> tuple[int, int]:

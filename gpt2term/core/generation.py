@@ -158,6 +158,16 @@ def _model_device(model: GPTModel) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_ids_fit(model: GPTModel, token_ids: Sequence[int]) -> None:
+    """A model with a smaller vocabulary than the tokenizer's (a test-sized import) cannot read every text."""
+    highest = max(token_ids, default=-1)
+    if highest >= model.cfg.vocab_size:
+        raise InputError(
+            f"the text has token id {highest} but this model's vocabulary has only {model.cfg.vocab_size} entries; "
+            "gpt2term's text needs a model with GPT-2's vocabulary (50257 tokens)"
+        )
+
+
 def _choose(logits: torch.Tensor, settings: DecodingSettings, rng: torch.Generator | None) -> int:
     if settings.greedy:
         return int(torch.argmax(logits))
@@ -193,6 +203,7 @@ def generate(
     if not prompt_ids:
         raise InputError("the prompt is empty; type some text to continue")
     settings.check_for(model.cfg)
+    check_ids_fit(model, prompt_ids)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype
@@ -283,6 +294,7 @@ class Score:
 def score(model: GPTModel, token_ids: Sequence[int]) -> Score:
     """How surprised the model is by each token of a given text, with at least half a context of history each."""
     ids = list(token_ids)
+    check_ids_fit(model, ids)
     n, ctx = len(ids), model.cfg.context_length
     device = _model_device(model)
     stride = max(1, ctx // 2)
