@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from gpt2term.core.errors import Gpt2termError
-from gpt2term.core.recipes import EVAL_TIMINGS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
+from gpt2term.core.recipes import EVAL_TIMINGS, INITS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
@@ -627,9 +627,9 @@ def _signal_announcer(say, distributed: bool):
 _MODEL_OPTIONS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
 RECIPE_HELP = (
     "Defaults for every other option: 'default' (the values shown here) or 'book' (chapter 5's run: gpt2-124M "
-    "without qkv bias, context 256, dropout 0.1, constant lr 4e-4, weight decay 0.1, no warmup, no clipping, "
-    "batch 2, 10 epochs, eval every 5 steps on 5 batches as the book counts them, a greedy 'Every effort moves "
-    "you' after each epoch, seed 123). Options given explicitly still win."
+    "without qkv bias, the book's initial weights, context 256, dropout 0.1, constant lr 4e-4, weight decay 0.1, "
+    "no warmup, no clipping, batch 2, 10 epochs, eval every 5 steps on 5 batches as the book counts them, a greedy "
+    "'Every effort moves you' after each epoch, seed 123). Options given explicitly still win."
 )
 
 
@@ -698,6 +698,13 @@ RECIPE_HELP = (
 )
 @click.option("--drop-rate", type=click.FloatRange(0, 1, max_open=True), help="Override the dropout rate.")
 @click.option("--qkv-bias/--no-qkv-bias", default=None, help="Biases on query/key/value [default: the preset's].")
+@click.option(
+    "--init",
+    default="gpt2",
+    show_default=True,
+    type=click.Choice(list(INITS)),
+    help="A new model's weights: GPT-2's normal(0, 0.02), or PyTorch's layer defaults as the book's GPTModel has.",
+)
 @click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print every event as one JSON line (as in metrics.jsonl).")

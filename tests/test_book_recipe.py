@@ -80,10 +80,33 @@ def test_a_fresh_gpt2_124m_without_qkv_bias_is_what_the_book_recipe_trains(pydoc
     assert model.trf_blocks[0].att.W_query.bias is None and model.num_parameters() == plan.cfg.parameters()
 
 
+def test_the_book_recipe_starts_from_the_books_initial_weights():
+    """The book seeds 123 and builds its GPTModel with PyTorch's default init of each layer, in its order: tok_emb,
+    pos_emb, then per block W_query, W_key, W_value, out_proj and the two feed-forward layers (its LayerNorms draw
+    nothing), then out_head. The recipe's `init="book"` must hold exactly those weights; GPT-2's init does not."""
+    assert TrainingSettings.from_recipe("book", name="b").init == "book"
+    cfg = GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, qkv_bias=False)
+    e = cfg.emb_dim
+    torch.manual_seed(123)
+    drawn = [torch.nn.Embedding(cfg.vocab_size, e).weight, torch.nn.Embedding(cfg.context_length, e).weight]
+    for _ in range(cfg.n_layers):
+        drawn += [torch.nn.Linear(e, e, bias=False).weight for _ in range(3)]
+        for fan_in, fan_out in ((e, e), (e, 4 * e), (4 * e, e)):
+            layer = torch.nn.Linear(fan_in, fan_out)
+            drawn += [layer.weight, layer.bias]
+    drawn.append(torch.nn.Linear(e, cfg.vocab_size, bias=False).weight)
+    for init, same in (("book", True), ("gpt2", False)):
+        torch.manual_seed(123)
+        model = GPTModel(cfg, init=init)
+        ours = [p for name, p in model.named_parameters() if not name.endswith(("scale", "shift"))]
+        assert len(ours) == len(drawn)
+        assert all(torch.equal(a, b) for a, b in zip(ours, drawn, strict=True)) is same, init
+
+
 def reference_loop(plan: _RunPlan, seed: int, steps: int, eval_freq: int, lr: float, weight_decay: float):
     """Chapter 5's `train_model_simple`, written from the course, fed the trainer's own batches in its order."""
     torch.manual_seed(seed)
-    model = GPTModel(plan.cfg)  # the course's model, not accelerated
+    model = GPTModel(plan.cfg, init="book")  # the course's model, not accelerated, with the book's initial weights
     initial = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 

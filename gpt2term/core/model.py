@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2term.core.config import GPTConfig
+from gpt2term.core.recipes import INITS
 
 
 class LayerNorm(nn.Module):
@@ -168,9 +169,14 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """The course's GPTModel. `forward(idx)` returns logits of shape [batch, tokens, vocab]."""
+    """The course's GPTModel. `forward(idx)` returns logits of shape [batch, tokens, vocab].
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    `init="gpt2"` draws the weights as GPT-2 does (`reset_parameters`); `init="book"` keeps PyTorch's default for
+    each layer, as the book's GPTModel does, so `torch.manual_seed(123); GPTModel(cfg, init="book")` holds the very
+    weights the book's `torch.manual_seed(123); GPTModel(GPT_CONFIG_124M)` starts chapter 5 from.
+    """
+
+    def __init__(self, cfg: GPTConfig, init: str = "gpt2") -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
@@ -179,7 +185,10 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "gpt2":
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -11,7 +11,7 @@ from gpt2term.core.data import ENCODING_ERRORS, normalize_sources
 from gpt2term.core.devices import check_threads, resolve_dtype
 from gpt2term.core.errors import CheckpointError, InputError
 from gpt2term.core.generation import check_seed
-from gpt2term.core.recipes import COURSE_PROMPT, EVAL_TIMINGS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
+from gpt2term.core.recipes import COURSE_PROMPT, EVAL_TIMINGS, INITS, RECIPES, SAMPLE_TIMINGS, SCHEDULES
 
 if TYPE_CHECKING:
     from gpt2term.core.store.store import CheckpointStore
@@ -46,6 +46,7 @@ class TrainingSettings:
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields overriding the preset (emb_dim, ...)
     init_from: str | None = None  # --from: a checkpoint name or weights path to fine-tune
+    init: str = "gpt2"  # a new model's weights (see INITS); the book recipe draws them as the book's GPTModel does
     fresh_optimizer: bool = False  # --from a book model_and_optimizer.pth: start a new AdamW instead of its state
     resume: bool = False
     overwrite: bool = False
@@ -115,6 +116,7 @@ class TrainingSettings:
             raise InputError(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}")
         for option, allowed in (
             ("schedule", SCHEDULES),
+            ("init", INITS),
             ("eval_timing", EVAL_TIMINGS),
             ("sample_every", SAMPLE_TIMINGS),
             ("recipe", tuple(RECIPES)),

@@ -534,7 +534,7 @@ class Trainer:
         Returns the saved training state on resume, None otherwise."""
         s, dist, device = self.settings, self._dist, plan.device
         torch.manual_seed(s.seed)
-        model = accelerate(GPTModel(plan.cfg))
+        model = accelerate(GPTModel(plan.cfg, init=s.init))
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state_dict)
         model.to(device)
