@@ -13,6 +13,15 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture
+def corpus_file(tmp_path):
+    """A small text for training runs; a module that needs other text defines its own `corpus_file`."""
+    path = tmp_path / "corpus.txt"
+    lines = ["Once upon a time there was a small model.", "It learned to count: one, two, three."]
+    path.write_text("\n".join(lines * 40))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Two cores on CI; keep torch from oversubscribing when tests spawn subprocesses.

@@ -39,14 +39,6 @@ MESSAGE = "Ctrl-C: stopping after this step, then saving; Ctrl-C again to quit w
 
 
 @pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    lines = ["Once upon a time there was a small model.", "It learned to count: one, two, three."]
-    path.write_text("\n".join(lines * 40))
-    return path
-
-
-@pytest.fixture
 def big_corpus(tmp_path):
     """About 60K tokens of varied text: enough windows for long evaluations."""
     path = tmp_path / "big.txt"

@@ -23,14 +23,6 @@ from gpt2term.core.training import evaluate_ids
 SMALL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--context-length", "16", "--batch-size", "4"]
 
 
-@pytest.fixture
-def corpus_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    lines = ["Once upon a time there was a small model.", "It learned to count: one, two, three."]
-    path.write_text("\n".join(lines * 40))
-    return path
-
-
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 

@@ -299,7 +299,7 @@ def test_the_app_opens_the_most_recent_checkpoint_and_gpt2term_opens_the_app(tin
     opened = []
 
     class FakeApp:
-        def __init__(self, checkpoint: str | None) -> None:
+        def __init__(self, checkpoint: str | None, n_heads: int | None = None) -> None:
             self.checkpoint = checkpoint
 
         def run(self) -> None:
