@@ -597,8 +597,10 @@ class _TrainingPrinter:
         elif kind == "pause":
             self._line("paused" if event.paused else "resumed")
         elif kind == "finished":
+            self.close()  # the bar's last state first, then the run's last words below it
             self._line(event.message)
         elif kind == "failed":
+            self.close()
             self._line(f"training failed at step {event.step}")
         if self.bar is not None and kind == "eval" and self.last_step is not None:
             self.bar.update(self.last_step.step, info=self._progress(self.last_step))  # the new val loss
