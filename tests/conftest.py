@@ -13,6 +13,19 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+# Tests of what the model's speed-ups cannot change: the screens (they show the numbers the core computes), the
+# store and its files, the CLI's plumbing, the tokenizer and the data. The second pass (GPT2TERM_ACCEL=0,
+# `-m "not once"`) checks the numbers without the speed-ups and leaves these to the first.
+ONCE = ("test_tui_", "test_store_", "test_ckpt_crash", "test_bad_input", "test_cli_progress", "test_tokenizer",
+        "test_data", "test_metrics_follow", "test_formatting", "test_readme_promises")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith(ONCE):
+            item.add_marker(pytest.mark.once)
+
+
 @pytest.fixture
 def corpus_file(tmp_path):
     """A small text for training runs; a module that needs other text defines its own `corpus_file`."""
