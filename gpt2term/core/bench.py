@@ -283,6 +283,8 @@ def _measure_generation(
     say: Progress,
 ) -> dict[str, Any]:
     """Every contender in turns at the current thread count; medians, token checks and ratios."""
+    from gpt2term.core.accel import threads as decode_threads
+
     prepare_s: dict[str, float] = {}
     packed_mb: dict[str, float] = {}
 
@@ -341,6 +343,8 @@ def _measure_generation(
     reference_tokens = hf_runs[0].tokens if hf_runs else None
     measured: dict[str, Any] = {
         "threads": threads,
+        "torch_threads": torch.get_num_threads(),  # what transformers ran with
+        "decode_split": decode_threads.ways(),  # how many blocks our one-token matmuls were cut into
         "ours": ours,
         "transformers": _summarise(hf_runs) | {"dtype": "fp32"} if hf_runs else None,
         "ctranslate2": peers or None,
