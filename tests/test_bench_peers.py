@@ -55,6 +55,7 @@ def alive(pid: int) -> bool:
     return state != "Z" and SPINNER_MARK.encode() in cmdline
 
 
+@pytest.mark.once
 def test_tokenizer_folder_round_trips_through_transformers(tmp_path):
     """The folder gpt2term writes for the converter is GPT-2's tokenizer: transformers encodes like ours."""
     transformers = pytest.importorskip("transformers")
@@ -127,6 +128,7 @@ def test_peer_token_check_counts_the_agreeing_prefix(monkeypatch, tmp_path):
     assert data["same_as_fp32"]["transformers fp32"]["same"] is True
 
 
+@pytest.mark.once
 def test_peers_missing_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` raises ImportError
     result = CliRunner().invoke(cli, ["bench", "generate", "--preset", "tiny", "--tokens", "2", "--peers"])
@@ -135,6 +137,7 @@ def test_peers_missing_is_one_line_naming_the_extra(monkeypatch):
     assert len(lines) == 1 and "ctranslate2" in lines[0] and "pip install 'gpt2term[bench]'" in lines[0]
 
 
+@pytest.mark.once
 def test_busy_spinners_run_beside_the_measurement_and_are_gone_after(monkeypatch):
     seen: list[list[int]] = []
 
@@ -153,6 +156,7 @@ def test_busy_spinners_run_beside_the_measurement_and_are_gone_after(monkeypatch
     assert not spinners_of(os.getpid())
 
 
+@pytest.mark.once
 def test_busy_spinners_do_not_survive_a_ctrl_c():
     """SIGINT to the benchmark alone (not its process group): its spinners must still all be gone when it exits."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -180,6 +184,27 @@ def test_busy_spinners_do_not_survive_a_ctrl_c():
             proc.wait()
 
 
+@pytest.mark.once
+def test_a_spinner_whose_parent_is_killed_exits_by_itself():
+    """SIGKILL leaves no finally to run: each spinner watches its parent and stops when it is gone."""
+    code = "from gpt2term.core.busy import start_spinners; import sys; start_spinners(2); sys.stdin.read()"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        pids: list[int] = []
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = spinners_of(parent.pid)
+            time.sleep(0.05)
+        assert len(pids) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60  # each checks about once a second; a loaded machine slows that down
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pids if alive(pid)] == []
+
+
 def test_thread_sweep_measures_each_count_with_the_decode_split_following():
     result = run(
         "bench", "generate", "--preset", "tiny", "--tokens", "3", "--repeats", "1", "--threads", "1,2", "--json"
@@ -201,6 +226,7 @@ def test_thread_sweep_measures_each_count_with_the_decode_split_following():
     assert text.exit_code == 0 and "1 threads:" in text.output and "2 threads:" in text.output
 
 
+@pytest.mark.once
 def test_thread_counts_parse_and_bad_ones_are_one_line():
     cores = bench.available_threads()
     assert bench.parse_thread_counts("1,2,all") == list(dict.fromkeys([1, 2, cores]))
