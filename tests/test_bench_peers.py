@@ -101,6 +101,8 @@ def test_peers_produce_our_greedy_tokens_and_report_every_field(isolated_home):
     # The conversions are cached by the weights: a second run converts nothing.
     cached = list((isolated_home / "cache" / "ctranslate2").glob("*/*/model.bin"))
     assert sorted(p.parent.name for p in cached) == ["fp32", "int8"]
+    assert sorted(data["settings"]["peer_models"]) == ["fp32", "int8"]
+    assert {Path(f) for f in data["settings"]["peer_models"].values()} == {p.parent for p in cached}
     said: list[str] = []
     again = bench.bench_generate(preset_name="tiny", tokens=TOKENS, repeats=1, peers=True, progress=said.append)
     assert not [m for m in said if m.startswith("converting")], said

@@ -476,6 +476,7 @@ def bench_generate(
             "busy_processes": busy,
             "threads": counts,
             "peers": sorted(ct2_folders) if peers else [],
+            "peer_models": {q: str(folder) for q, folder in ct2_folders.items()},  # cached; delete to free the disk
         },
         **{k: v for k, v in sweep[0].items() if k != "threads"},  # the first (or only) thread count
         "note": "; ".join(notes) or None,

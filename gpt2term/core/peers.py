@@ -115,7 +115,7 @@ def weights_key(state_dict: dict[str, torch.Tensor], cfg: GPTConfig) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
     return digest.hexdigest()[:24]
 
 
