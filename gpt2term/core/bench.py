@@ -54,6 +54,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_identity() -> dict[str, str]:
+    """Vendor, family and model number as lscpu shows them (a marketing name can be wrong or generic)."""
+    wanted = {"vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    found: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in wanted and wanted[key] not in found:
+                found[wanted[key]] = value.strip()
+            if not line.strip() and found:  # the first processor's block is enough
+                break
+    return found
+
+
 def transformers_version() -> str | None:
     try:
         import transformers
@@ -67,6 +82,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": device,
         "cpu": cpu_model(),
+        "cpu_id": cpu_identity(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -198,57 +214,76 @@ def _generation_dtypes(dtype: str) -> list[str]:
     key = dtype.lower()
     if key == "both":
         return ["fp32", "bf16"]
+    if key == "all":
+        return ["fp32", "bf16", "int8"]
     if key in ("fp32", "float32"):
         return ["fp32"]
     if key in ("bf16", "bfloat16"):
         return ["bf16"]
-    raise InputError(f"unknown --dtype {dtype!r}; choose fp32, bf16 or both")
+    if key == "int8":
+        return ["int8"]
+    raise InputError(f"unknown --dtype {dtype!r}; choose fp32, bf16, int8, both or all")
 
 
-def bench_generate(
-    checkpoint: str | None = None,
-    *,
-    tokens: int = 200,
-    repeats: int = 5,
-    dtype: str = "fp32",
-    preset_name: str = "gpt2-124M",
-    prompt: str = DEFAULT_PROMPT,
-    compare: bool = True,
-    seed: int = 123,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Greedy decoding, ours (in each dtype asked) against transformers' fp32 `generate`, alternating runs."""
-    from gpt2term.core.generation import check_max_new_tokens
-    from gpt2term.core.tokenizer import default_tokenizer
+def _decoding_dtype_available(dtype: str) -> bool:
+    """Whether our decoding knows this dtype (int8 arrives with its own change; until then it is skipped)."""
+    from gpt2term.core.accel import decode
 
-    if tokens < 2:
-        raise InputError(f"--tokens must be at least 2 (the first token also reads the prompt), got {tokens}")
-    if repeats < 1:
-        raise InputError(f"--repeats must be at least 1, got {repeats}")
-    dtypes = _generation_dtypes(dtype)
-    say = progress or (lambda _msg: None)
+    try:
+        decode.inference_dtype(dtype)
+    except InputError:
+        return False
+    return True
+
+
+def available_threads() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parse_thread_counts(spec: str) -> list[int]:
+    """`--threads 4` or a sweep `--threads 1,2,all` ("all": every core this process may use)."""
+    from gpt2term.core.devices import check_threads
+
+    counts: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip().lower()
+        if part == "all":
+            n = available_threads()
+        elif part.isdigit() and int(part) >= 1:
+            n = int(part)
+        else:
+            raise InputError(f"--threads takes a count or a list like 1,2,all; {part!r} is neither")
+        check_threads(n)
+        if n not in counts:
+            counts.append(n)
+    return counts
+
+
+def _load_model(checkpoint: str | None, preset_name: str, seed: int) -> tuple[GPTModel, str]:
     if checkpoint is None:
         torch.manual_seed(seed)
-        model = GPTModel(preset(preset_name))
-        source = f"random {preset_name} (seed {seed})"
-    else:
-        from gpt2term.core.store.resolve import resolve_weights
+        return GPTModel(preset(preset_name)), f"random {preset_name} (seed {seed})"
+    from gpt2term.core.store.resolve import resolve_weights
 
-        model = resolve_weights(checkpoint).build_model()
-        source = checkpoint
-    model.eval()
-    check_max_new_tokens(tokens, model.cfg.context_length)
-    prompt_ids = default_tokenizer().encode(prompt)[-model.cfg.context_length :]
-    if not prompt_ids:
-        raise InputError("the benchmark prompt is empty; pass some text with --prompt")
-    hf = None
-    missing = None
-    if compare:
-        if transformers_version() is None:
-            missing = NO_TRANSFORMERS
-        else:
-            say("building transformers' GPT2LMHeadModel with the same weights")
-            hf = _hf_model(model)
+    return resolve_weights(checkpoint).build_model(), checkpoint
+
+
+def _measure_generation(
+    model: GPTModel,
+    hf: Any,
+    ct2_folders: dict[str, Any],
+    dtypes: list[str],
+    prompt_ids: list[int],
+    tokens: int,
+    repeats: int,
+    threads: int,
+    say: Progress,
+) -> dict[str, Any]:
+    """Every contender in turns at the current thread count; medians, token checks and ratios."""
+    from gpt2term.core.accel import threads as decode_threads
 
     prepare_s: dict[str, float] = {}
     packed_mb: dict[str, float] = {}
@@ -260,37 +295,174 @@ def bench_generate(
         packed = accel.packed_weights(model)
         packed_mb[dt] = packed.nbytes() / 1e6 if packed is not None else 0.0
 
+    ct2: dict[str, Any] = {}
+    if ct2_folders:
+        from gpt2term.core.peers import CT2Generator
+
+        ct2 = {q: CT2Generator(folder, q, threads) for q, folder in ct2_folders.items()}
+
     # Warm up every contender once (packs our weights, fills allocator caches), untimed.
-    say("warming up")
+    say(f"warming up ({threads} threads)")
+    reference_fp32: list[int] | None = None
     for dt in dtypes:
         use(dt)
         _run_ours(model, prompt_ids, min(tokens, 8))
+    if ct2 and "fp32" not in dtypes:  # the peers are checked against our float32: decode it once, untimed
+        use("fp32")
+        reference_fp32 = _run_ours(model, prompt_ids, tokens).tokens
     if hf is not None:
         _run_hf(hf, prompt_ids, min(tokens, 8))
+    for generator in ct2.values():
+        generator.run(prompt_ids, min(tokens, 8))
 
-    ours_runs: dict[str, list[GenerationRun]] = {dt: [] for dt in dtypes}
-    hf_runs: list[GenerationRun] = []
+    contenders: list[str] = [*dtypes]
+    if hf is not None:
+        contenders.append("hf")
+    contenders += [f"ct2:{q}" for q in ct2]
+    runs: dict[str, list[GenerationRun]] = {who: [] for who in contenders}
     for r, ours_first in enumerate(_alternate(repeats)):
-        say(f"round {r + 1}/{repeats}")
-        order: list[str] = [*dtypes, "hf"] if ours_first else ["hf", *dtypes]
-        for who in order:
+        say(f"round {r + 1}/{repeats} ({threads} threads)")
+        for who in contenders if ours_first else contenders[::-1]:
             if who == "hf":
-                if hf is not None:
-                    hf_runs.append(_run_hf(hf, prompt_ids, tokens))
+                runs[who].append(_run_hf(hf, prompt_ids, tokens))
+            elif who.startswith("ct2:"):
+                runs[who].append(GenerationRun(*ct2[who[4:]].run(prompt_ids, tokens)))
             else:
                 use(who)  # switching dtype repacks; a no-op when it is already packed this way
-                ours_runs[who].append(_run_ours(model, prompt_ids, tokens))
+                runs[who].append(_run_ours(model, prompt_ids, tokens))
 
     ours: dict[str, Any] = {}
     for dt in dtypes:
-        ours[dt] = _summarise(ours_runs[dt]) | {
+        ours[dt] = _summarise(runs[dt]) | {
             "prepare_s": prepare_s.get(dt),
             "packed_weights_mb": round(packed_mb.get(dt, 0.0), 1),
         }
+    hf_runs = runs.get("hf", [])
+    hf_speed = _median([r.tokens_per_second for r in hf_runs])
+    peers = {q: _summarise(runs[f"ct2:{q}"]) | {"compute_type": q} for q in ct2}
     reference_tokens = hf_runs[0].tokens if hf_runs else None
+    measured: dict[str, Any] = {
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),  # what transformers ran with
+        "decode_split": decode_threads.ways(),  # how many blocks our one-token matmuls were cut into
+        "ours": ours,
+        "transformers": _summarise(hf_runs) | {"dtype": "fp32"} if hf_runs else None,
+        "ctranslate2": peers or None,
+        "ratio": {dt: _ratio(ours[dt]["tokens_per_second"], hf_speed) for dt in dtypes},
+        "tokens_match": {},
+        "matching_prefix": {},
+    }
+    for dt in dtypes:
+        mine = runs[dt][0].tokens
+        # Every run of ours must agree with itself; against transformers when it ran, else against our fp32.
+        reference = reference_tokens if reference_tokens is not None else runs[dtypes[0]][0].tokens
+        consistent = all(run.tokens == mine for run in runs[dt])
+        measured["tokens_match"][dt] = consistent and mine == reference
+        measured["matching_prefix"][dt] = _matching_prefix(mine, reference)
+    if "fp32" in dtypes and "bf16" in dtypes:
+        measured["bf16_matches_fp32_prefix"] = _matching_prefix(runs["bf16"][0].tokens, runs["fp32"][0].tokens)
+    if ct2:
+        # The goals compare like with like: our int8 against CTranslate2's int8, every other dtype against its fp32.
+        measured["ratio_ctranslate2"] = {
+            dt: _ratio(ours[dt]["tokens_per_second"], peers["int8" if dt == "int8" else "fp32"]["tokens_per_second"])
+            for dt in dtypes
+        }
+        fp32_tokens = runs["fp32"][0].tokens if "fp32" in dtypes else reference_fp32 or []
+        named = {f"gpt2term {dt}": runs[dt] for dt in dtypes if dt != "fp32"}
+        named |= {"transformers fp32": hf_runs} if hf_runs else {}
+        named |= {f"ctranslate2 {q}": runs[f"ct2:{q}"] for q in ct2}
+        measured["same_as_fp32"] = {
+            name: {
+                "same": all(run.tokens == fp32_tokens for run in those),
+                "matching_prefix": _matching_prefix(those[0].tokens, fp32_tokens),
+            }
+            for name, those in named.items()
+        }
+    return measured
+
+
+def bench_generate(
+    checkpoint: str | None = None,
+    *,
+    tokens: int = 200,
+    repeats: int = 5,
+    dtype: str = "fp32",
+    preset_name: str = "gpt2-124M",
+    prompt: str = DEFAULT_PROMPT,
+    compare: bool = True,
+    peers: bool = False,
+    busy: int = 0,
+    thread_counts: list[int] | None = None,
+    peer_cache: Any = None,
+    seed: int = 123,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Greedy decoding, ours (in each dtype asked) against transformers' fp32 `generate`, alternating runs.
+
+    `peers` adds CTranslate2 in fp32 and int8 on the same weights (and needs transformers); `busy` runs that many
+    spinning processes beside the whole measurement; `thread_counts` measures everything once per thread count.
+    """
+    from gpt2term.core.busy import busy as busy_processes
+    from gpt2term.core.devices import set_threads
+    from gpt2term.core.generation import check_max_new_tokens
+    from gpt2term.core.tokenizer import default_tokenizer
+
+    if tokens < 2:
+        raise InputError(f"--tokens must be at least 2 (the first token also reads the prompt), got {tokens}")
+    if repeats < 1:
+        raise InputError(f"--repeats must be at least 1, got {repeats}")
+    if busy < 0:
+        raise InputError(f"--busy must be 0 or more, got {busy}")
+    dtypes = _generation_dtypes(dtype)
+    unavailable = [dt for dt in dtypes if not _decoding_dtype_available(dt)]
+    dtypes = [dt for dt in dtypes if dt not in unavailable]
+    if not dtypes:
+        raise InputError(f"--dtype {dtype} is not available in this version of gpt2term; choose fp32 or bf16")
+    if peers:
+        from gpt2term.core.peers import require_peers
+
+        require_peers()
+    say = progress or (lambda _msg: None)
+    model, source = _load_model(checkpoint, preset_name, seed)
+    model.eval()
+    check_max_new_tokens(tokens, model.cfg.context_length)
+    prompt_ids = default_tokenizer().encode(prompt)[-model.cfg.context_length :]
+    if not prompt_ids:
+        raise InputError("the benchmark prompt is empty; pass some text with --prompt")
+    hf = None
+    notes = []
+    if compare or peers:
+        if transformers_version() is None:
+            notes.append(NO_TRANSFORMERS)
+        else:
+            say("building transformers' GPT2LMHeadModel with the same weights")
+            hf = _hf_model(model)
+    ct2_folders: dict[str, Any] = {}
+    if peers:
+        from gpt2term.core.peers import convert
+
+        ct2_folders = convert(model.state_dict(), model.cfg, ["fp32", "int8"], cache_root=peer_cache, progress=say)
+    if unavailable:
+        notes.append(f"--dtype {' and '.join(unavailable)} is not available in this version of gpt2term; skipped")
+
+    before = machine_info()
+    original_threads = torch.get_num_threads()
+    counts = thread_counts or [original_threads]
+    sweep: list[dict[str, Any]] = []
+    try:
+        with busy_processes(busy) as spinners:
+            if spinners:
+                say(f"{len(spinners)} busy process{'es' if len(spinners) != 1 else ''} spinning beside the runs")
+            for n in counts:
+                set_threads(n)  # our decode split, transformers and CTranslate2 all follow this count
+                sweep.append(_measure_generation(model, hf, ct2_folders, dtypes, prompt_ids, tokens, repeats, n, say))
+            after = machine_info()
+    finally:
+        torch.set_num_threads(original_threads)
+
     result: dict[str, Any] = {
         "benchmark": "generate",
-        "machine": machine_info(),
+        "machine": before,
         "settings": {
             "model": source,
             "config": model.cfg.to_dict(),
@@ -301,26 +473,21 @@ def bench_generate(
             "repeats": repeats,
             "dtypes": dtypes,
             "decoding": "greedy",
+            "busy_processes": busy,
+            "threads": counts,
+            "peers": sorted(ct2_folders) if peers else [],
+            "peer_models": {q: str(folder) for q, folder in ct2_folders.items()},  # cached; delete to free the disk
         },
-        "ours": ours,
-        "transformers": _summarise(hf_runs) | {"dtype": "fp32"} if hf_runs else None,
-        "ratio": {
-            dt: _ratio(ours[dt]["tokens_per_second"], _median([r.tokens_per_second for r in hf_runs])) for dt in dtypes
-        },
-        "tokens_match": {},
-        "matching_prefix": {},
-        "note": missing,
+        **{k: v for k, v in sweep[0].items() if k != "threads"},  # the first (or only) thread count
+        "note": "; ".join(notes) or None,
     }
-    for dt in dtypes:
-        mine = ours_runs[dt][0].tokens
-        # Every run of ours must agree with itself; against transformers when it ran, else against our fp32.
-        reference = reference_tokens if reference_tokens is not None else ours_runs[dtypes[0]][0].tokens
-        consistent = all(run.tokens == mine for run in ours_runs[dt])
-        result["tokens_match"][dt] = consistent and mine == reference
-        result["matching_prefix"][dt] = _matching_prefix(mine, reference)
-    if "fp32" in dtypes and "bf16" in dtypes:
-        result["bf16_matches_fp32_prefix"] = _matching_prefix(ours_runs["bf16"][0].tokens, ours_runs["fp32"][0].tokens)
-    result["machine_after"] = {"load_average": machine_info().get("load_average")}
+    if thread_counts:
+        result["sweep"] = sweep
+    if peers:
+        from gpt2term.core.peers import peer_versions
+
+        result["machine"]["ctranslate2"] = peer_versions()["ctranslate2"]
+    result["machine_after"] = {"load_average": after.get("load_average")}
     return result
 
 
