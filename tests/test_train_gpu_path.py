@@ -4,6 +4,7 @@ with the GPU's flags. No GPU here: what is checked is that the same code compute
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -183,3 +184,21 @@ def test_bench_train_on_cuda_without_a_gpu_is_one_line_naming_the_fix():
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--device" in lines[0]
+
+
+@pytest.mark.skipif(
+    os.environ.get("GPT2TERM_TEST_COMPILE") != "1",
+    reason="torch.compile of even the tiny training step took over 5 minutes on the project's 2-core machine "
+    "(inductor builds C++ kernels); run with GPT2TERM_TEST_COMPILE=1",
+)
+def test_bench_train_compiled_on_the_cpu():
+    result = CliRunner().invoke(
+        cli,
+        ["bench", "train", "--preset", "tiny", "-b", "1", "--context-length", "8", "--steps", "1", "--warmup", "1",
+         "--dtype", "fp32", "--compile", "--pad-vocab", "64", "--no-compare", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["settings"]["compile"] is True and data["ours"]["fp32"]["tokens_per_second"] > 0
+    assert "unmeasured on a GPU" in data["note"]
