@@ -580,8 +580,6 @@ def bench_train(
     if compare and not run_hf:
         missing = NO_TRANSFORMERS
     require_training_memory(cfg, batch_size, context, where)
-    if run_hf and where.type == "cuda":
-        require_training_memory(cfg, batch_size, context, where)  # both models live on the GPU at once
     extra = PROFILE_STEPS if profile else 0
     total = warmup + steps + extra
     require_memory(total * batch_size * (context + 1) * 8, "the benchmark's token batches", "use fewer --steps")
@@ -653,7 +651,7 @@ def bench_train(
             dtype="bfloat16" if dt == "bf16" else "float32",
             seed=seed,
             between_steps=their_step,
-            device=device,
+            device=str(where),
             compile_model=compile_model,
             pad_vocab=pad_vocab,
         )
@@ -680,7 +678,8 @@ def bench_train(
         for dt, profs in list(profiles[who].items()):
             profiles[who][dt] = _op_table(profs, where)
     accelerated = accel.enabled()
-    padded = (pad_vocab if pad_vocab is not None else (64 if where.type == "cuda" else 0)) if accelerated else 0
+    default_pad = accel.vocab_pad.DEFAULT_MULTIPLE if where.type == "cuda" else 0
+    padded = (pad_vocab if pad_vocab is not None else default_pad) if accelerated else 0
     notes = [n for n in (missing, peak_note) if n]
     if where.type == "cpu" and (compile_model or (pad_vocab or 0) > 1):
         notes.append("the GPU code path, run on the CPU: unmeasured on a GPU here")
