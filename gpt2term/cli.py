@@ -973,23 +973,52 @@ def format_report(result: dict) -> str:
             f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
             f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
         )
-        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'vs transformers':>17s}")
+        lines.append(_train_path_line(result))
+        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'MFU':>8s}{'vs transformers':>17s}")
+
+        def mfu(entry: dict) -> str:
+            return f"{100 * entry['mfu']:7.1f}%" if entry.get("mfu") is not None else f"{'-':>8s}"
+
         for dt in s["dtypes"]:
             theirs = (result["transformers"] or {}).get(dt)
             if theirs:
                 lines.append(
                     f"{'transformers loop ' + dt:28s}{_fmt(theirs['tokens_per_second'], '10.0f')}"
-                    f"{_fmt(theirs['step_s'], '9.3f')}s{'1.00x':>17s}"
+                    f"{_fmt(theirs['step_s'], '9.3f')}s{mfu(theirs)}{'1.00x':>17s}"
                 )
             mine = result["ours"][dt]
             ratio = result["ratio"].get(dt)
             lines.append(
                 f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.0f')}{_fmt(mine['step_s'], '9.3f')}s"
-                f"{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
+                f"{mfu(mine)}{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
             )
+        for who, tables in (result.get("profile") or {}).items():
+            for dt, rows in tables.items():
+                lines.append(f"profile, {'gpt2term' if who == 'ours' else 'transformers loop'} {dt} (top ops):")
+                lines.extend(
+                    f"  {row['op'][:44]:44s}{100 * row['share']:6.1f}%{row['self_ms_per_step']:10.1f} ms/step"
+                    f"{row['calls_per_step']:8.0f} calls"
+                    for row in rows
+                )
     if result.get("note"):
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
+
+
+def _train_path_line(result: dict) -> str:
+    """Device, compile, padding and the FLOPs behind the MFU column, so a figure says what produced it."""
+    s = result["settings"]
+    vocab = s["config"]["vocab_size"]
+    padded = s.get("vocab_padded_to", vocab)
+    parts = [
+        f"device {s.get('device', 'cpu')}" + (f" ({result['machine']['gpu']})" if result["machine"].get("gpu") else ""),
+        "torch.compile" if s.get("compile") else "eager",
+        f"head padded {vocab} -> {padded}" if padded != vocab else "head not padded",
+        f"{s['flops_per_token'] / 1e6:,.0f} MFLOPs/token",
+    ]
+    if s.get("peak_tflops"):
+        parts.append(f"peak {s['peak_tflops']:g} TFLOPS ({s['peak_source']})")
+    return ", ".join(parts)
 
 
 def _bench_output(result: dict, as_json: bool) -> None:
@@ -1053,6 +1082,16 @@ def bench_generate_command(
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
 @click.option("--dtype", default="both", show_default=True, type=click.Choice(["fp32", "bf16", "both"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (both loops run there).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile our model (slow first step).")
+@click.option(
+    "--pad-vocab",
+    type=click.IntRange(min=0),
+    help="Pad our training head to a multiple of this many rows (0: never) [default: 64 on cuda, 0 on cpu].",
+)
+@click.option("--peak-tflops", type=float, help="The device's peak for MFU [default: the GPU's known bf16 peak].")
+@click.option("--profile", is_flag=True, help="Also print the top ops of 2 more (untimed) steps of each loop.")
+@click.option("--compare/--no-compare", default=True, show_default=True, help="Run transformers' loop alongside.")
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
 def bench_train_command(
     preset_name: str,
@@ -1062,9 +1101,15 @@ def bench_train_command(
     warmup: int,
     dtype: str,
     threads: int | None,
+    device: str,
+    compile_model: bool,
+    pad_vocab: int | None,
+    peak_tflops: float | None,
+    profile: bool,
+    compare: bool,
     as_json: bool,
 ) -> None:
-    """Training tokens/s: our training step against a plain loop over transformers' GPT-2 of the same shape."""
+    """Training tokens/s and MFU: our training step against a plain loop over transformers' GPT-2 of the same shape."""
     from gpt2term.core.bench import bench_train
 
     _set_threads(threads)
@@ -1075,6 +1120,12 @@ def bench_train_command(
         steps=steps,
         warmup=warmup,
         dtype=dtype,
+        compare=compare,
+        device=device,
+        compile_model=compile_model,
+        pad_vocab=pad_vocab,
+        peak_tflops=peak_tflops,
+        profile=profile,
         progress=_bench_progress(as_json),
     )
     _bench_output(result, as_json)

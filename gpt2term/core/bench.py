@@ -8,12 +8,15 @@ runs the contenders alternately (A B, B A, ...), takes medians, and prints the m
   against `GPT2LMHeadModel.generate(do_sample=False)` with the same weights), tokens/s after the first token,
   time to the first token, and whether both produced the same tokens.
 - `bench_train`: training throughput (tokens/s) of our training step against a plain PyTorch loop over
-  `GPT2LMHeadModel` of the same shape (AdamW, same batch, context, gradient clipping and number format).
+  `GPT2LMHeadModel` of the same shape (AdamW, same batch, context, gradient clipping and number format), on the CPU
+  or a CUDA GPU, with model FLOPs utilisation (`flops_per_token`) where the peak is known, and `profile` for the
+  top ops of both steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -508,11 +511,13 @@ def _plain_step(
     optimizer: torch.optim.Optimizer,
     amp: torch.dtype | None,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """One training step the way chapter 5 (and a user's own loop) writes it, with the trainer's clipping."""
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             logits = logits_of(inputs)
@@ -535,12 +540,15 @@ def _run_trainer(
     dtype: str,
     seed: int,
     between_steps: Callable[[int], None],
+    device: str = "cpu",
+    compile_model: bool = False,
+    pad_vocab: int | None = None,
 ) -> tuple[list[float], list[float]]:
     """Our real `Trainer` (its optimizer, loss, clipping, data and events) on random token ids, in a temporary store.
 
     Returns each step's seconds and loss. A step is timed from the end of the previous step's event to its own
     event, so it includes all the trainer does per step; `between_steps(i)` runs in that gap, untimed (the other
-    contender's step, so the two alternate).
+    contender's step, so the two alternate). `pad_vocab` is `accel.pad_vocabulary`'s multiple (None: its default).
     """
     import tempfile
     from pathlib import Path
@@ -576,7 +584,8 @@ def _run_trainer(
         save_interval=0,
         sample_tokens=0,
         dtype=dtype,
-        device="cpu",
+        device=device,
+        compile=compile_model,
         seed=seed,
     )
     times: list[float] = []
@@ -586,6 +595,8 @@ def _run_trainer(
     def listen(event: object) -> None:
         nonlocal mark
         if isinstance(event, StartEvent):
+            assert trainer.model is not None
+            accel.pad_vocabulary(trainer.model, pad_vocab)  # before the first forward (and the first compile)
             mark = time.perf_counter()
         elif isinstance(event, StepEvent):
             times.append(time.perf_counter() - mark)
@@ -594,22 +605,98 @@ def _run_trainer(
             mark = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="gpt2term-bench-") as folder:
-        Trainer(settings, store=CheckpointStore(Path(folder)), listeners=[listen], corpus=corpus).run()
+        trainer = Trainer(settings, store=CheckpointStore(Path(folder)), listeners=[listen], corpus=corpus)
+        trainer.run()
     return times, losses
 
 
 def _hf_training_step(
-    cfg: GPTConfig, amp: torch.dtype | None, seed: int
+    cfg: GPTConfig, amp: torch.dtype | None, seed: int, device: torch.device | None = None
 ) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """A plain PyTorch loop over transformers' GPT2LMHeadModel of the same shape (untied, like ours)."""
+    """A plain PyTorch loop over transformers' GPT2LMHeadModel of the same shape (untied, like ours), with
+    PyTorch's default AdamW for the device: what a user's own loop gets."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gpt2term.core.interop import config_to_hf
 
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg, tied=False))).train()
+    device = device or torch.device("cpu")
+    hf = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg, tied=False))).to(device).train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=TRAIN_LR, weight_decay=TRAIN_WEIGHT_DECAY)
-    return _plain_step(hf, optimizer, amp, lambda inputs: hf(inputs).logits)
+    return _plain_step(hf, optimizer, amp, lambda inputs: hf(inputs).logits, device)
+
+
+# bf16 dense tensor-core peaks (TFLOPS, no sparsity) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(); the first match wins, so "A100" is tried before "A10" and "H100 PCIe" before "H100".
+GPU_PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
+    (r"\bA100\b", "A100", 312.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 756.0),
+    (r"\bH100\b", "H100 SXM", 989.0),
+    (r"\bH200\b", "H200", 989.0),
+    (r"\bL4\b", "L4", 121.0),
+    (r"\bA10\b", "A10", 125.0),
+    (r"\bRTX 4090\b", "RTX 4090", 165.0),
+    (r"\bRTX 3090\b", "RTX 3090", 71.0),
+]
+
+
+def gpu_peak_tflops(device_name: str) -> tuple[str, float] | None:
+    """The bf16 dense peak of a GPU known by its name (what `torch.cuda.get_device_name` says), else None."""
+    import re
+
+    for pattern, label, tflops in GPU_PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return label, tflops
+    return None
+
+
+def flops_parameters(cfg: GPTConfig) -> int:
+    """N of the 6N estimate: every parameter but the two embedding tables, which are looked up, not multiplied
+    (for GPT-2 124M this is nanoGPT's count, whose token table doubles as the head)."""
+    from gpt2term.core.memory import parameter_count
+
+    return parameter_count(cfg) - cfg.vocab_size * cfg.emb_dim - cfg.context_length * cfg.emb_dim
+
+
+def flops_per_token(cfg: GPTConfig, context_length: int) -> int:
+    """Training FLOPs per token, forward and backward: 6N + 12·L·H·Q·T (PaLM's appendix B, nanoGPT's estimate_mfu),
+    with T the sequence length trained on and H·Q = emb_dim."""
+    return 6 * flops_parameters(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context_length
+
+
+def mfu(tokens_per_second: float | None, flops_token: int, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: the FLOPs the model needs per second over the device's peak (0.4 = 40%)."""
+    if not tokens_per_second or not peak_tflops:
+        return None
+    return tokens_per_second * flops_token / (peak_tflops * 1e12)
+
+
+PROFILE_STEPS = 2  # profiled steps of each contender, after the timed ones (the profiler slows what it watches)
+PROFILE_TOP = 15
+
+
+def _profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, record_shapes=True)
+
+
+def _op_table(profs: list[Any], device: torch.device, top: int = PROFILE_TOP) -> list[dict[str, Any]]:
+    """Top ops by self time over the profiled steps (device time on a GPU), each with its share of their total."""
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    self_us: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for prof in profs:
+        for e in prof.key_averages():
+            self_us[e.key] = self_us.get(e.key, 0.0) + float(getattr(e, field, 0.0))
+            calls[e.key] = calls.get(e.key, 0) + e.count
+    total = sum(self_us.values()) or 1.0
+    n = max(1, len(profs))
+    return [
+        {"op": op, "share": us / total, "self_ms_per_step": us / 1e3 / n, "calls_per_step": calls[op] / n}
+        for op, us in sorted(self_us.items(), key=lambda kv: -kv[1])[:top]
+    ]
 
 
 def bench_train(
@@ -622,11 +709,31 @@ def bench_train(
     dtype: str = "both",
     compare: bool = True,
     seed: int = 123,
+    device: str = "cpu",
+    compile_model: bool = False,
+    pad_vocab: int | None = None,
+    peak_tflops: float | None = None,
+    profile: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Training tokens/s, ours against transformers, one step each in turn, median step time after warm-up."""
+    """Training tokens/s, ours against transformers, one step each in turn, median step time after warm-up.
+
+    `device` "cuda" runs both on the GPU (bf16 autocast with `dtype` bf16, the trainer's fused AdamW, SDPA's flash
+    attention, the head padded as `accel.pad_vocabulary` says, `compile_model` for torch.compile); the same code
+    runs on the CPU. MFU is given against `peak_tflops`, or the known bf16 peak of the GPU. `profile` adds the top
+    ops of a few more steps of each (not timed).
+    """
+    from gpt2term.core.devices import resolve_device
+
     if batch_size < 1 or steps < 1 or warmup < 0:
         raise InputError("--batch-size and --steps must be at least 1 (and warm-up steps 0 or more)")
+    if peak_tflops is not None and not (peak_tflops > 0 and math.isfinite(peak_tflops)):
+        raise InputError(f"--peak-tflops must be a positive number, got {peak_tflops}")
+    if pad_vocab is not None and pad_vocab < 0:
+        raise InputError(f"--pad-vocab must be 0 (no padding) or a positive multiple, got {pad_vocab}")
+    where = resolve_device(device)  # --device cuda without a GPU: the one-line error, before anything is built
+    if where.type not in ("cpu", "cuda"):
+        raise InputError(f"bench train runs on cpu or cuda, not {where.type}; use --device cpu or cuda")
     say = progress or (lambda _msg: None)
     cfg = preset(preset_name)
     if context_length:
@@ -639,62 +746,113 @@ def bench_train(
     run_hf = compare and transformers_version() is not None
     if compare and not run_hf:
         missing = NO_TRANSFORMERS
-    require_training_memory(cfg, batch_size, context)
-    require_memory(
-        (warmup + steps) * batch_size * (context + 1) * 8, "the benchmark's token batches", "use fewer --steps"
-    )
+    require_training_memory(cfg, batch_size, context, where)
+    extra = PROFILE_STEPS if profile else 0
+    total = warmup + steps + extra
+    require_memory(total * batch_size * (context + 1) * 8, "the benchmark's token batches", "use fewer --steps")
     generator = torch.Generator().manual_seed(seed)
-    batches = torch.randint(0, cfg.vocab_size, (warmup + steps, batch_size, context + 1), generator=generator)
+    batches = torch.randint(0, cfg.vocab_size, (total, batch_size, context + 1), generator=generator)
     tokens_per_step = batch_size * context
+    flops_token = flops_per_token(cfg, context)
+    peak, peak_source = peak_tflops, "--peak-tflops" if peak_tflops else None
+    gpu_name = torch.cuda.get_device_name(where) if where.type == "cuda" else None
+    if peak is None and gpu_name is not None:
+        known = gpu_peak_tflops(gpu_name)
+        if known is not None:
+            peak, peak_source = known[1], f"{known[0]} bf16 dense peak"
+    peak_note = None
+    if peak is None:
+        peak_note = (
+            f"MFU needs the peak of {gpu_name!r}, which is not in the table; pass --peak-tflops"
+            if gpu_name
+            else "MFU on a CPU needs its peak: pass --peak-tflops"
+        )
 
     results: dict[str, Any] = {"ours": {}, "transformers": {} if run_hf else None, "ratio": {}}
+    profiles: dict[str, Any] = {"ours": {}, "transformers": {}} if profile else {}
     for dt in dtypes:
         amp = resolve_dtype(dt)
-        theirs = _hf_training_step(cfg, amp, seed) if run_hf else None
+        theirs = _hf_training_step(cfg, amp, seed, where) if run_hf else None
         hf_times: list[float] = []
         hf_losses: list[float] = []
+        watching: list[Any] = []  # our step's profiler, started when the step before it ended
 
         def their_step(
-            i: int, dt: str = dt, theirs: Callable | None = theirs, times: list = hf_times, losses: list = hf_losses
+            i: int,
+            dt: str = dt,
+            theirs: Callable | None = theirs,
+            times: list = hf_times,
+            losses: list = hf_losses,
+            watching: list = watching,
         ) -> None:
-            say(f"{dt}: step {i + 1}/{warmup + steps}" + (" (warm-up)" if i < warmup else ""))
-            if theirs is None:
-                return
-            batch = batches[i]
-            started = time.perf_counter()
-            losses.append(theirs(batch[:, :-1], batch[:, 1:]))
-            times.append(time.perf_counter() - started)
+            # Called when our step i ended: its profiler (if any) stops, theirs runs, the next one of ours starts.
+            first_profiled = warmup + steps
+            if watching:
+                prof = watching.pop()
+                prof.stop()
+                profiles["ours"].setdefault(dt, []).append(prof)
+            phase = " (warm-up)" if i < warmup else " (profiled)" if i >= first_profiled else ""
+            say(f"{dt}: step {i + 1}/{total}{phase}")
+            if theirs is not None:
+                batch = batches[i]
+                if i >= first_profiled:
+                    prof = _profiler(where)
+                    with prof:
+                        losses.append(theirs(batch[:, :-1], batch[:, 1:]))
+                    profiles["transformers"].setdefault(dt, []).append(prof)
+                else:
+                    started = time.perf_counter()
+                    losses.append(theirs(batch[:, :-1], batch[:, 1:]))
+                    times.append(time.perf_counter() - started)
+            if profile and first_profiled - 1 <= i < total - 1:
+                prof = _profiler(where)
+                prof.start()
+                watching.append(prof)
 
         our_times, our_losses = _run_trainer(
             preset_name,
             cfg,
             batch_size=batch_size,
             context_length=context_length,
-            total_steps=warmup + steps,
+            total_steps=total,
             dtype="bfloat16" if dt == "bf16" else "float32",
             seed=seed,
             between_steps=their_step,
+            device=str(where),
+            compile_model=compile_model,
+            pad_vocab=pad_vocab,
         )
         timed = {"ours": (our_times, our_losses)}
         if run_hf:
             timed["transformers"] = (hf_times, hf_losses)
         for name, (times, losses) in timed.items():
-            step_s = _median(times[warmup:])
+            step_s = _median(times[warmup : warmup + steps])
+            speed = tokens_per_step / step_s if step_s else None
             results[name][dt] = {
-                "tokens_per_second": tokens_per_step / step_s if step_s else None,
+                "tokens_per_second": speed,
                 "step_s": step_s,
-                "runs_step_s": [round(t, 4) for t in times[warmup:]],
+                "runs_step_s": [round(t, 4) for t in times[warmup : warmup + steps]],
                 "first_loss": losses[0],
                 "last_loss": losses[-1],
+                "mfu": mfu(speed, flops_token, peak),
             }
         results["ratio"][dt] = (
             _ratio(results["ours"][dt]["tokens_per_second"], results["transformers"][dt]["tokens_per_second"])
             if run_hf
             else None
         )
+    for who in profiles:
+        for dt, profs in list(profiles[who].items()):
+            profiles[who][dt] = _op_table(profs, where)
+    accelerated = accel.enabled()
+    default_pad = accel.vocab_pad.DEFAULT_MULTIPLE if where.type == "cuda" else 0
+    padded = (pad_vocab if pad_vocab is not None else default_pad) if accelerated else 0
+    notes = [n for n in (missing, peak_note) if n]
+    if where.type == "cpu" and (compile_model or (pad_vocab or 0) > 1):
+        notes.append("the GPU code path, run on the CPU: unmeasured on a GPU here")
     return {
         "benchmark": "train",
-        "machine": machine_info(),
+        "machine": machine_info(str(where)) | ({"gpu": gpu_name} if gpu_name else {}),
         "settings": {
             "preset": preset_name,
             "config": cfg.to_dict(),
@@ -704,10 +862,20 @@ def bench_train(
             "steps": steps,
             "warmup_steps": warmup,
             "dtypes": dtypes,
+            "device": str(where),
+            "compile": compile_model,
+            "vocab_padded_to": accel.vocab_pad.padded_size(cfg.vocab_size, padded),
+            "attention": "scaled_dot_product_attention, causal (flash kernel on CUDA in bf16)",
+            "optimizer": "AdamW, fused kernel (ours); PyTorch's default AdamW (transformers' loop)",
+            "flops_per_token": flops_token,
+            "flops_formula": "6N + 12*L*H*Q*T, N = parameters without the embedding tables",
+            "peak_tflops": peak,
+            "peak_source": peak_source,
             "ours": "gpt2term's Trainer (its own optimizer, loss and per-step work), timed step by step",
             "transformers": f"plain loop: AdamW lr={TRAIN_LR} weight_decay={TRAIN_WEIGHT_DECAY}, grad clip "
             f"{TRAIN_GRAD_CLIP}, F.cross_entropy on the logits",
         },
         **results,
-        "note": missing,
+        "profile": profiles or None,
+        "note": "; ".join(notes) or None,
     }
