@@ -124,6 +124,15 @@ def run_context_length(settings: TrainingSettings) -> int:
     return resolve_weights(source, store, n_heads=settings.model.get("n_heads")).config.context_length
 
 
+def run_corpus(settings: TrainingSettings, progress: Callable[[str], None] | None = None) -> TokenizedCorpus:
+    """The token ids a run with these settings reads (tokenized once, then from the cache)."""
+    if progress is not None:
+        progress(f"reading and tokenizing {describe_corpus(settings.corpus)} (cached after the first time)")
+    return load_corpus(
+        normalize_sources(settings.corpus), val_ratio=settings.val_ratio, encoding_errors=settings.encoding_errors
+    )
+
+
 def _rows(dataset: GPTDataset, windows: list[int]) -> list[WindowRows]:
     if not windows:
         return []
@@ -154,10 +163,7 @@ def data_pipeline(
     report = progress or (lambda what: None)
     context_length = run_context_length(settings)
     if corpus is None:
-        report(f"reading and tokenizing {describe_corpus(settings.corpus)} (cached after the first time)")
-        corpus = load_corpus(
-            normalize_sources(settings.corpus), val_ratio=settings.val_ratio, encoding_errors=settings.encoding_errors
-        )
+        corpus = run_corpus(settings, progress)
     require_windows(corpus, context_length, settings.val_ratio)
     report("cutting windows and drawing the batch order")
     train_set, val_set, batches = training_windows(
@@ -236,9 +242,7 @@ def aligned_pair(tokenizer: Tokenizer, window: WindowRows, columns: int) -> list
 
 def pipeline_stages(view: DataPipeline) -> list[tuple[str, str]]:
     """Each stage's name and its numbers in one line, in the order the data goes through them."""
-    leftover = (
-        f", the last {view.dropped_windows} window(s) of each shuffled epoch dropped" if view.dropped_windows else ""
-    )
+    leftover = f" ({view.dropped_windows} window(s) left over each epoch, dropped)" if view.dropped_windows else ""
     lowered = (
         f" (lowered from --batch-size {view.requested_batch_size}: the corpus has fewer windows)"
         if view.batch_size < view.requested_batch_size
@@ -248,16 +252,16 @@ def pipeline_stages(view: DataPipeline) -> list[tuple[str, str]]:
         ("text", f"{view.corpus}: {view.documents:,} document(s), {view.characters:,} characters"),
         (
             "split",
-            f"at character {view.split_at:,} (--val-ratio {view.val_ratio:g}): the text before is for training, "
-            "the rest for validation, each tokenized on its own",
+            f"at character {view.split_at:,} (--val-ratio {view.val_ratio:g}): training text before, validation "
+            "after, tokenized apart",
         ),
         ("token ids", f"{view.train_tokens:,} training tokens, {view.val_tokens:,} validation tokens"),
         (
             "windows",
             f"{view.context_length} tokens (context_length) every {view.stride} (stride): {view.windows:,} training "
-            f"windows, {view.val_windows:,} validation windows (every {view.context_length})",
+            f"windows, {view.val_windows:,} validation windows",
         ),
-        ("input/target", "each window's targets are its inputs shifted by one token (the next token at each place)"),
+        ("input/target", "a window's targets are its inputs shifted by one: the next token at each place"),
         (
             "batches",
             f"{view.batch_size} shuffled windows a batch{lowered}: {view.batches_per_epoch:,} batches per "
