@@ -185,3 +185,24 @@ def test_the_book_recipe_gives_its_windows():
     result = run("inspect", "data", "--recipe", "book", "--json")
     data = json.loads(result.stdout)
     assert (data["context_length"], data["stride"], data["batch_size"], data["seed"]) == (256, 256, 2, 123)
+
+
+def test_a_checkpoints_context_is_the_window_and_a_longer_one_is_refused_as_train_refuses_it(corpus_file):
+    import torch
+
+    from gpt2term.core.config import GPTConfig
+    from gpt2term.core.errors import InputError
+    from gpt2term.core.model import GPTModel
+    from gpt2term.core.store.store import CheckpointStore
+
+    torch.manual_seed(0)
+    CheckpointStore().save("short", GPTModel(GPTConfig(emb_dim=16, n_heads=2, n_layers=1, context_length=6)))
+    view = data_pipeline(settings_for(corpus_file, init_from="short", context_length=None))
+    assert view.context_length == 6 and view.shape == (3, 6)
+    too_long = settings_for(corpus_file, init_from="short", context_length=7)
+    with pytest.raises(InputError) as shown:
+        data_pipeline(too_long)
+    with pytest.raises(InputError) as trained:
+        Trainer(too_long).run()
+    assert str(shown.value) == str(trained.value)
+    assert "longer than the model's context (6)" in str(shown.value)

@@ -109,19 +109,26 @@ class DataPipeline:
 
 
 def run_context_length(settings: TrainingSettings) -> int:
-    """The window length a run with these settings trains on: its own, else its model's (as `Trainer._plan`)."""
-    if settings.context_length:
-        return settings.context_length
+    """The window length a run with these settings trains on: its own, else its model's, refused where the model
+    is a checkpoint with a shorter context (as `Trainer._plan` decides)."""
     source = settings.init_from or (settings.name if settings.resume else None)
     if source is None:
-        return preset(settings.preset).with_(**settings.model).context_length
+        return settings.context_length or preset(settings.preset).with_(**settings.model).context_length
     from gpt2term.core.store.resolve import resolve_weights
     from gpt2term.core.store.store import CheckpointStore
 
     store = CheckpointStore()
     if store.exists(source) and (config := store.info(source).config) is not None:
-        return config.context_length  # the meta says it: no need to read the weights
-    return resolve_weights(source, store, n_heads=settings.model.get("n_heads")).config.context_length
+        model_context = config.context_length  # the meta says it: no need to read the weights
+    else:
+        model_context = resolve_weights(source, store, n_heads=settings.model.get("n_heads")).config.context_length
+    wanted = settings.context_length or model_context
+    if wanted > model_context:
+        raise InputError(
+            f"--context-length {wanted} is longer than the model's context ({model_context}); "
+            f"use {model_context} or less"
+        )
+    return wanted
 
 
 def run_corpus(settings: TrainingSettings, progress: Callable[[str], None] | None = None) -> TokenizedCorpus:
