@@ -188,7 +188,6 @@ class DataView(ComputedView):
             return key_display(self.app, binding_id)
 
         self.query_one("#data-note", Static).update(
-            f"{key('data.batch-previous')}/{key('data.batch-next')} previous/next step's batch · "
-            f"{key('dialog.cancel')} back. The same rows `gpt2term train` feeds at that step with these settings "
-            f"(gpt2term inspect data prints them too)."
+            f"{key('data.batch-previous')}/{key('data.batch-next')} previous/next step · {key('dialog.cancel')} "
+            "back · the rows `gpt2term train` reads at that step (also: gpt2term inspect data)"
         )
