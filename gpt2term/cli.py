@@ -233,7 +233,7 @@ def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, sett
 
 @cli.group()
 def inspect() -> None:
-    """Look inside a model: attention weights and the logit lens."""
+    """Look inside a model (attention weights, the logit lens) and its training data."""
 
 
 @inspect.command("attention")
@@ -305,6 +305,49 @@ def inspect_lens(
         cells = "  ".join(f"{c.text!r} {format_prob(c.prob)}" for c in lens.top)
         click.echo(f"{marker} layer {lens.layer:>2}: {cells}")
     click.echo(f"* the final answer first appears at layer {first}")
+
+
+@inspect.command("data")
+@click.argument("corpus", nargs=-1)
+@click.option(
+    "--recipe",
+    default="default",
+    show_default=True,
+    type=click.Choice(list(RECIPES)),
+    help="The defaults of a named run, as in gpt2term train --recipe.",
+)
+@click.option("--preset", "-p", default="tiny", show_default=True, help="Model whose context is the default window.")
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Per process.")
+@click.option("--context-length", type=click.IntRange(min=1), help="Window length [default: the model's].")
+@click.option("--stride", type=click.IntRange(min=1), help="Step between windows [default: context length].")
+@click.option("--val-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=123, show_default=True, type=int)
+@click.option("--encoding-errors", default="strict", show_default=True, type=click.Choice(["strict", "replace"]))
+@click.option("--step", default=1, show_default=True, type=click.IntRange(min=1), help="Show the batch of this step.")
+@click.option("--columns", default=8, show_default=True, type=click.IntRange(min=1), help="Ids shown per row (text).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="{train_tokens, val_tokens, windows, batches_per_epoch, batch: [...]}"
+)
+@click.pass_context
+def inspect_data(
+    ctx: click.Context, corpus: tuple[str, ...], step: int, columns: int, as_json: bool, **options
+) -> None:
+    """How CORPUS becomes what `gpt2term train` feeds the model, with train's options and defaults: text, token
+    ids, the train/validation split, windows, input/target rows and the batch of --step (pydoc without CORPUS)."""
+    from click.core import ParameterSource
+
+    from gpt2term.core.data_view import data_pipeline, pipeline_text
+    from gpt2term.core.training import TrainingSettings
+
+    typed = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    typed.pop("recipe", None)
+    settings = TrainingSettings.from_recipe(options["recipe"], corpus=list(corpus), **typed)
+    settings.validate()
+    view = data_pipeline(settings, step=step, progress=lambda what: click.echo(f"note: {what}…", err=True))
+    if as_json:
+        click.echo(json.dumps(view.to_dict(), ensure_ascii=False))
+        return
+    click.echo(pipeline_text(view, columns=columns))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints (issue 3)
