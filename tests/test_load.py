@@ -183,3 +183,71 @@ def test_bf16_one_token_matmuls_are_governed(monkeypatch, two_threads, kind):
     y = layer(x.bfloat16()).float()
     torch.testing.assert_close(y, x @ w.t() + b, atol=0.3, rtol=0.05)
     assert [key[0] for key, _ in pinned.calls] == [kind]
+
+
+# ------------------------------------------------------------------------------------------------ cold start
+
+
+def test_opening_a_checkpoint_in_a_fresh_process_never_imports_torchdynamo(tmp_path):
+    """Building the skeleton to load weights into ran every initialiser on meta tensors, whose reference kernels
+    import TorchDynamo: a large part of a cold start, for numbers thrown away."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from gpt2term.core.store.store import CheckpointStore
+
+    home = tmp_path / "home"
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=1000, context_length=32, emb_dim=64, n_heads=4, n_layers=2))
+    CheckpointStore(home / "checkpoints").save("small", model, meta={"step": 1})
+    code = (
+        "import sys, json, torch\n"
+        "from gpt2term.core.store.resolve import open_model\n"
+        "m = open_model('small', dtype='fp32').model\n"
+        "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules,"
+        " 'sum': float(sum(p.double().sum() for p in m.parameters()))}))\n"
+    )
+    env = dict(os.environ, GPT2TERM_HOME=str(home))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["dynamo"] is False
+    assert got["sum"] == pytest.approx(float(sum(p.double().sum() for p in model.parameters())), rel=1e-12)
+
+
+def test_bench_cold_start_times_a_fresh_generate_process(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from gpt2term.cli import cli
+    from gpt2term.core.store.store import CheckpointStore
+    from gpt2term.locations import checkpoints_dir
+
+    torch.manual_seed(0)
+    small = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1))
+    CheckpointStore(checkpoints_dir()).save("tiny-cold", small, meta={"step": 1})  # GPT-2's vocabulary: any prompt
+    result = CliRunner().invoke(cli, ["bench", "cold-start", "-c", "tiny-cold", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["first_token_s"] > 0 and len(report["runs_first_token_s"]) == 1 and report["import_s"] > 0
+    assert "generate" in report["command"] and "tiny-cold" in report["command"]
+
+
+def test_bench_app_reports_the_app_and_the_engine_side_by_side():
+    import json
+
+    from click.testing import CliRunner
+
+    from gpt2term.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "app", "--preset", "tiny", "--tokens", "8", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["engine_tokens_per_second"] > 0 and report["app_tokens_per_second"] > 0
+    assert report["app_vs_engine"] == pytest.approx(
+        report["app_tokens_per_second"] / report["engine_tokens_per_second"]
+    )
+    assert 1 <= report["app_screen_updates"][0] <= 8
