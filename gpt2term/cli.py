@@ -1174,5 +1174,74 @@ def bench_train_command(
     _bench_output(result, as_json)
 
 
+def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
+    import torch
+
+    from gpt2term.core import accel
+    from gpt2term.core.config import preset
+    from gpt2term.core.model import GPTModel
+
+    if checkpoint is None:
+        torch.manual_seed(123)
+        return accel.accelerate(GPTModel(preset(preset_name)).eval(), dtype), f"random {preset_name} (seed 123)"
+    return load_model(checkpoint, quiet=True, dtype=dtype), checkpoint
+
+
+@bench.command("app")
+@click.option("--checkpoint", "-c", help="Weights to decode with [default: a random GPT-2 124M].")
+@click.option("--preset", "preset_name", default="gpt2-124M", show_default=True, help="Shape of the random model.")
+@click.option("--tokens", default=200, show_default=True, type=click.IntRange(min=2), help="New tokens per run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs of each.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_NAMES))
+@click.option("--prompt", default="Every effort moves you", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
+def bench_app_command(
+    checkpoint: str | None,
+    preset_name: str,
+    tokens: int,
+    repeats: int,
+    dtype: str,
+    prompt: str,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Tokens/s the app's prompt screen shows (headless) against the engine alone, same model, alternating runs."""
+    from gpt2term.tui.stream_bench import bench_app
+
+    _set_threads(threads)
+    model, source = _bench_model(checkpoint, preset_name, dtype)
+    result = bench_app(model, tokens=tokens, repeats=repeats, prompt=prompt)
+    result["model"], result["dtype"] = source, dtype
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{source}, {dtype}, {tokens} greedy tokens, median of {repeats} alternating runs\n"
+        f"engine alone (gpt2term generate)  {result['engine_tokens_per_second']:8.1f} tokens/s\n"
+        f"app, tokens on screen             {result['app_tokens_per_second']:8.1f} tokens/s  "
+        f"({result['app_vs_engine']:.0%} of the engine; {result['app_screen_updates']} redraws)"
+    )
+
+
+@bench.command("cold-start")
+@click.option("--checkpoint", "-c", help="Checkpoint to open [default: a random GPT-2 124M saved in a temp store].")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Fresh processes to time.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_NAMES))
+@click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
+def bench_cold_start_command(checkpoint: str | None, repeats: int, dtype: str, as_json: bool) -> None:
+    """Seconds from starting `gpt2term generate` in a fresh process to its first token on stdout."""
+    from gpt2term.core.cold_start import bench_cold_start
+
+    result = bench_cold_start(checkpoint, repeats=repeats, dtype=dtype)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{result['model']}, {dtype}: first token after {result['first_token_s']:.2f}s (median of {repeats} fresh "
+        f"processes; runs {result['runs_first_token_s']}), imports {result['import_s']:.2f}s"
+    )
+
+
 def main() -> None:
     cli(prog_name="gpt2term")

@@ -364,3 +364,37 @@ def test_ctrl_s_saves_where_the_dialog_says_under_the_data_folders_exports_never
     saved = list((isolated_home / "exports").iterdir())
     assert [p.suffix for p in saved] == [".md"] and PROMPT in saved[0].read_text()
     assert list(cwd.iterdir()) == []  # the current folder is untouched
+
+
+def test_batched_redraws_end_showing_every_token_probability_and_perplexity_of_the_engine(tiny_checkpoint):
+    """Tokens faster than the screen redraws: the widgets are drawn a few times, and the final state is the engine's."""
+    tokenizer = default_tokenizer()
+    settings = DecodingSettings(max_new_tokens=40, top_n=30, stop_at_eos=False)
+    model = CheckpointStore().load_model("tiny")
+    expected = list(generate(model, tokenizer, tokenizer.encode(PROMPT), settings))
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await loaded(pilot)
+            await set_max_new_tokens(pilot, 40)
+            screen.settings = DecodingSettings(max_new_tokens=40, top_n=30, stop_at_eos=False)
+            screen.stream_fps = 0.001  # one redraw in 1000 s: every token after the first waits for the end
+            await generate_in_app(pilot, PROMPT)
+            await pilot.pause()
+            turn = screen.turns[-1]
+            assert [s.token_id for s in turn.steps] == [s.token_id for s in expected]
+            redraws = screen.shown_at[turn.id]
+            assert len(redraws) < len(expected) and redraws[-1][1] == len(expected)
+            shown = screen.transcript.views[turn.id].body.plain
+            assert shown == PROMPT + "".join(s.text for s in expected)
+            assert "40 tokens" in str(screen.transcript.views[turn.id].stats.render())
+            panel = screen.query_one(ProbabilityPanel)
+            rows = panel_rows(panel)
+            assert rows == [(show_token(c.text), format_prob(c.prob)) for c in expected[-1].top[: len(rows)]]
+            assert panel.border_subtitle.startswith("token 40/40 ")
+            ppl = screen.query_one(PerplexityPanel)
+            assert f"{expected[-1].perplexity:.2f}" in str(ppl.numbers.render())
+            assert ppl.sparkline.probs == pytest.approx([s.prob for s in expected], rel=1e-4)
+
+    asyncio.run(scenario())

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from gpt2term.core.accel.skeleton import meta_device
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.model import GPTModel
@@ -66,7 +67,7 @@ class LoadedWeights:
     optimizer_state: dict[str, Any] | None = None
 
     def build_model(self, device: torch.device | str = "cpu") -> GPTModel:
-        with torch.device("meta"):
+        with meta_device():
             model = GPTModel(self.config)
         model = model.to_empty(device=device)
         load_state_dict_checked(model, self.state_dict, self.source)

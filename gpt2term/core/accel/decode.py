@@ -92,7 +92,14 @@ class PackedLinear:
                 torch.mm(x, self.parts[i], out=out[:, self.columns[i]])
 
         if rows <= SPLIT_MAX_ROWS and len(self.parts) > 1:
-            threads.pool().run(block, len(self.parts))
+            gov = threads.governor()
+            key = ("addmm", rows, x.shape[1], self.out_features)
+            use = gov.choose(key, len(self.parts))
+            started = gov.clock()
+            try:
+                threads.pool().run(block, len(self.parts), threads=use)
+            finally:
+                gov.record(key, use, gov.clock() - started)
         else:
             for i in range(len(self.parts)):
                 block(i)
@@ -101,8 +108,18 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x`: [rows, in] in the layer's dtype."""
         if self.kind == "onednn":
-            return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
-        y = self._addmm(x) if self.kind == "addmm" else F.linear(x, self.weight, self.bias)
+            if x.shape[0] > SPLIT_MAX_ROWS:  # a prompt: compute-bound, every thread pays
+                return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
+            # One token: oneDNN's OpenMP threads spin-wait for each other, so on a busy machine fewer are faster.
+            key = (self.kind, x.shape[0], x.shape[1], self.out_features, self.gelu)
+            return threads.governed(key, lambda: probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu))
+        if self.kind == "addmm":
+            y = self._addmm(x)
+        elif x.shape[0] > SPLIT_MAX_ROWS:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            key = (self.kind, x.shape[0], x.shape[1], self.out_features)
+            y = threads.governed(key, lambda: F.linear(x, self.weight, self.bias))
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
 

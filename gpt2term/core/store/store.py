@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from gpt2term import locations
+from gpt2term.core.accel.skeleton import meta_device
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError
 from gpt2term.core.interop import (
@@ -148,7 +149,7 @@ class Checkpoint:
 
     def build_model(self, device: torch.device | str = "cpu") -> GPTModel:
         """A GPTModel with these weights, in eval mode (call `.train()` to train it), in the dtype they were saved."""
-        with torch.device("meta"):
+        with meta_device():
             model = GPTModel(self.config)
         model = model.to_empty(device=device)
         load_state_dict_checked(model, self.state_dict, self.name)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gpt2term.core.accel.skeleton import meta_device
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.model import GPTModel
@@ -41,7 +42,7 @@ def check_loadable_state(value: Any, where: str) -> None:
 
 @lru_cache(maxsize=16)
 def _expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
+    with meta_device():
         return {k: tuple(v.shape) for k, v in GPTModel(cfg).state_dict().items()}
 
 

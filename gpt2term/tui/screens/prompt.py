@@ -2,6 +2,8 @@
 
 Generation runs in a thread worker that posts one `TokenGenerated` message per token; Esc sets a
 `threading.Event` that `generate()` checks between two tokens, so it stops at once without killing a thread.
+The screen records each token at once but redraws its widgets at most `STREAM_FPS` times a second: a small model
+makes hundreds of tokens a second, and redrawing four widgets for each would take the decoder's CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from textual import getters, on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Static
 from textual.worker import Worker
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 
+STREAM_FPS = 30  # widget updates per second while tokens stream in (0: one per token)
 FIRST_TOKEN_NOTE = "reading the prompt for the first token (the first run also warms the model up)…"
 
 
@@ -93,6 +97,12 @@ class PromptScreen(WorkerErrors, Screen):
         self._cancel: threading.Event | None = None
         self.generating: Turn | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
+        self.stream_fps = STREAM_FPS
+        self._unshown: dict[int, Turn] = {}  # turns with tokens recorded but not drawn yet
+        self._flush_timer: Timer | None = None
+        self._last_flush = 0.0
+        # Per turn: (perf_counter, tokens on screen) at each redraw while streaming, for `gpt2term bench app`.
+        self.shown_at: dict[int, list[tuple[float, int]]] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -257,13 +267,34 @@ class PromptScreen(WorkerErrors, Screen):
     def on_token_generated(self, message: TokenGenerated) -> None:
         turn = self._turns_by_id[message.turn_id]
         turn.steps.append(message.step)
-        self.transcript.tokens_added(turn)
-        self.transcript.update_stats(turn)
-        if self.transcript.cursor is None:
-            self._show_turn(turn)
-        elif self.query_one(PerplexityPanel).turn is turn:
-            self.query_one(PerplexityPanel).show(turn)
+        self._unshown[turn.id] = turn
+        if self._flush_timer is not None:
+            return  # a redraw is already due; it shows this token too
+        wait = self._last_flush + 1 / self.stream_fps - time.perf_counter() if self.stream_fps > 0 else 0.0
+        if wait <= 0:
+            self._show_new_tokens()
+        else:
+            self._flush_timer = self.set_timer(wait, self._show_new_tokens)
+
+    def _show_new_tokens(self) -> None:
+        """Draw every token recorded since the last redraw: transcript, stats, both panels, the status line."""
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+            self._flush_timer = None
+        if not self._unshown:
+            return
+        turns, self._unshown = list(self._unshown.values()), {}
+        for turn in turns:
+            self.transcript.tokens_added(turn)
+            self.transcript.update_stats(turn)
+            if self.transcript.cursor is None:
+                self._show_turn(turn)
+            elif self.query_one(PerplexityPanel).turn is turn:
+                self.query_one(PerplexityPanel).show(turn)
         self.update_status()
+        self._last_flush = time.perf_counter()
+        for turn in turns:
+            self.shown_at.setdefault(turn.id, []).append((self._last_flush, len(turn.steps)))
 
     def on_prompt_scored(self, message: PromptScored) -> None:
         turn = self._turns_by_id[message.turn_id]
@@ -272,6 +303,7 @@ class PromptScreen(WorkerErrors, Screen):
             self.query_one(PerplexityPanel).show(turn)
 
     def on_generation_finished(self, message: GenerationFinished) -> None:
+        self._show_new_tokens()  # the last tokens, before the turn's final state
         turn = self._turns_by_id[message.turn_id]
         turn.state = "error" if message.error else "stopped" if message.stopped else "done"
         turn.error = message.error

@@ -1,0 +1,82 @@
+"""How fast the app streams tokens against the engine alone (what `gpt2term generate` runs), same model and prompt.
+
+The app runs headless under Textual's Pilot in this process, so both sides decode with the same weights, threads
+and machine; runs alternate (engine, app, app, engine, ...) so drift in load hits both alike. The app's speed is
+counted as a user sees it: from the moment the first token is on screen to the moment the last one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+from gpt2term.core.generation import DecodingSettings, Summary, generate
+from gpt2term.core.model import GPTModel
+from gpt2term.core.tokenizer import default_tokenizer
+
+APP_TOP_N = 30  # what the prompt screen asks the engine for (alternatives for its probability panel)
+
+
+def _engine_run(model: GPTModel, prompt: str, settings: DecodingSettings) -> float:
+    tokenizer = default_tokenizer()
+    steps = list(generate(model, tokenizer, tokenizer.encode(prompt), settings))
+    return Summary.of(steps).tokens_per_second
+
+
+async def _app_runs(model: GPTModel, prompt: str, settings: DecodingSettings, order: list[str]) -> dict[str, list]:
+    from gpt2term.tui.app import make_app
+    from gpt2term.tui.screens.prompt import PromptScreen
+
+    results: dict[str, list] = {"engine": [], "app": [], "app_engine": [], "app_flushes": []}
+    app = make_app(model=model, model_name="bench", keymap={})
+    async with app.run_test(size=(120, 40)) as pilot:
+        deadline = time.monotonic() + 600
+        while app.app_model is None and time.monotonic() < deadline:
+            await pilot.pause(0.01)
+        screen = app.screen
+        assert isinstance(screen, PromptScreen)
+        for who in order:
+            if who == "engine":
+                results["engine"].append(_engine_run(model, prompt, settings))
+                continue
+            screen.settings = settings
+            turn = screen.start_generation(prompt)
+            assert turn is not None
+            await app.workers.wait_for_complete()  # no polling beside the decoder: it would take its CPU
+            while turn.state == "generating" and time.monotonic() < deadline:
+                await pilot.pause()
+            shown = screen.shown_at.get(turn.id, [])
+            first = next(t for t, n in shown if n >= 1)
+            last = shown[-1][0]
+            n = len(turn.steps)
+            results["app"].append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
+            results["app_engine"].append(turn.summary.tokens_per_second)
+            results["app_flushes"].append(len(shown))
+    return results
+
+
+def bench_app(model: GPTModel, *, tokens: int = 200, repeats: int = 3, prompt: str = "Every effort moves you") -> dict:
+    """Tokens/s of the engine alone and of the app showing them, medians of alternating runs."""
+    settings = DecodingSettings(max_new_tokens=tokens, stop_at_eos=False, top_n=APP_TOP_N)
+    _engine_run(model, prompt, DecodingSettings(max_new_tokens=4, top_n=APP_TOP_N))  # warm-up, untimed
+    order: list[str] = []
+    for r in range(repeats):
+        order += ["engine", "app"] if r % 2 == 0 else ["app", "engine"]
+    runs = asyncio.run(_app_runs(model, prompt, settings, order))
+    engine = statistics.median(runs["engine"])
+    app = statistics.median(runs["app"])
+    result: dict[str, Any] = {
+        "engine_tokens_per_second": engine,
+        "app_tokens_per_second": app,
+        "app_vs_engine": app / engine if engine else None,
+        # The generation thread's own rate inside the app: below the engine's when the UI takes its CPU.
+        "app_thread_tokens_per_second": statistics.median(runs["app_engine"]),
+        "app_screen_updates": runs["app_flushes"],
+        "runs": {k: [round(v, 2) for v in runs[k]] for k in ("engine", "app", "app_engine")},
+        "tokens": tokens,
+        "repeats": repeats,
+        "prompt": prompt,
+    }
+    return result
