@@ -85,6 +85,9 @@ def test_the_surface_of_a_quadratic_along_filter_normalised_directions_is_the_cl
         assert point["loss"] == pytest.approx(expected, rel=1e-5)
     assert result.path[0]["loss"] == pytest.approx(closed_form(toy, other["w"], other["b"]), rel=1e-6)
     assert result.evaluations == options.evaluations == 1 + 6 + 24 + 6
+    # The slice is the grid's beta-0 row along the same first direction: the same weights, the same numbers.
+    middle = result.grid[len(result.grid_alphas) // 2]
+    assert middle[0] == result.line[0]["loss"] and middle[-1] == result.line[-1]["loss"]
     # Restored bit for bit.
     assert torch.equal(toy.w, w0) and torch.equal(toy.b, b0)
 

@@ -32,7 +32,7 @@ def test_the_view_shows_the_engines_numbers_and_reopens_from_the_cache(corpus_fi
             engine = loss_surface("run", SurfaceOptions(), use_cache=False)
             text = screen_text(app)
             assert f"centre loss {engine.center_loss:.4f}" in text
-            assert f"{engine.grid[0][-1]:7.3f}" in str(view.query_one("#surface-heat").render())
+            assert f" {engine.grid[0][-1]:6.3f} " in str(view.query_one("#surface-heat").render())
             assert result.grid == engine.grid and result.path == engine.path
             assert ("basin:" in text or "barrier:" in text) and "about " not in text  # the estimate gave way
             await pilot.press("escape")

@@ -31,7 +31,7 @@ SURFACE_CSS = (
     + """
 #surface-plots { height: 1fr; }
 #surface-line, #surface-path { width: 1fr; }
-#surface-heat-box { width: auto; padding: 0 1; }
+#surface-heat-box { width: 46; padding: 0 1; }
 #surface-progress { height: 1; }
 """
 )
@@ -49,7 +49,7 @@ def heat_cells(result: SurfaceResult) -> Text:
             t = (value - lo) / ((hi - lo) or 1.0)
             colour = _LOW.blend(_HIGH, t)
             centre = grid_alphas[i] == 0 and grid_alphas[j] == 0
-            label = f"◆{value:6.3f}" if centre else f"{value:7.3f}"
+            label = f"◆{value:6.3f} " if centre else f" {value:6.3f} "
             ink = "#101010" if t > 0.6 else "#f0f0f0"
             text.append(label, style=f"{ink} on {colour.hex}" + (" bold" if centre else ""))
         text.append("\n")
@@ -96,6 +96,7 @@ class SurfaceView(ComputedView):
             with Horizontal(id="surface-plots"):
                 yield PlotextPlot(id="surface-line")
                 with Vertical(id="surface-heat-box"):
+                    yield Static("2D grid: blue low, orange high", classes="inspect-title", markup=False)
                     yield Static(id="surface-heat", markup=False)
                 yield PlotextPlot(id="surface-path")
             yield Static(id="surface-summary", markup=False)
@@ -141,7 +142,6 @@ class SurfaceView(ComputedView):
             self.query_one("#surface-note", Static).update(f"{key_display(self.app, 'dialog.cancel')} back.")
             return
         self.result = result
-        self.query_one(ProgressBar).update(total=1, progress=1)
         how = "from the cache" if result.from_cache else f"{result.evaluations} evaluations, {result.seconds:.0f} s"
         self.query_one("#surface-title", Static).update(
             f"Loss surface of {self.checkpoint}: centre loss {result.center_loss:.4f} ({how})"
@@ -153,13 +153,15 @@ class SurfaceView(ComputedView):
         self._plot("#surface-line", result.line, "1D slice (α 0: the checkpoint)", "α")
         self._plot("#surface-path", result.path, "path: start (0) → checkpoint (1)", "α")
         self.query_one("#surface-heat", Static).update(heat_cells(result))
+        self.query_one("#surface-heat-box").styles.width = 12 + 8 * len(result.grid_alphas)
+        self.query_one(ProgressBar).display = False
         shape, why = result.path_shape()
         self.query_one("#surface-summary", Static).update(
             Text.assemble((f"{shape}: ", "bold"), f"from {result.path_from}, {why}")
         )
         notes = " ".join(f"note: {n}" for n in result.notices)
         self.query_one("#surface-note", Static).update(
-            f"{notes} Non-convex far away, a flat basin near a trained model. "
+            f"{notes} Middle: the grid over two directions (the slice is its β 0 direction). "
             f"{key_display(self.app, 'dialog.cancel')} back.".strip()
         )
 
