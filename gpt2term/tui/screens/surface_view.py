@@ -182,3 +182,6 @@ class SurfaceView(ComputedView):
             self.query_one("#surface-title", Static).update(f"Loss surface of {self.checkpoint}: stopping…")
             return
         super().action_cancel()
+
+    def on_unmount(self) -> None:
+        self.cancel_event.set()  # closed some other way (the app quits): the worker stops at the next point
