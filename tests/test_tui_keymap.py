@@ -25,6 +25,7 @@ from gpt2term.tui.dialogs import (
 )
 from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_keymap, read_keymap
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
+from gpt2term.tui.screens.data_view import DataView
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
@@ -40,6 +41,7 @@ def test_every_binding_of_the_app_has_an_id_from_the_table():
         *(Gpt2termApp, PromptScreen, PromptInput, Transcript, SettingsScreen, SavePathScreen, TrainScreen),
         *(CheckpointsScreen, ConfirmScreen, LeaveRunScreen, NameScreen, ExportScreen, ImportScreen, FollowScreen),
         *(AttentionScreen, LensScreen, CompareScreen),
+        DataView,
     )
     for owner in owners:
         for binding in owner.BINDINGS:

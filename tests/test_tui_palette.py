@@ -19,6 +19,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.core.store.store import CheckpointStore
 from gpt2term.tui.app import make_app
 from gpt2term.tui.keymap import DEFAULT_KEYS
+from gpt2term.tui.screens.data_view import DataView
 from gpt2term.tui.screens.inspect import AttentionScreen
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.footer import FittedFooter
@@ -92,6 +93,10 @@ def test_the_palette_finds_every_binding_of_every_screen_by_name():
                 await pilot.press(key)
                 await settle(pilot, lambda: app.screen.is_mounted and app.screen.id != "_default", "mode shown")
                 checked |= set(await check_palette(pilot, app.screen))
+            await pilot.press("f3", "ctrl+t")  # the data view, from the train screen
+            await settle(pilot, lambda: isinstance(app.screen, DataView), "the data view opened")
+            checked |= set(await check_palette(pilot, app.screen))
+            await pilot.press("escape")
             await pilot.press("f2")
             screen = app.screen
             assert isinstance(screen, PromptScreen)

@@ -225,6 +225,12 @@ def _tokens_cache_root() -> Path:
     return locations.cache_dir() / "tokens"
 
 
+def split_point(characters: int, val_ratio: float) -> int:
+    """The character where the validation text begins: the course's `int(train_ratio * len(text_data))`, in one
+    place so that `inspect data` shows the split `load_corpus` made."""
+    return int((1.0 - val_ratio) * characters)
+
+
 def load_corpus(
     sources: Sequence[str | os.PathLike] | None,
     *,
@@ -279,7 +285,7 @@ def load_corpus(
         characters += (len(ENDOFTEXT) if i else 0) + sum(len(p) for p in _decoded_pieces(doc, encoding_errors))
     if characters == 0:
         raise CorpusError(f"the corpus is empty ({description}); add some text to it")
-    split_at = int((1.0 - val_ratio) * characters)
+    split_at = split_point(characters, val_ratio)
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=root))
@@ -424,11 +430,29 @@ class ShuffledBatches:
         assert self._order is not None
         return self._order
 
+    def place(self, micro_batch: int) -> tuple[int, int]:
+        """(epoch, position) of a run's `micro_batch`-th micro-batch, counted from 0: the trainer moves one position
+        on per micro-batch and starts the next epoch after an epoch's last batch."""
+        if micro_batch < 0:
+            raise IndexError(f"micro-batch {micro_batch} is before the start of the run")
+        return divmod(micro_batch, self.batches_per_epoch)
+
     def indices(self, epoch: int, position: int, rank: int = 0) -> torch.Tensor:
         if not 0 <= position < self.batches_per_epoch:
             raise IndexError(f"position {position} outside an epoch of {self.batches_per_epoch} batches")
         start = (position * self.world_size + rank) * self.batch_size
         return self.order(epoch)[start : start + self.batch_size]
+
+
+def training_windows(
+    corpus: TokenizedCorpus, context_length: int, stride: int | None, batch_size: int, seed: int, world_size: int = 1
+) -> tuple[GPTDataset, GPTDataset, ShuffledBatches]:
+    """How a run cuts its corpus: training windows every `stride`, validation windows side by side (each
+    validation token judged once), and the training windows' batch order. The trainer and `inspect data` both cut
+    here, so what the data view shows is what a run reads."""
+    train_set = GPTDataset(corpus.train_ids, context_length, stride)
+    val_set = GPTDataset(corpus.val_ids, context_length)
+    return train_set, val_set, ShuffledBatches(len(train_set), batch_size, seed, world_size)
 
 
 def evaluation_batches(n_windows: int, batch_size: int, max_batches: int | None) -> list[torch.Tensor]:

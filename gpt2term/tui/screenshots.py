@@ -164,6 +164,31 @@ async def _shoot_surface(checkpoint: str, out: Path, size: tuple[int, int] = (15
         return path
 
 
+async def _shoot_data(checkpoint: str | None, out: Path, size: tuple[int, int], steps: int = 1) -> Path:
+    """The data view opened from the train screen with the form's defaults (the run one key starts), moved on to
+    the batch of step `steps`, once its worker has read the corpus."""
+    from gpt2term.tui.screens.data_view import DataView
+
+    app = make_app(checkpoint, keymap={})
+    async with app.run_test(size=size) as pilot:
+        await _loaded(app, pilot)
+        await pilot.press("f3", "ctrl+t")
+        view = app.screen
+        if not isinstance(view, DataView):
+            raise click.ClickException("the data view did not open from the train screen")
+        for _ in range(6000):
+            if view.pipeline is not None or view.failure is not None:
+                break
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+        await pilot.press(*["right"] * (steps - 1))
+        app.clear_notifications()
+        await pilot.pause()
+        path = out / "data.svg"
+        app.save_screenshot(filename=path.name, path=str(out))
+        return path
+
+
 @click.command()
 @click.option("--checkpoint", "-c", help="Model to show (a store name or a path); default: the most recent one.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="screenshots", show_default=True)
@@ -174,11 +199,12 @@ async def _shoot_surface(checkpoint: str, out: Path, size: tuple[int, int] = (15
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--screens",
-    type=click.Choice(["all", "prompt", "train", "inspect", "surface"]),
+    type=click.Choice(["all", "prompt", "train", "inspect", "data", "surface"]),
     default="all",
     show_default=True,
     help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen; "
-    "inspect: the attention and logit-lens views; surface: the loss surface of --checkpoint.",
+    "inspect: the attention and logit-lens views; data: the data view of the train screen; surface: the loss "
+    "surface of --checkpoint.",
 )
 @click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
 @click.option("--run-steps", default=300, show_default=True, help="Steps of that run (it is stopped after the shot).")
@@ -204,7 +230,7 @@ def main(
     run_form: str,
 ) -> None:
     """Write screenshots/prompt.svg, prompt-80x24.svg, prompt-120x36.svg, tokens.svg, settings.svg, attention.svg,
-    lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), train.svg, train-80x24.svg,
+    lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), data.svg, train.svg, train-80x24.svg,
     train-120x36.svg, checkpoints.svg, checkpoints-80x24.svg and checkpoints-120x36.svg."""
     out.mkdir(parents=True, exist_ok=True)
     if screens == "surface":
@@ -212,6 +238,10 @@ def main(
             raise click.ClickException("--screens surface needs --checkpoint NAME (a checkpoint in the store)")
         click.echo(f"wrote {asyncio.run(_shoot_surface(checkpoint, out))}")
         return
+    if screens in ("all", "data"):
+        click.echo(f"wrote {asyncio.run(_shoot_data(checkpoint, out, (130, 58)))}")
+        if screens == "data":
+            return
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
         form |= {"name": run_name, "max_steps": str(run_steps)}

@@ -24,6 +24,7 @@ from gpt2term.core.data import (
     load_corpus,
     normalize_sources,
     require_windows,
+    training_windows,
 )
 from gpt2term.core.devices import autocast, resolve_dtype
 from gpt2term.core.errors import CheckpointError, Gpt2termError, InputError, StorageError
@@ -491,9 +492,9 @@ class Trainer:
         check_max_new_tokens(s.sample_tokens, cfg.context_length)  # before the first sample, not at it
         require_training_memory(cfg, 1, context_length, device)  # the model alone, before reading the corpus
         corpus = self._load_corpus(context_length)
-        train_set = GPTDataset(corpus.train_ids, context_length, s.stride)
-        val_set = GPTDataset(corpus.val_ids, context_length)
-        batches = ShuffledBatches(len(train_set), s.batch_size, s.seed, dist.world_size)
+        train_set, val_set, batches = training_windows(
+            corpus, context_length, s.stride, s.batch_size, s.seed, dist.world_size
+        )
         require_training_memory(cfg, batches.batch_size, context_length, device)
         per_epoch = batches.batches_per_epoch / s.grad_accum
         if s.max_steps:

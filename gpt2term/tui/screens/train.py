@@ -106,6 +106,7 @@ class TrainScreen(WorkerErrors, Screen):
         bind("train.follow", "follow"),
         bind("train.unfollow", "unfollow"),
         bind("train.prompt", "prompt"),
+        bind("train.data", "data"),
     ]
 
     if TYPE_CHECKING:
@@ -556,3 +557,14 @@ class TrainScreen(WorkerErrors, Screen):
             self.stop_following()
             self.log_view.add(f"stopped following {name!r}")
             self._set_mode("setup")
+
+    def action_data(self) -> None:
+        """The form's corpus as the run would cut it (whatever the Name; the data does not depend on it)."""
+        from gpt2term.tui.screens.data_view import DataView
+
+        try:
+            settings = self.form.read(check_name=False)
+        except Gpt2termError as exc:
+            self.notify(str(exc), title="Cannot show the data", severity="error", timeout=10)
+            return
+        self.app.push_screen(DataView(settings))

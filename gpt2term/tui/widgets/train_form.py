@@ -398,8 +398,9 @@ class TrainForm(VerticalScroll):
             whole = "a whole number" if kind.startswith("int") else "a number"
             raise InputError(f"{label} {text!r} is not {whole}; fix the field") from None
 
-    def read(self) -> TrainingSettings:
-        """The settings of the run the form describes; an `InputError` naming the field to fix otherwise."""
+    def read(self, *, check_name: bool = True) -> TrainingSettings:
+        """The settings of the run the form describes; an `InputError` naming the field to fix otherwise.
+        `check_name` False: a Name already taken is no error (the data view does not write a checkpoint)."""
         numbers = {f: self._number(f, kind) for f, _, kind in FIELDS if kind != "text"}
         if numbers["max_steps"] is not None and numbers["epochs"] is not None:
             raise InputError("give either Steps or Epochs, not both; clear one of them")
@@ -426,7 +427,7 @@ class TrainForm(VerticalScroll):
         except ValueError as exc:
             raise InputError(f"Corpus: {exc}; quote paths that contain spaces") from None
         name = self.value("name")
-        if self._taken(name):
+        if check_name and self._taken(name):
             raise InputError(
                 f"a checkpoint named {name!r} already exists; pick another Name, or choose 'resume {name}' as the Model"
             )
