@@ -307,6 +307,82 @@ def inspect_lens(
     click.echo(f"* the final answer first appears at layer {first}")
 
 
+@inspect.command("surface")
+@click.argument("checkpoint")
+@click.option("--grid", default=5, show_default=True, type=click.IntRange(min=2), help="G: a GxG grid in [-1, 1]^2.")
+@click.option("--points", default=7, show_default=True, type=click.IntRange(min=2), help="Points of the line and path.")
+@click.option("--batches", default=1, show_default=True, type=click.IntRange(min=1), help="Validation batches a point.")
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Windows per batch.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the two random directions.")
+@click.option("--from", "other", metavar="CHECKPOINT", help="Start of the path [default: the run's initialisation].")
+@click.option("--no-cache", is_flag=True, help="Compute again even when surface.json holds this result.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="{center_loss, line: [{alpha, loss}], grid, grid_alphas, path}")
+@n_heads_option
+def inspect_surface(
+    checkpoint: str,
+    grid: int,
+    points: int,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    other: str | None,
+    no_cache: bool,
+    threads: int | None,
+    as_json: bool,
+    n_heads: int | None,
+) -> None:
+    """The validation loss around CHECKPOINT: a 1D slice and a 2D grid along random filter-normalised directions
+    (Li et al., 2018), and the straight path from another checkpoint (Goodfellow et al., 2015). Cached beside the
+    weights (surface.json); a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
+    import signal
+
+    from gpt2term.core.surface import SurfaceCancelled, SurfaceOptions, describe_result, loss_surface
+    from gpt2term.core.training.control import watch_signals
+
+    _set_threads(threads)
+    options = SurfaceOptions(grid, points, batches, batch_size, seed, other)
+    options.check()
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if p.done == 0:
+            click.echo(
+                f"computing the loss surface of {checkpoint}: {options.plan()} ({p.total} evaluations)", err=True
+            )
+        elif p.done == 1 and p.estimate_s is not None:
+            click.echo(f"about {p.estimate_s:.0f} s: {options.plan()}", err=True)
+            if sys.stderr.isatty():
+                from gpt2term.cli_progress import SurfaceBar
+
+                bar = SurfaceBar(p.total)
+        if bar is not None:
+            bar(p)
+
+    def stopped(signum: int) -> None:
+        message = "Ctrl-C: the loss surface stopped; nothing cached"
+        bar.print(message) if bar is not None else click.echo(message, err=True)
+
+    try:
+        with watch_signals((signal.SIGINT,), stopped):
+            result = loss_surface(
+                checkpoint, options, _store(), n_heads=n_heads, progress=progress, use_cache=not no_cache
+            )
+    except (KeyboardInterrupt, SurfaceCancelled):
+        click.get_current_context().exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    for notice in result.notices:
+        click.echo(f"note: {notice}", err=True)
+    if as_json:
+        shape, _ = result.path_shape()
+        click.echo(json.dumps(result.to_dict() | {"path_shape": shape, "from_cache": result.from_cache}))
+    else:
+        click.echo(describe_result(result))
+
+
 @inspect.command("data")
 @click.argument("corpus", nargs=-1)
 @click.option(

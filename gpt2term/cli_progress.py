@@ -60,3 +60,20 @@ class EvaluationBar(LiveBar):
         seconds = time.perf_counter() - self.started
         speed = f"{tokens / seconds:,.0f} tokens/s" if seconds > 0 else ""
         self.update(done, total, info=f"{tokens:,} tokens  {speed}")
+
+
+class SurfaceBar(LiveBar):
+    """points done/total of a loss surface, the part being measured, and the time left."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(
+            "loss surface",
+            total,
+            TextColumn("points  {task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("elapsed, ETA"),
+            TimeRemainingColumn(),
+        )
+
+    def __call__(self, progress) -> None:  # a core.surface.SurfaceProgress
+        self.update(progress.done, progress.total, info=progress.stage)

@@ -88,6 +88,7 @@ DEFAULT_KEYS: dict[str, KeySpec] = {
     "checkpoints.follow": KeySpec("f", "Follow", "follow the selected checkpoint's run live in the Train mode"),
     "checkpoints.sort": KeySpec("s", "Sort", "sort the table by the next column (click a header to pick one)"),
     "checkpoints.refresh": KeySpec("f5", "Refresh", "read the store again"),
+    "checkpoints.surface": KeySpec("u", "Surface", "the loss surface around the selected checkpoint (cached with it)"),
     "dialog.cancel": KeySpec("escape", "Cancel", "close a dialog without changing anything"),
     "dialog.apply": KeySpec("ctrl+s", "Apply", "apply a dialog (Enter in a field does the same)"),
     "dialog.yes": KeySpec("y", "Yes", "answer yes in a question dialog"),

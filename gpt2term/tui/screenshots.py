@@ -140,6 +140,30 @@ async def _shoot_training(
     return paths
 
 
+async def _shoot_surface(checkpoint: str, out: Path, size: tuple[int, int] = (150, 44)) -> Path:
+    """The checkpoints screen's loss-surface view of `checkpoint` (computed, or read from its cache)."""
+    app = make_app(checkpoint, keymap={})
+    async with app.run_test(size=size) as pilot:
+        await _loaded(app, pilot)
+        await pilot.press("f4")
+        table = app.screen.table
+        for _ in range(200):  # the store is read in a worker
+            if checkpoint in table.names:
+                break
+            await pilot.pause(0.05)
+        table.move_cursor(row=table.get_row_index(checkpoint))
+        await pilot.press("u")
+        view = app.screen
+        while getattr(view, "computing", False):
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+        app.clear_notifications()
+        await pilot.pause(0.5)
+        path = out / "surface.svg"
+        app.save_screenshot(filename=path.name, path=str(out))
+        return path
+
+
 async def _shoot_data(checkpoint: str | None, out: Path, size: tuple[int, int], steps: int = 1) -> Path:
     """The data view opened from the train screen with the form's defaults (the run one key starts), moved on to
     the batch of step `steps`, once its worker has read the corpus."""
@@ -175,11 +199,12 @@ async def _shoot_data(checkpoint: str | None, out: Path, size: tuple[int, int], 
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--screens",
-    type=click.Choice(["all", "prompt", "train", "inspect", "data"]),
+    type=click.Choice(["all", "prompt", "train", "inspect", "data", "surface"]),
     default="all",
     show_default=True,
     help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen; "
-    "inspect: the attention and logit-lens views; data: the data view of the train screen.",
+    "inspect: the attention and logit-lens views; data: the data view of the train screen; surface: the loss "
+    "surface of --checkpoint.",
 )
 @click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
 @click.option("--run-steps", default=300, show_default=True, help="Steps of that run (it is stopped after the shot).")
@@ -208,6 +233,11 @@ def main(
     lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), data.svg, train.svg, train-80x24.svg,
     train-120x36.svg, checkpoints.svg, checkpoints-80x24.svg and checkpoints-120x36.svg."""
     out.mkdir(parents=True, exist_ok=True)
+    if screens == "surface":
+        if not checkpoint:
+            raise click.ClickException("--screens surface needs --checkpoint NAME (a checkpoint in the store)")
+        click.echo(f"wrote {asyncio.run(_shoot_surface(checkpoint, out))}")
+        return
     if screens in ("all", "data"):
         click.echo(f"wrote {asyncio.run(_shoot_data(checkpoint, out, (130, 58)))}")
         if screens == "data":

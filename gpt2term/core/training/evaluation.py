@@ -133,3 +133,27 @@ def evaluate_ids(
         model.train(was_training)
     loss = total_nll / total_tokens
     return CorpusEvaluation(loss=loss, perplexity=perplexity(loss), tokens=total_tokens)
+
+
+@torch.no_grad()
+def mean_loss(
+    model: GPTModel,
+    dataset: GPTDataset,
+    batches: list[torch.Tensor],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    stopped: Callable[[], bool] | None = None,
+) -> float | None:
+    """The mean loss over fixed batches of windows (`evaluation_batches`), as the trainer reports it; the model's
+    mode is the caller's. None when `stopped()` became true between two batches."""
+    total, count = 0.0, 0
+    for index in batches:
+        if stopped is not None and stopped():
+            return None
+        inputs, targets = dataset.batch(index)
+        with autocast(device, amp_dtype):
+            loss = model(inputs.to(device), targets=targets.to(device))
+        total += float(loss) * len(index)
+        count += len(index)
+    return total / max(1, count)

@@ -35,7 +35,7 @@ from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer, default_tokenizer
 from gpt2term.core.training.control import TrainingControl
 from gpt2term.core.training.distributed import _Distributed
-from gpt2term.core.training.evaluation import OverfittingWatch
+from gpt2term.core.training.evaluation import OverfittingWatch, mean_loss
 from gpt2term.core.training.events import (
     CheckpointEvent,
     EvalEvent,
@@ -723,16 +723,18 @@ class Trainer:
     @torch.no_grad()
     def _mean_loss(self, plan: _RunPlan, dataset: GPTDataset, batches: list[torch.Tensor]) -> float:
         assert self.model is not None
-        total, count = 0.0, 0
-        for index in batches:
-            if self.control.stop_requested:  # Ctrl-C: an evaluation can take many seconds; cut it short
-                raise _EvaluationCut
-            inputs, targets = dataset.batch(index)
-            with autocast(plan.device, plan.amp_dtype):
-                loss = self.model(inputs.to(plan.device), targets=targets.to(plan.device))
-            total += float(loss) * len(index)
-            count += len(index)
-        return total / max(1, count)
+        # Ctrl-C: an evaluation can take many seconds; cut it short
+        loss = mean_loss(
+            self.model,
+            dataset,
+            batches,
+            device=plan.device,
+            amp_dtype=plan.amp_dtype,
+            stopped=lambda: self.control.stop_requested,
+        )
+        if loss is None:
+            raise _EvaluationCut
+        return loss
 
     def _evaluate(self, plan: _RunPlan) -> None:
         assert self.model is not None

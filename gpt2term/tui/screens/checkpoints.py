@@ -70,6 +70,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         bind("checkpoints.follow", "follow"),
         bind("checkpoints.sort", "sort"),
         bind("checkpoints.refresh", "refresh"),
+        bind("checkpoints.surface", "surface"),
     ]
 
     if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         return cached[1]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("load", "train", "rename", "copy", "delete", "export", "follow"):
+        if action in ("load", "train", "rename", "copy", "delete", "export", "follow", "surface"):
             return self.table.row_count > 0  # the footer shows only what can be done
         return True
 
@@ -310,3 +311,10 @@ class CheckpointsScreen(WorkerErrors, Screen):
         elif message.message:
             self.notify(message.message, timeout=8)
         self.reload(message.select)
+
+    def action_surface(self) -> None:
+        row = self._require_selected()
+        if row is not None:
+            from gpt2term.tui.screens.surface_view import SurfaceView
+
+            self.app.push_screen(SurfaceView(row.name, self.store))
