@@ -43,9 +43,9 @@ class TableRow:
 # wording; the other meanings are ours.
 LOSS_TABLE: tuple[TableRow, ...] = (
     TableRow(10.79, 48_725, "random guessing"),
-    TableRow(5.0, 148, "learning: as unsure as picking among ~150 tokens"),
-    TableRow(2.0, 7.4, "good: a handful of likely tokens"),
-    TableRow(0.5, 1.65, "very confident (on training text: memorised?)"),
+    TableRow(5.0, 148, "learning: unsure among ~150 tokens"),
+    TableRow(2.0, 7.4, "good: a handful of candidates"),
+    TableRow(0.5, 1.65, "very sure (memorised?)"),
 )
 
 

@@ -70,6 +70,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         bind("checkpoints.follow", "follow"),
         bind("checkpoints.sort", "sort"),
         bind("checkpoints.refresh", "refresh"),
+        bind("checkpoints.loss", "loss"),
     ]
 
     if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         return cached[1]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("load", "train", "rename", "copy", "delete", "export", "follow"):
+        if action in ("load", "train", "rename", "copy", "delete", "export", "follow", "loss"):
             return self.table.row_count > 0  # the footer shows only what can be done
         return True
 
@@ -310,3 +311,18 @@ class CheckpointsScreen(WorkerErrors, Screen):
         elif message.message:
             self.notify(message.message, timeout=8)
         self.reload(message.select)
+
+    def action_loss(self) -> None:
+        """The course's loss steps of a text (asked first: the course's example by default) under the selected
+        checkpoint, loaded in the view's worker."""
+        row = self._require_selected()
+        if row is None:
+            return
+        from gpt2term.tui.screens.loss_view import LossTextScreen, LossView
+
+        def show(text: str | None) -> None:
+            if text:
+                ids = self.app.tokenizer.encode(text)
+                self.app.push_screen(LossView(self.app.tokenizer, ids, checkpoint=row.name))
+
+        self.app.push_screen(LossTextScreen(row.name), show)
