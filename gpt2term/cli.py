@@ -426,6 +426,100 @@ def inspect_data(
     click.echo(pipeline_text(view, columns=columns))
 
 
+LOSS_ROWS = 6  # positions whose numbers each step prints; the tokens line and --json have every one
+
+
+@inspect.command("loss")
+@click.argument("text")
+@click.option("--checkpoint", "-c", help=f"Checkpoint name or weights path [default: {DEFAULT_CHECKPOINT}].")
+@click.option("--worst", default=5, show_default=True, type=click.IntRange(min=1), help="Worst tokens listed.")
+@click.option(
+    "--train-mode",
+    is_flag=True,
+    help="Also run the text twice in train mode (dropout on) and twice in eval mode, to show what model.eval() does.",
+)
+@click.option("--json", "as_json", is_flag=True, help="{loss, perplexity, tokens: [{token_id, target_id, prob, ...}]}")
+@n_heads_option
+def inspect_loss(
+    text: str, checkpoint: str | None, worst: int, train_mode: bool, as_json: bool, n_heads: int | None
+) -> None:
+    """The course's cross-entropy on TEXT, step by step: logits, softmax, target probabilities, log, mean,
+    negation; then perplexity and where it falls on the course's table."""
+    from gpt2term.core.loss_steps import dropout_check, loss_steps
+    from gpt2term.core.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    model = load_model(checkpoint, quiet=as_json, n_heads=n_heads)
+    ids = tokenizer.encode(text)
+    steps = loss_steps(model, ids, tokenizer)
+    check = dropout_check(model, ids) if train_mode else None
+    if as_json:
+        payload = steps.to_dict(worst)
+        if check is not None:
+            payload["dropout"] = check.to_dict()
+        click.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    _print_loss_steps(steps, worst)
+    if check is not None:
+        click.echo(f"dropout: {check.note}")
+        click.echo(f"  train mode (model.train()): {', '.join(f'{x:.4f}' for x in check.train_losses)}")
+        click.echo(f"  eval mode  (model.eval()):  {', '.join(f'{x:.4f}' for x in check.eval_losses)}")
+
+
+def _loss_colour(nll: float, baseline: float) -> str:
+    """Green for a target the model expected, red for one it found as surprising as a uniform guess, or worse."""
+    if nll < 1.0:
+        return "green"
+    if nll < 3.0:
+        return "yellow"
+    return "red" if nll < baseline else "magenta"
+
+
+def _print_loss_steps(steps, worst: int) -> None:
+    from gpt2term.core.loss_steps import LOSS_TABLE, table_index
+
+    batch, seq_len, vocab = steps.shape
+    tokens = steps.tokens
+    shown = tokens[:LOSS_ROWS]
+    more = f"  (first {len(shown)} of {len(tokens)} positions)" if len(tokens) > len(shown) else ""
+
+    def pair(t) -> str:
+        return f"{t.position:>4} {t.token_text!r:>14} -> {t.target_text!r:<14}"
+
+    click.echo(f"inputs: {seq_len} tokens; targets: the same text shifted by one ({seq_len} positions to predict)")
+    click.echo(f"1. logits = model(inputs): shape (batch, seq_len, vocab_size) = ({batch}, {seq_len}, {vocab}){more}")
+    for t in shown:
+        click.echo(f"   {pair(t)} logit of the target {t.target_logit:8.3f}")
+    click.echo(f"2. probas = softmax(logits, dim=-1): each row sums to 1 (largest error {steps.softmax_max_error:.1e})")
+    for t in shown:
+        click.echo(f"   {pair(t)} model's favourite {t.top_text!r} {format_prob(t.top_prob)}")
+    click.echo("3. target_probas = probas[0, i, targets[i]]")
+    for t in shown:
+        click.echo(f"   {pair(t)} {t.prob:.6g}")
+    click.echo("4. log_probas = torch.log(target_probas)")
+    for t in shown:
+        click.echo(f"   {pair(t)} {t.logprob:.4f}")
+    click.echo(f"5. avg_log_probas = torch.mean(log_probas) = {steps.mean_logprob:.4f}")
+    click.echo(f"6. neg_avg_log_probas = avg_log_probas * -1 = {steps.loss:.4f}   <- the loss (cross-entropy)")
+    click.echo(f"perplexity = exp(loss) = {steps.perplexity:,.2f}")
+    click.echo(f"uniform baseline: ln({vocab}) = {steps.baseline:.2f} (perplexity {vocab:,})")
+    click.echo("tokens coloured by their loss (-log p): green < 1, yellow < 3, red, magenta >= the baseline:")
+    line = "".join(click.style(t.target_text, fg=_loss_colour(t.nll, steps.baseline)) for t in tokens)
+    click.echo(click.style(tokens[0].token_text, dim=True) + line)
+    click.echo(f"worst {min(worst, len(tokens))} tokens (share of the loss):")
+    for t in steps.worst(worst):
+        click.echo(f"   {pair(t)} p {format_prob(t.prob):>8}  -log p {t.nll:7.3f}  {t.contribution:.4f}")
+    click.echo("the course's table (loss -> perplexity):")
+    at = table_index(steps.loss)
+    for i, row in enumerate(LOSS_TABLE):
+        if i == at:
+            click.echo(f"  > {steps.loss:6.2f} -> {steps.perplexity:>10,.2f}   this text")
+        click.echo(f"    {row.loss:6.2f} -> {row.perplexity:>10,g}   {row.meaning}")
+    if at == len(LOSS_TABLE):
+        click.echo(f"  > {steps.loss:6.2f} -> {steps.perplexity:>10,.2f}   this text")
+    click.echo(f"this text: {steps.table_position}")
+
+
 # ------------------------------------------------------------------------------------------ checkpoints (issue 3)
 
 

@@ -27,6 +27,7 @@ from gpt2term.tui.keymap import DEFAULT_KEYS, KeymapError, load_keymap, parse_ke
 from gpt2term.tui.screens.checkpoints import CheckpointsScreen
 from gpt2term.tui.screens.data_view import DataView
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen
+from gpt2term.tui.screens.loss_view import LossView
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.screens.train import TrainScreen
 from gpt2term.tui.widgets.prompt_input import PromptInput
@@ -42,6 +43,7 @@ def test_every_binding_of_the_app_has_an_id_from_the_table():
         *(CheckpointsScreen, ConfirmScreen, LeaveRunScreen, NameScreen, ExportScreen, ImportScreen, FollowScreen),
         *(AttentionScreen, LensScreen, CompareScreen),
         DataView,
+        LossView,
     )
     for owner in owners:
         for binding in owner.BINDINGS:

@@ -21,6 +21,7 @@ from gpt2term.tui.app import make_app
 from gpt2term.tui.keymap import DEFAULT_KEYS
 from gpt2term.tui.screens.data_view import DataView
 from gpt2term.tui.screens.inspect import AttentionScreen
+from gpt2term.tui.screens.loss_view import LossView
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.footer import FittedFooter
 from tests.pilot_helpers import settle
@@ -108,7 +109,10 @@ def test_the_palette_finds_every_binding_of_every_screen_by_name():
             checked |= set(await check_palette(pilot, app.screen))
             for name in ("attention", "lens"):
                 assert f"tokens.{name}" in checked
-            # every binding of the three modes and the attention view was found
+            await pilot.press("escape", "ctrl+f")  # the loss view, from the prompt screen
+            assert isinstance(app.screen, LossView)
+            checked |= set(await check_palette(pilot, app.screen))
+            # every binding of the three modes, the attention view and the loss view was found
             assert {i for i in DEFAULT_KEYS if not i.startswith("dialog.")} - {"prompt.newline"} <= checked | {
                 "prompt.history-previous",
                 "prompt.history-next",

@@ -93,6 +93,9 @@ DEFAULT_KEYS: dict[str, KeySpec] = {
     "dialog.apply": KeySpec("ctrl+s", "Apply", "apply a dialog (Enter in a field does the same)"),
     "dialog.yes": KeySpec("y", "Yes", "answer yes in a question dialog"),
     "dialog.no": KeySpec("n", "No", "answer no in a question dialog"),
+    "prompt.loss": KeySpec("ctrl+f", "Loss", "the loss, step by step, of the selected (else the last) turn's text"),
+    "checkpoints.loss": KeySpec("x", "Loss", "the loss step by step of a text under the selected checkpoint"),
+    "loss.dropout": KeySpec("d", "Dropout", "loss view: the same text in train mode (dropout on) and in eval mode"),
 }
 
 KEYMAP_FILE = "keymap.toml"

@@ -189,6 +189,48 @@ async def _shoot_data(checkpoint: str | None, out: Path, size: tuple[int, int], 
         return path
 
 
+LOSS_SHOT_TEXT = "The list method append adds an item to the end of the list."
+
+
+async def shoot_loss(
+    checkpoint: str, out: Path, size: tuple[int, int] = (120, 44), text: str = LOSS_SHOT_TEXT, dropout: bool = True
+) -> Path:
+    """The loss view from the checkpoints screen: `checkpoint` selected, `text` typed in the dialog, the six steps
+    computed, and (with `dropout`) the train-mode / eval-mode losses shown."""
+    app = make_app(checkpoint, keymap={})
+    async with app.run_test(size=size) as pilot:
+        await _loaded(app, pilot)
+        await pilot.press("f4")
+        screen = app.screen
+        for _ in range(600):  # the store is read in a worker
+            if getattr(screen, "listed", False):
+                break
+            await pilot.pause(0.05)
+        table = screen.table
+        table.move_cursor(row=table.get_row_index(checkpoint))
+        await pilot.press("x")
+        app.screen.query_one("#loss-text").value = text
+        await pilot.press("enter")
+        view = app.screen
+        for _ in range(6000):
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            if view.steps is not None or view.failure is not None:
+                break
+        if dropout:
+            await pilot.press("d")
+            for _ in range(6000):
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                if view.dropout is not None or view.failure is not None:
+                    break
+        app.clear_notifications()
+        await pilot.pause()
+        path = out / "loss.svg"
+        app.save_screenshot(filename=path.name, path=str(out))
+        return path
+
+
 @click.command()
 @click.option("--checkpoint", "-c", help="Model to show (a store name or a path); default: the most recent one.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="screenshots", show_default=True)
@@ -199,12 +241,12 @@ async def _shoot_data(checkpoint: str | None, out: Path, size: tuple[int, int], 
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--screens",
-    type=click.Choice(["all", "prompt", "train", "inspect", "data", "surface"]),
+    type=click.Choice(["all", "prompt", "train", "inspect", "data", "surface", "loss", "learn"]),
     default="all",
     show_default=True,
     help="prompt: the prompt screen's shots; train: a run from the train screen, and the checkpoints screen; "
     "inspect: the attention and logit-lens views; data: the data view of the train screen; surface: the loss "
-    "surface of --checkpoint.",
+    "surface of --checkpoint; loss: the loss view of --checkpoint (also in all); learn: data, loss and surface.",
 )
 @click.option("--run-name", default="pydoc-demo", show_default=True, help="Checkpoint name of the run to shoot.")
 @click.option("--run-steps", default=300, show_default=True, help="Steps of that run (it is stopped after the shot).")
@@ -230,18 +272,19 @@ def main(
     run_form: str,
 ) -> None:
     """Write screenshots/prompt.svg, prompt-80x24.svg, prompt-120x36.svg, tokens.svg, settings.svg, attention.svg,
-    lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), data.svg, train.svg, train-80x24.svg,
-    train-120x36.svg, checkpoints.svg, checkpoints-80x24.svg and checkpoints-120x36.svg."""
+    lens.svg, compare.svg, versus.svg (it needs a second checkpoint in the store), data.svg, loss.svg, surface.svg,
+    train.svg, train-80x24.svg, train-120x36.svg, checkpoints.svg, checkpoints-80x24.svg and checkpoints-120x36.svg."""
     out.mkdir(parents=True, exist_ok=True)
-    if screens == "surface":
-        if not checkpoint:
-            raise click.ClickException("--screens surface needs --checkpoint NAME (a checkpoint in the store)")
-        click.echo(f"wrote {asyncio.run(_shoot_surface(checkpoint, out))}")
-        return
-    if screens in ("all", "data"):
+    if screens in ("surface", "loss") and not checkpoint:
+        raise click.ClickException(f"--screens {screens} needs --checkpoint NAME (a checkpoint in the store)")
+    if screens in ("all", "learn", "data"):
         click.echo(f"wrote {asyncio.run(_shoot_data(checkpoint, out, (130, 58)))}")
-        if screens == "data":
-            return
+    if screens in ("all", "learn", "loss") and checkpoint:
+        click.echo(f"wrote {asyncio.run(shoot_loss(checkpoint, out))}")
+    if screens in ("all", "learn", "surface") and checkpoint:
+        click.echo(f"wrote {asyncio.run(_shoot_surface(checkpoint, out))}")
+    if screens in ("learn", "data", "loss", "surface"):
+        return
     if screens in ("all", "train"):
         form = dict(item.split("=", 1) for item in run_form.split(",") if item)
         form |= {"name": run_name, "max_steps": str(run_steps)}

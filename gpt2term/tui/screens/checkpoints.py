@@ -71,6 +71,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         bind("checkpoints.sort", "sort"),
         bind("checkpoints.refresh", "refresh"),
         bind("checkpoints.surface", "surface"),
+        bind("checkpoints.loss", "loss"),
     ]
 
     if TYPE_CHECKING:
@@ -163,7 +164,7 @@ class CheckpointsScreen(WorkerErrors, Screen):
         return cached[1]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("load", "train", "rename", "copy", "delete", "export", "follow", "surface"):
+        if action in ("load", "train", "rename", "copy", "delete", "export", "follow", "surface", "loss"):
             return self.table.row_count > 0  # the footer shows only what can be done
         return True
 
@@ -318,3 +319,18 @@ class CheckpointsScreen(WorkerErrors, Screen):
             from gpt2term.tui.screens.surface_view import SurfaceView
 
             self.app.push_screen(SurfaceView(row.name, self.store))
+
+    def action_loss(self) -> None:
+        """The course's loss steps of a text (asked first: the course's example by default) under the selected
+        checkpoint, loaded in the view's worker."""
+        row = self._require_selected()
+        if row is None:
+            return
+        from gpt2term.tui.screens.loss_view import LossTextScreen, LossView
+
+        def show(text: str | None) -> None:
+            if text:
+                ids = self.app.tokenizer.encode(text)
+                self.app.push_screen(LossView(self.app.tokenizer, ids, checkpoint=row.name))
+
+        self.app.push_screen(LossTextScreen(row.name), show)

@@ -81,6 +81,7 @@ class PromptScreen(WorkerErrors, Screen):
         bind("prompt.save", "save"),
         bind("prompt.compare", "compare"),
         bind("prompt.versus", "versus"),
+        bind("prompt.loss", "loss"),
     ]
 
     if TYPE_CHECKING:
@@ -454,3 +455,19 @@ class PromptScreen(WorkerErrors, Screen):
             self.notify(f"Saved the transcript to {written}")
 
         self.app.push_screen(SavePathScreen(default), save)
+
+    def action_loss(self) -> None:
+        """The course's loss steps on the selected turn's text (else the last turn's): its prompt and generated
+        tokens, as much as a context of inputs plus one target holds."""
+        app_model: AppModel | None = self.app.app_model
+        if not self.turns or app_model is None:
+            self.notify("Generate something first: the loss is computed on a turn's text.", severity="warning")
+            return
+        if self.generating is not None:  # the view may switch the model to train mode (dropout) while it decodes
+            self.notify("Still generating: stop it (Esc) or let it finish, then look at the loss.", severity="warning")
+            return
+        from gpt2term.tui.screens.loss_view import LossView
+
+        turn = self.transcript.selected_turn_and_index[0] or self.turns[-1]
+        ids = (list(turn.prompt_ids) + [step.token_id for step in turn.steps])[-(app_model.context_length + 1) :]
+        self.app.push_screen(LossView(self.app.tokenizer, ids, model=app_model.model, label=app_model.name))
