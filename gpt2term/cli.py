@@ -18,6 +18,7 @@ from gpt2term.core.recipes import EVAL_TIMINGS, INITS, RECIPES, SAMPLE_TIMINGS, 
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
+DECODING_DTYPE_NAMES = [*DTYPE_NAMES, "int8"]  # int8 weights exist for decoding only, never for training
 # What every command (and the app) opens without --checkpoint: `default_checkpoint` in core/store/resolve.py.
 DEFAULT_CHECKPOINT = "the last one used, else the newest in the store, else an untrained GPT-2 124M"
 
@@ -124,8 +125,9 @@ def _default_checkpoint() -> tuple[str | None, str]:
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(DTYPE_NAMES),
-    help="Number format of the weights while decoding: bf16 reads half the bytes per token (faster on a CPU).",
+    type=click.Choice(DECODING_DTYPE_NAMES),
+    help="Number format of the weights while decoding: bf16 reads half the bytes per token, int8 a quarter "
+    "(faster on a CPU; the top candidates are rescored in fp32).",
 )
 @n_heads_option
 def generate(
@@ -928,8 +930,10 @@ def format_report(result: dict) -> str:
                 f"{_fmt(mine['time_to_first_token_s'], '12.3f')}s{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
                 f"{match:>13s}"
             )
-        if "bf16_matches_fp32_prefix" in result:
-            lines.append(f"bf16 greedy tokens equal our fp32 tokens for the first {result['bf16_matches_fp32_prefix']}")
+        for low in ("bf16", "int8"):
+            if f"{low}_matches_fp32_prefix" in result:
+                first = result[f"{low}_matches_fp32_prefix"]
+                lines.append(f"{low} greedy tokens equal our fp32 tokens for the first {first}")
         packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in result["ours"].items())
         lines.append(f"packed decoding weights (memory on top of the model): {packed}")
     else:
@@ -966,7 +970,13 @@ def _bench_output(result: dict, as_json: bool) -> None:
 @click.option("--preset", "preset_name", default="gpt2-124M", show_default=True, help="Shape of the random model.")
 @click.option("--tokens", default=200, show_default=True, type=click.IntRange(min=2), help="New tokens per run.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs of each.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "both"]))
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "bf16", "int8", "both", "all"]),
+    help="both: fp32 and bf16; all: fp32, bf16 and int8.",
+)
 @click.option("--prompt", default="Every effort moves you", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")

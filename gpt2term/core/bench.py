@@ -198,11 +198,15 @@ def _generation_dtypes(dtype: str) -> list[str]:
     key = dtype.lower()
     if key == "both":
         return ["fp32", "bf16"]
+    if key == "all":
+        return ["fp32", "bf16", "int8"]
     if key in ("fp32", "float32"):
         return ["fp32"]
     if key in ("bf16", "bfloat16"):
         return ["bf16"]
-    raise InputError(f"unknown --dtype {dtype!r}; choose fp32, bf16 or both")
+    if key == "int8":
+        return ["int8"]
+    raise InputError(f"unknown --dtype {dtype!r}; choose fp32, bf16, int8, both or all")
 
 
 def bench_generate(
@@ -318,8 +322,10 @@ def bench_generate(
         consistent = all(run.tokens == mine for run in ours_runs[dt])
         result["tokens_match"][dt] = consistent and mine == reference
         result["matching_prefix"][dt] = _matching_prefix(mine, reference)
-    if "fp32" in dtypes and "bf16" in dtypes:
-        result["bf16_matches_fp32_prefix"] = _matching_prefix(ours_runs["bf16"][0].tokens, ours_runs["fp32"][0].tokens)
+    for low in ("bf16", "int8"):
+        if "fp32" in dtypes and low in dtypes:
+            low_tokens, fp32_tokens = ours_runs[low][0].tokens, ours_runs["fp32"][0].tokens
+            result[f"{low}_matches_fp32_prefix"] = _matching_prefix(low_tokens, fp32_tokens)
     result["machine_after"] = {"load_average": machine_info().get("load_average")}
     return result
 
