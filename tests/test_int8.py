@@ -97,8 +97,8 @@ def test_quantisation_error_is_within_half_a_step_of_each_rows_scale():
 
 @pytest.mark.parametrize("fbgemm", [True, False], ids=["fbgemm", "dequantised-fallback"])
 def test_int8_linear_gives_the_product_of_the_dequantised_weights(fbgemm):
-    if fbgemm and not int8.fbgemm():
-        pytest.skip("this PyTorch build has no fbgemm int8 linear")
+    if fbgemm and not hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"):
+        pytest.skip("this PyTorch build has no fbgemm int8 linear")  # (the kernel itself, not the probe's verdict)
     g = torch.Generator().manual_seed(11)
     weight, bias = torch.randn(300, 64, generator=g) * 0.05, torch.randn(300, generator=g)
     q, s = int8.quantize(weight)
