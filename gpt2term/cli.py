@@ -890,13 +890,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def describe_machine(machine: dict) -> str:
     load = machine.get("load_average")
+    ident = machine.get("cpu_id") or {}
+    cpu = machine["cpu"] + (f" (family {ident['family']} model {ident['model']})" if "family" in ident else "")
     parts = [
-        f"{machine['cpu']}",
+        cpu,
         f"{machine['threads']} threads of {machine['cores']} cores",
         f"torch {machine['torch']}",
         f"transformers {machine['transformers'] or 'not installed'}",
         f"device {machine['device']}",
     ]
+    if machine.get("ctranslate2"):
+        parts.insert(4, f"ctranslate2 {machine['ctranslate2']}")
     if machine.get("accel", {}).get("enabled") is False:
         parts.append("acceleration off (GPT2TERM_ACCEL=0)")
     if load:
@@ -904,61 +908,121 @@ def describe_machine(machine: dict) -> str:
     return ", ".join(parts)
 
 
+def _generation_rows(measured: dict, result: dict) -> list[str]:
+    """One table of `bench generate`: every contender at one thread count."""
+    peers = measured.get("ctranslate2") or {}
+    same = measured.get("same_as_fp32") or {}
+    lines = [] if "sweep" not in result else [f"{measured['threads']} threads:"]
+    lines.append(
+        f"{'':28s}{'tokens/s':>10s}{'first token':>13s}{'vs transformers':>17s}"
+        + (f"{'vs CTranslate2':>16s}" if peers else "")
+        + f"{'same tokens':>13s}"
+    )
+
+    def row(name: str, summary: dict, ratio: float | None, vs_ct2: float | None, match: str) -> str:
+        return (
+            f"{name:28s}{_fmt(summary['tokens_per_second'], '10.1f')}"
+            f"{_fmt(summary['time_to_first_token_s'], '12.3f')}s{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
+            + (f"{_fmt(vs_ct2, '15.2f') + 'x' if vs_ct2 else '-':>16s}" if peers else "")
+            + f"{match:>13s}"
+        )
+
+    def agreement(name: str) -> str:
+        check = same.get(name)
+        if check is None:
+            return ""
+        return "yes" if check["same"] else f"first {check['matching_prefix']}"
+
+    hf = measured["transformers"]
+    if hf:
+        lines.append(row("transformers generate fp32", hf, 1.0, None, agreement("transformers fp32")))
+    for q, theirs in peers.items():
+        lines.append(row(f"CTranslate2 {q}", theirs, None, None, agreement(f"ctranslate2 {q}")))
+    for dt, mine in measured["ours"].items():
+        if same:  # with the peers, every row is checked against our float32
+            match = "(reference)" if dt == "fp32" else agreement(f"gpt2term {dt}")
+        else:
+            match = "yes" if measured["tokens_match"][dt] else f"first {measured['matching_prefix'][dt]}"
+        vs_ct2 = (measured.get("ratio_ctranslate2") or {}).get(dt)
+        lines.append(row(f"gpt2term {dt}", mine, measured["ratio"].get(dt), vs_ct2, match))
+    if same:
+        lines.append("same tokens: the same greedy tokens as gpt2term fp32 (else how many of the first agree)")
+    for low in ("bf16", "int8"):
+        if f"{low}_matches_fp32_prefix" in measured:
+            first = measured[f"{low}_matches_fp32_prefix"]
+            lines.append(f"{low} greedy tokens equal our fp32 tokens for the first {first}")
+    packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in measured["ours"].items())
+    lines.append(f"packed decoding weights (memory on top of the model): {packed}")
+    return lines
+
+
 def format_report(result: dict) -> str:
     """The human-readable table the CLI prints."""
     lines = [f"machine: {describe_machine(result['machine'])}"]
     s = result["settings"]
     if result["benchmark"] == "generate":
+        busy = s.get("busy_processes", 0)
+        load = (result.get("machine_after") or {}).get("load_average")
         lines.append(
             f"greedy decoding, {s['model']} ({s['parameters'] / 1e6:.0f}M parameters), prompt of {s['prompt_tokens']} "
             f"tokens, {s['new_tokens']} new tokens, median of {s['repeats']} alternating runs"
+            + (f", with {busy} busy process{'es' if busy != 1 else ''}" if busy else "")
+            + (f"; load {load[0]:.2f} after" if load else "")
         )
-        lines.append(f"{'':28s}{'tokens/s':>10s}{'first token':>13s}{'vs transformers':>17s}{'same tokens':>13s}")
-        hf = result["transformers"]
-        if hf:
-            lines.append(
-                f"{'transformers generate fp32':28s}{_fmt(hf['tokens_per_second'], '10.1f')}"
-                f"{_fmt(hf['time_to_first_token_s'], '12.3f')}s{'1.00x':>17s}{'':>13s}"
-            )
-        for dt, mine in result["ours"].items():
-            ratio = result["ratio"].get(dt)
-            same = result["tokens_match"][dt]
-            prefix = result["matching_prefix"][dt]
-            match = "yes" if same else f"first {prefix}"
-            lines.append(
-                f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.1f')}"
-                f"{_fmt(mine['time_to_first_token_s'], '12.3f')}s{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
-                f"{match:>13s}"
-            )
-        for low in ("bf16", "int8"):
-            if f"{low}_matches_fp32_prefix" in result:
-                first = result[f"{low}_matches_fp32_prefix"]
-                lines.append(f"{low} greedy tokens equal our fp32 tokens for the first {first}")
-        packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in result["ours"].items())
-        lines.append(f"packed decoding weights (memory on top of the model): {packed}")
+        for measured in result.get("sweep") or [result]:
+            lines.extend(_generation_rows(measured, result))
     else:
         lines.append(
             f"training {s['preset']}, batch {s['batch_size']} x context {s['context_length']} "
             f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
             f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
         )
-        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'vs transformers':>17s}")
+        lines.append(_train_path_line(result))
+        lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'MFU':>8s}{'vs transformers':>17s}")
+
+        def mfu(entry: dict) -> str:
+            return f"{100 * entry['mfu']:7.1f}%" if entry.get("mfu") is not None else f"{'-':>8s}"
+
         for dt in s["dtypes"]:
             theirs = (result["transformers"] or {}).get(dt)
             if theirs:
                 lines.append(
                     f"{'transformers loop ' + dt:28s}{_fmt(theirs['tokens_per_second'], '10.0f')}"
-                    f"{_fmt(theirs['step_s'], '9.3f')}s{'1.00x':>17s}"
+                    f"{_fmt(theirs['step_s'], '9.3f')}s{mfu(theirs)}{'1.00x':>17s}"
                 )
             mine = result["ours"][dt]
             ratio = result["ratio"].get(dt)
             lines.append(
                 f"{'gpt2term ' + dt:28s}{_fmt(mine['tokens_per_second'], '10.0f')}{_fmt(mine['step_s'], '9.3f')}s"
-                f"{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
+                f"{mfu(mine)}{_fmt(ratio, '16.2f') + 'x' if ratio else '-':>17s}"
             )
+        for who, tables in (result.get("profile") or {}).items():
+            for dt, rows in tables.items():
+                lines.append(f"profile, {'gpt2term' if who == 'ours' else 'transformers loop'} {dt} (top ops):")
+                lines.extend(
+                    f"  {row['op'][:44]:44s}{100 * row['share']:6.1f}%{row['self_ms_per_step']:10.1f} ms/step"
+                    f"{row['calls_per_step']:8.0f} calls"
+                    for row in rows
+                )
     if result.get("note"):
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
+
+
+def _train_path_line(result: dict) -> str:
+    """Device, compile, padding and the FLOPs behind the MFU column, so a figure says what produced it."""
+    s = result["settings"]
+    vocab = s["config"]["vocab_size"]
+    padded = s.get("vocab_padded_to", vocab)
+    parts = [
+        f"device {s.get('device', 'cpu')}" + (f" ({result['machine']['gpu']})" if result["machine"].get("gpu") else ""),
+        "torch.compile" if s.get("compile") else "eager",
+        f"head padded {vocab} -> {padded}" if padded != vocab else "head not padded",
+        f"{s['flops_per_token'] / 1e6:,.0f} MFLOPs/token",
+    ]
+    if s.get("peak_tflops"):
+        parts.append(f"peak {s['peak_tflops']:g} TFLOPS ({s['peak_source']})")
+    return ", ".join(parts)
 
 
 def _bench_output(result: dict, as_json: bool) -> None:
@@ -970,15 +1034,12 @@ def _bench_output(result: dict, as_json: bool) -> None:
 @click.option("--preset", "preset_name", default="gpt2-124M", show_default=True, help="Shape of the random model.")
 @click.option("--tokens", default=200, show_default=True, type=click.IntRange(min=2), help="New tokens per run.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed runs of each.")
-@click.option(
-    "--dtype",
-    default="fp32",
-    show_default=True,
-    type=click.Choice(["fp32", "bf16", "int8", "both", "all"]),
-    help="both: fp32 and bf16; all: fp32, bf16 and int8.",
-)
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "int8", "both", "all"]))
 @click.option("--prompt", default="Every effort moves you", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--threads", metavar="N[,N...]", help="CPU threads; a list such as 1,2,all measures each in one run.")
+@click.option("--thread-sweep", is_flag=True, help="The same as --threads 1,2,all.")
+@click.option("--peers", is_flag=True, help="Also CTranslate2 fp32 and int8 (pip install 'gpt2term[bench]').")
+@click.option("--busy", default=0, type=click.IntRange(min=0), help="Spinning processes beside the runs [0].")
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
 def bench_generate_command(
     checkpoint: str | None,
@@ -987,13 +1048,21 @@ def bench_generate_command(
     repeats: int,
     dtype: str,
     prompt: str,
-    threads: int | None,
+    threads: str | None,
+    thread_sweep: bool,
+    peers: bool,
+    busy: int,
     as_json: bool,
 ) -> None:
     """Greedy decoding tokens/s and time to first token: ours against transformers' generate, same weights."""
-    from gpt2term.core.bench import bench_generate
+    from gpt2term.core.bench import bench_generate, parse_thread_counts
 
-    _set_threads(threads)
+    if thread_sweep and threads:
+        raise click.UsageError("--thread-sweep is --threads 1,2,all; give one of them")
+    counts = parse_thread_counts("1,2,all" if thread_sweep else threads) if (threads or thread_sweep) else None
+    if counts and len(counts) == 1:
+        _set_threads(counts[0])
+        counts = None
     result = bench_generate(
         checkpoint,
         tokens=tokens,
@@ -1001,6 +1070,9 @@ def bench_generate_command(
         dtype=dtype,
         preset_name=preset_name,
         prompt=prompt,
+        peers=peers,
+        busy=busy,
+        thread_counts=counts,
         progress=_bench_progress(as_json),
     )
     _bench_output(result, as_json)
@@ -1014,6 +1086,16 @@ def bench_generate_command(
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
 @click.option("--dtype", default="both", show_default=True, type=click.Choice(["fp32", "bf16", "both"]))
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (both loops run there).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile our model (slow first step).")
+@click.option(
+    "--pad-vocab",
+    type=click.IntRange(min=0),
+    help="Pad our training head to a multiple of this many rows (0: never) [default: 64 on cuda, 0 on cpu].",
+)
+@click.option("--peak-tflops", type=float, help="The device's peak for MFU [default: the GPU's known bf16 peak].")
+@click.option("--profile", is_flag=True, help="Also print the top ops of 2 more (untimed) steps of each loop.")
+@click.option("--compare/--no-compare", default=True, show_default=True, help="Run transformers' loop alongside.")
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
 def bench_train_command(
     preset_name: str,
@@ -1023,9 +1105,15 @@ def bench_train_command(
     warmup: int,
     dtype: str,
     threads: int | None,
+    device: str,
+    compile_model: bool,
+    pad_vocab: int | None,
+    peak_tflops: float | None,
+    profile: bool,
+    compare: bool,
     as_json: bool,
 ) -> None:
-    """Training tokens/s: our training step against a plain loop over transformers' GPT-2 of the same shape."""
+    """Training tokens/s and MFU: our training step against a plain loop over transformers' GPT-2 of the same shape."""
     from gpt2term.core.bench import bench_train
 
     _set_threads(threads)
@@ -1036,6 +1124,12 @@ def bench_train_command(
         steps=steps,
         warmup=warmup,
         dtype=dtype,
+        compare=compare,
+        device=device,
+        compile_model=compile_model,
+        pad_vocab=pad_vocab,
+        peak_tflops=peak_tflops,
+        profile=profile,
         progress=_bench_progress(as_json),
     )
     _bench_output(result, as_json)

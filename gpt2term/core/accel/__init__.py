@@ -6,7 +6,8 @@ on a CPU without changing what it computes, its parameters or its state_dict:
 - `decode`: a packed copy of the weights for decoding one token at a time (float32, bf16 or int8 from `int8`),
   split across threads by `threads`;
 - `linear`: oneDNN float32 kernels for the linear layers in training;
-- `head_loss`: the training loss without ever building the [tokens, vocabulary] logits.
+- `head_loss`: the training loss without ever building the [tokens, vocabulary] logits;
+- `vocab_pad`: on a GPU, training's output head padded to a multiple of 64 rows for the matmul kernels.
 
 Every private PyTorch API these use lives in `probes`, checked once, with a plain PyTorch fallback.
 """
@@ -17,7 +18,7 @@ import os
 
 import torch
 
-from gpt2term.core.accel import decode, head_loss, linear, probes
+from gpt2term.core.accel import decode, head_loss, linear, probes, vocab_pad
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
@@ -25,10 +26,12 @@ __all__ = [
     "AcceleratedGPTModel",
     "accelerate",
     "enabled",
+    "pad_vocabulary",
     "packed_weights",
     "plain",
     "prepare_for_inference",
     "release_packed_weights",
+    "vocab_multiple",
 ]
 
 ENV_SWITCH = "GPT2TERM_ACCEL"
@@ -44,6 +47,7 @@ class AcceleratedGPTModel(GPTModel):
 
     _inference_weights: decode.InferenceWeights | None
     _decode_dtype: torch.dtype | None
+    _vocab_multiple: int | None  # None: pad on CUDA (see `vocab_multiple`)
 
     def forward(
         self,
@@ -53,6 +57,10 @@ class AcceleratedGPTModel(GPTModel):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if targets is not None:
+            multiple = vocab_multiple(self)
+            if multiple > 1:
+                x, _, _ = self.hidden_states(in_idx, cache)
+                return vocab_pad.padded_head_loss(self.final_norm(x), self.out_head.weight, targets, multiple)
             if head_loss.applies(self.out_head.weight, targets):
                 x, _, _ = self.hidden_states(in_idx, cache)
                 return head_loss.head_loss(self.final_norm(x), self.out_head.weight, targets)
@@ -94,6 +102,7 @@ def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTMo
         model.__class__ = AcceleratedGPTModel
         model._inference_weights = None
         model._decode_dtype = None
+        model._vocab_multiple = None
         linear.swap_in(model)
     if dtype is not None:
         model.eval()
@@ -113,9 +122,30 @@ def plain(model: GPTModel) -> GPTModel:
     """Undo `accelerate` (in place): the course's GPTModel with plain nn.Linear layers again; returns it."""
     if isinstance(model, AcceleratedGPTModel):
         linear.swap_out(model)
-        del model._inference_weights, model._decode_dtype
+        del model._inference_weights, model._decode_dtype, model._vocab_multiple
         model.__class__ = GPTModel
     return model
+
+
+def pad_vocabulary(model: GPTModel, multiple: int | None) -> None:
+    """Pad training's output head to a multiple of `multiple` rows (0: never; None: on CUDA only, the default).
+
+    The CPU keeps the sliced loss of `head_loss` by default (it never builds the whole logits); padding there is
+    for running the GPU's code path on a CPU. A plain model (GPT2TERM_ACCEL=0) is never padded.
+    """
+    if multiple is not None and multiple < 0:
+        raise ValueError(f"the vocabulary padding multiple must be 0 or more, got {multiple}")
+    if isinstance(model, AcceleratedGPTModel):
+        model._vocab_multiple = multiple
+
+
+def vocab_multiple(model: GPTModel) -> int:
+    """The multiple `model`'s training loss pads its head to now (0 or 1: not padded)."""
+    if not isinstance(model, AcceleratedGPTModel):
+        return 0
+    if model._vocab_multiple is None:
+        return vocab_pad.DEFAULT_MULTIPLE if model.out_head.weight.device.type == "cuda" else 0
+    return model._vocab_multiple
 
 
 def packed_weights(model: GPTModel) -> decode.InferenceWeights | None:

@@ -52,7 +52,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 probs.scatter_add_(1, ts, torch.full(ts.shape, -1.0))
                 g = probs if fp32 else probs.to(dtype)
                 if need_x:
-                    grad_x[start:stop] = probes.onednn_linear(g, w_t, None) if fp32 else (g @ w)
+                    # bf16: `F.linear(g, w_t)`, both operands contiguous along the vocabulary it sums over; `g @ w`
+                    # is the same product but, without bf16 instructions, PyTorch's generic bf16 matmul runs it
+                    # many times slower in that layout.
+                    grad_x[start:stop] = probes.onednn_linear(g, w_t, None) if fp32 else F.linear(g, w_t)
                 if need_w and fp32:
                     grad_w.addmm_(g.t(), xs)
                 elif need_w:
