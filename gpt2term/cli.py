@@ -18,6 +18,7 @@ from gpt2term.core.recipes import EVAL_TIMINGS, INITS, RECIPES, SAMPLE_TIMINGS, 
 from gpt2term.formatting import format_duration, format_prob, format_time
 
 DTYPE_NAMES = ["float32", "bfloat16", "fp32", "bf16"]  # both spellings, in every command that takes --dtype
+DECODING_DTYPE_NAMES = [*DTYPE_NAMES, "int8"]  # int8 weights exist for decoding only, never for training
 # What every command (and the app) opens without --checkpoint: `default_checkpoint` in core/store/resolve.py.
 DEFAULT_CHECKPOINT = "the last one used, else the newest in the store, else an untrained GPT-2 124M"
 
@@ -124,8 +125,9 @@ def _default_checkpoint() -> tuple[str | None, str]:
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(DTYPE_NAMES),
-    help="Number format of the weights while decoding: bf16 reads half the bytes per token (faster on a CPU).",
+    type=click.Choice(DECODING_DTYPE_NAMES),
+    help="Number format of the weights while decoding: bf16 reads half the bytes per token, int8 a quarter "
+    "(faster on a CPU; the top candidates are rescored in fp32).",
 )
 @n_heads_option
 def generate(
@@ -1158,8 +1160,10 @@ def _generation_rows(measured: dict, result: dict) -> list[str]:
         lines.append(row(f"gpt2term {dt}", mine, measured["ratio"].get(dt), vs_ct2, match))
     if same:
         lines.append("same tokens: the same greedy tokens as gpt2term fp32 (else how many of the first agree)")
-    if "bf16_matches_fp32_prefix" in measured:
-        lines.append(f"bf16 greedy tokens equal our fp32 tokens for the first {measured['bf16_matches_fp32_prefix']}")
+    for low in ("bf16", "int8"):
+        if f"{low}_matches_fp32_prefix" in measured:
+            first = measured[f"{low}_matches_fp32_prefix"]
+            lines.append(f"{low} greedy tokens equal our fp32 tokens for the first {first}")
     packed = ", ".join(f"{dt} {m['packed_weights_mb']:.0f} MB" for dt, m in measured["ours"].items())
     lines.append(f"packed decoding weights (memory on top of the model): {packed}")
     return lines

@@ -206,7 +206,7 @@ def test_packed_memory_is_reported_and_bf16_halves_it():
 
 
 def test_unknown_inference_dtype_is_a_user_error():
-    with pytest.raises(InputError, match="fp32 or bf16"):
+    with pytest.raises(InputError, match="fp32, bf16 or int8"):
         accelerate(_model(), "fp16")
 
 
@@ -380,7 +380,7 @@ def test_the_environment_switch_keeps_every_model_plain(monkeypatch):
     model = _model(15)
     assert type(model) is GPTModel and all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert accelerate(model, "bf16") is model and type(model) is GPTModel
-    with pytest.raises(InputError, match="fp32 or bf16"):
+    with pytest.raises(InputError, match="fp32, bf16 or int8"):
         accelerate(model, "fp8")  # still the user's error
     assert accel.describe() == {"enabled": False}
 

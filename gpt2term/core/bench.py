@@ -233,10 +233,10 @@ def _decoding_dtype_available(dtype: str) -> bool:
     from gpt2term.core.accel import decode
 
     try:
-        decode.inference_dtype(dtype)
+        wanted = decode.inference_dtype(dtype)
     except InputError:
         return False
-    return True
+    return wanted != torch.int8 or accel.enabled()  # int8 exists only on the fast path
 
 
 def available_threads() -> int:
@@ -362,8 +362,9 @@ def _measure_generation(
         consistent = all(run.tokens == mine for run in runs[dt])
         measured["tokens_match"][dt] = consistent and mine == reference
         measured["matching_prefix"][dt] = _matching_prefix(mine, reference)
-    if "fp32" in dtypes and "bf16" in dtypes:
-        measured["bf16_matches_fp32_prefix"] = _matching_prefix(runs["bf16"][0].tokens, runs["fp32"][0].tokens)
+    for low in ("bf16", "int8"):
+        if "fp32" in dtypes and low in dtypes:
+            measured[f"{low}_matches_fp32_prefix"] = _matching_prefix(runs[low][0].tokens, runs["fp32"][0].tokens)
     if ct2:
         # The goals compare like with like: our int8 against CTranslate2's int8, every other dtype against its fp32.
         measured["ratio_ctranslate2"] = {

@@ -53,6 +53,8 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
 def resolve_dtype(spec: str = "float32") -> torch.dtype | None:
     """The autocast dtype for `--dtype` (None: plain float32). Weights and optimizer state always stay float32."""
     key = (spec or "float32").lower()
+    if key == "int8":
+        raise InputError("int8 is for decoding only (generate --dtype int8); train and evaluate in float32 or bfloat16")
     if key not in DTYPES:
         raise InputError(f"unknown dtype {spec!r}; choose float32 or bfloat16")
     return DTYPES[key]

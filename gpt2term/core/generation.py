@@ -79,6 +79,7 @@ class DecodingSettings:
     stop_at_eos: bool = True
     top_n: int = 10
     no_limit: bool = False  # lifts `check_max_new_tokens`
+    dtype: str | None = None  # the weights' number format while decoding (see `accelerate`); None: as prepared
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -92,6 +93,10 @@ class DecodingSettings:
             raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_n < 1:
             raise InputError(f"the number of alternatives shown must be at least 1, got {self.top_n}")
+        if self.dtype is not None:
+            from gpt2term.core.accel.decode import inference_dtype
+
+            inference_dtype(self.dtype)
 
     def check_for(self, cfg: GPTConfig) -> None:
         """The limits that depend on the model (checked before any output)."""
@@ -113,7 +118,8 @@ class DecodingSettings:
             if self.seed is not None:
                 how += f" seed={self.seed}"
         eos = "stop at <|endoftext|>" if self.stop_at_eos else "ignore <|endoftext|>"
-        return f"{how}, {self.max_new_tokens} tokens, {eos}"
+        weights = f", {self.dtype} weights" if self.dtype not in (None, "fp32", "float32") else ""
+        return f"{how}, {self.max_new_tokens} tokens, {eos}{weights}"
 
 
 @dataclass
@@ -204,6 +210,10 @@ def generate(
         raise InputError("the prompt is empty; type some text to continue")
     settings.check_for(model.cfg)
     check_ids_fit(model, prompt_ids)
+    if settings.dtype is not None:
+        from gpt2term.core.accel import accelerate
+
+        accelerate(model, settings.dtype)  # packs the decoding weights in that format (a no-op when they are)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype

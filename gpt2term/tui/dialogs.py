@@ -99,6 +99,9 @@ def _optional(text: str, kind: type) -> int | float | None:
     return kind(text) if text else None
 
 
+DECODING_DTYPES = ("fp32", "bf16", "int8")  # the weights while decoding; bf16 and int8 rescore the top in fp32
+
+
 class SettingsScreen(FormDialog[DecodingSettings | None]):
     """Greedy by default (temperature 0), as the course's generate(); sampling knobs apply when temperature > 0."""
 
@@ -123,6 +126,14 @@ class SettingsScreen(FormDialog[DecodingSettings | None]):
                 yield Input(str(s.max_new_tokens), id="max_new_tokens", type="integer", compact=True)
                 yield Label("Alternatives kept per token")
                 yield Input(str(s.top_n), id="top_n", type="integer", compact=True)
+                yield Label("Weights (bf16: 1/2 the bytes, int8: 1/4)")
+                yield Select(
+                    [(dt, dt) for dt in DECODING_DTYPES],
+                    value=s.dtype if s.dtype in DECODING_DTYPES else "fp32",
+                    allow_blank=False,
+                    compact=True,
+                    id="dtype",
+                )
             yield Checkbox("Stop at <|endoftext|>", s.stop_at_eos, id="stop_at_eos", compact=True)
             yield Static(
                 f"{key_display(self.app, 'dialog.apply')} or Enter in a field applies · "
@@ -150,13 +161,14 @@ class SettingsScreen(FormDialog[DecodingSettings | None]):
                 max_new_tokens=int(value("max_new_tokens") or 0),
                 top_n=int(value("top_n") or 10),
                 stop_at_eos=self.query_one("#stop_at_eos", Checkbox).value,
+                dtype=str(self.query_one("#dtype", Select).value),
             )
         except ValueError as exc:
             raise Gpt2termError(f"not a number ({exc}); fix the field or clear it") from exc
 
     def pressed(self, button: str) -> None:
         if button == "defaults":
-            self.dismiss(DecodingSettings(top_n=self.settings.top_n))
+            self.dismiss(DecodingSettings(top_n=self.settings.top_n, dtype=self.settings.dtype))
         else:
             super().pressed(button)
 

@@ -3,8 +3,8 @@
 `gpt2term/core/model.py` is the course's model as the book writes it. This package makes the same model fast
 on a CPU without changing what it computes, its parameters or its state_dict:
 
-- `decode`: a packed copy of the weights for decoding one token at a time (float32 or bf16), split across
-  threads by `threads`;
+- `decode`: a packed copy of the weights for decoding one token at a time (float32, bf16 or int8 from `int8`),
+  split across threads by `threads`;
 - `linear`: oneDNN float32 kernels for the linear layers in training;
 - `head_loss`: the training loss without ever building the [tokens, vocabulary] logits;
 - `vocab_pad`: on a GPU, training's output head padded to a multiple of 64 rows for the matmul kernels.
@@ -19,6 +19,7 @@ import os
 import torch
 
 from gpt2term.core.accel import decode, head_loss, linear, probes, vocab_pad
+from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "pad_vocabulary",
     "packed_weights",
     "plain",
+    "prepare_for_inference",
     "release_packed_weights",
     "vocab_multiple",
 ]
@@ -77,14 +79,21 @@ class AcceleratedGPTModel(GPTModel):
 def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTModel:
     """Switch `model` (in place) to the fast paths, unless GPT2TERM_ACCEL=0; returns it.
 
-    `dtype` ("fp32" or "bf16") is the number format decoding runs in; given, the model is put in eval mode and its
-    decoding weights are packed now, so the first token does not pay for it. bf16 halves the bytes each token
+    `dtype` ("fp32", "bf16" or "int8") is the number format decoding runs in; given, the model is put in eval mode
+    and its decoding weights are packed now, so the first token does not pay for it. bf16 halves the bytes each token
     reads (the speed limit on a CPU) while the parameters stay float32: the residual stream, layer norms,
     attention and the final choice among the top candidates stay float32, so greedy tokens almost always match
     float32's. The packed copy costs memory, about as much as the linear weights (half that in bf16);
-    `release_packed_weights(model)` frees it.
+    `release_packed_weights(model)` frees it. int8 (per-output-channel weights, a quarter of float32's bytes, the
+    top candidates rescored in float32 as for bf16) exists only on the fast path: with GPT2TERM_ACCEL=0 it is
+    refused rather than silently run in float32.
     """
     wanted = decode.inference_dtype(dtype)  # a wrong name is the user's error even when acceleration is off
+    if wanted == torch.int8 and not enabled():
+        raise InputError(
+            f"int8 decoding needs the fast paths, which {ENV_SWITCH}=0 switches off; unset {ENV_SWITCH} "
+            "or decode in fp32 or bf16"
+        )
     if not enabled():
         return model.eval() if dtype is not None else model
     if not isinstance(model, AcceleratedGPTModel):
@@ -102,6 +111,11 @@ def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTMo
             with torch.no_grad():
                 decode.current(model, wanted)
     return model
+
+
+def prepare_for_inference(model: GPTModel, dtype: str | torch.dtype = "fp32") -> GPTModel:
+    """`model` in eval mode with its decoding weights packed in `dtype` now (see `accelerate`); returns it."""
+    return accelerate(model, dtype)
 
 
 def plain(model: GPTModel) -> GPTModel:

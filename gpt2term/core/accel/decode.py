@@ -2,7 +2,8 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth and by how well each
 matrix-vector kernel streams its matrix. The course's modules are laid out for learning and training; this copy
-fuses query/key/value, stores matrices `[in, out]` in column blocks (one per thread), or oneDNN-packed bfloat16.
+fuses query/key/value, stores matrices `[in, out]` in column blocks (one per thread), oneDNN-packed bfloat16, or
+int8 with one scale per output channel (`int8`).
 It is built on first use and rebuilt whenever a parameter changes.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt2term.core.accel import probes, threads
+from gpt2term.core.accel import int8, probes, threads
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
@@ -20,8 +21,9 @@ INFERENCE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
+    "int8": torch.int8,  # weights only: activations, layer norms, attention and the KV cache stay float32
 }
-REFINED_CANDIDATES = 64  # bf16 logits: this many top candidates per row are recomputed in float32
+REFINED_CANDIDATES = 64  # bf16 and int8 logits: this many top candidates per row are recomputed in float32
 SPLIT_MAX_ROWS = 4  # one-token steps (and beams): bigger products are compute-bound and MKL threads them itself
 
 
@@ -31,7 +33,7 @@ def inference_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
         return spec
     key = spec.lower()
     if key not in INFERENCE_DTYPES:
-        raise InputError(f"unknown inference dtype {spec!r}; choose fp32 or bf16")
+        raise InputError(f"unknown inference dtype {spec!r}; choose fp32, bf16 or int8")
     return INFERENCE_DTYPES[key]
 
 
@@ -41,7 +43,8 @@ class PackedLinear:
     - "addmm" (float32): weight stored `[in, out]` in column blocks, so `addmm(bias, x, W)` streams it row by row
       (MKL reads that faster than the `[out, in]` nn.Linear layout for one token), each block on its own thread;
     - "onednn" (bf16): oneDNN's packed layout, which threads itself; `gelu` fused into the matmul;
-    - "linear" (bf16 without oneDNN): plain `F.linear` on a bf16 copy.
+    - "linear" (bf16 without oneDNN): plain `F.linear` on a bf16 copy;
+    - "int8": per-output-channel int8 (`int8.Int8Matrix`) on float32 activations.
     """
 
     __slots__ = ("kind", "weight", "bias", "gelu", "parts", "bias_parts", "columns", "out_features")
@@ -61,7 +64,11 @@ class PackedLinear:
         self.parts: tuple[torch.Tensor, ...] = ()
         self.bias_parts: tuple[torch.Tensor, ...] = ()
         self.columns: list[slice] = []
-        if dtype == torch.bfloat16 and (probes.onednn_bf16() if onednn is None else onednn):
+        if dtype == torch.int8:
+            self.kind = "int8"
+            self.columns = threads.column_blocks(self.out_features, ways)
+            self.weight = [int8.Int8Matrix(weight[cols], None if bias is None else bias[cols]) for cols in self.columns]
+        elif dtype == torch.bfloat16 and (probes.onednn_bf16() if onednn is None else onednn):
             self.kind = "onednn"
             self.weight = probes.onednn_pack_bf16(weight)
         elif dtype in (torch.bfloat16, torch.float16):
@@ -76,10 +83,17 @@ class PackedLinear:
             if bias is not None:
                 b = bias.to(dtype)
                 self.bias_parts = tuple(b[cols].contiguous() for cols in self.columns)
-        self.bias = bias.to(dtype).contiguous() if bias is not None and self.kind != "addmm" else None
+        self.bias = bias.to(dtype).contiguous() if bias is not None and self.kind not in ("addmm", "int8") else None
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.kind == "int8":
+            return [t for block in self.weight for t in block.tensors()]
         return [t for t in (self.weight, self.bias, *self.parts, *self.bias_parts) if t is not None]
+
+    def nbytes(self) -> int:
+        if self.kind == "int8":
+            return sum(block.nbytes() for block in self.weight)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def _addmm(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
@@ -105,15 +119,39 @@ class PackedLinear:
                 block(i)
         return out
 
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        a = int8.Activations(x)
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+
+        def block(i: int) -> None:
+            self.weight[i](a, out[:, self.columns[i]])
+
+        if len(self.weight) > 1 and x.shape[0] <= SPLIT_MAX_ROWS:  # every block runs on one thread (see `int8`)
+            gov = threads.governor()
+            key = ("int8", x.shape[0], x.shape[1], self.out_features)
+            use = gov.choose(key, len(self.weight))
+            started = gov.clock()
+            try:
+                threads.pool().run(block, len(self.weight), threads=use)
+            finally:
+                gov.record(key, use, gov.clock() - started)
+        elif len(self.weight) > 1:
+            threads.pool().run(block, len(self.weight))
+        else:
+            block(0)
+        return out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`: [rows, in] in the layer's dtype."""
+        """`x`: [rows, in] in the layer's dtype (float32 for int8)."""
         if self.kind == "onednn":
             if x.shape[0] > SPLIT_MAX_ROWS:  # a prompt: compute-bound, every thread pays
                 return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
             # One token: oneDNN's OpenMP threads spin-wait for each other, so on a busy machine fewer are faster.
             key = (self.kind, x.shape[0], x.shape[1], self.out_features, self.gelu)
             return threads.governed(key, lambda: probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu))
-        if self.kind == "addmm":
+        if self.kind == "int8":
+            y = self._int8(x)
+        elif self.kind == "addmm":
             y = self._addmm(x)
         elif x.shape[0] > SPLIT_MAX_ROWS:
             y = F.linear(x, self.weight, self.bias)
@@ -129,7 +167,8 @@ class InferenceWeights:
     Computes exactly what `GPTModel.forward` computes (same ops, fused query/key/value), for eval-mode, no-gradient
     calls only. In bf16 the matrices are bf16 but the residual stream, layer norms, attention and the KV cache stay
     float32, and each row's top `REFINED_CANDIDATES` logits are recomputed from the float32 head, so the token a
-    greedy decoder picks and the probabilities it reports are float32-accurate where it matters.
+    greedy decoder picks and the probabilities it reports are float32-accurate where it matters. int8 is the same
+    with int8 matrices (the layers take float32 activations).
     Valid while every parameter is the same tensor at the same address and version (`matches`).
     """
 
@@ -138,7 +177,8 @@ class InferenceWeights:
     ) -> None:
         cfg = model.cfg
         self.dtype = dtype  # the matrices' dtype
-        self.act_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # residual stream
+        self.act_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16, torch.int8) else dtype  # residual
+        self.in_dtype = self.act_dtype if dtype == torch.int8 else dtype  # what the matrices are given
         self.ways = ways
         self.n_heads, self.head_dim, self.emb_dim = cfg.n_heads, cfg.head_dim, cfg.emb_dim
         self.context_length = cfg.context_length
@@ -182,14 +222,15 @@ class InferenceWeights:
     def nbytes(self) -> int:
         """Memory held by the packed copy (what decoding costs on top of the parameters)."""
         layers = [layer for block in self.blocks for layer in block if isinstance(layer, PackedLinear)]
-        return sum(t.numel() * t.element_size() for layer in [*layers, self.head] for t in layer.tensors())
+        return sum(layer.nbytes() for layer in [*layers, self.head])
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head.kind == "addmm":
             return self.head(x)
-        logits = self.head(x.to(self.dtype)).to(self.act_dtype)
+        logits = self.head(x.to(self.in_dtype)).to(self.act_dtype)
         if self.refine:
-            # bf16 logits carry 8 significant bits: not enough to pick the argmax among GPT-2's close candidates.
+            # bf16 (and int8) logits carry about 8 significant bits: not enough to pick the argmax among GPT-2's
+            # close candidates.
             # Recompute the top candidates of each row in float32 (a small slice of the head).
             k = min(REFINED_CANDIDATES, logits.shape[-1])
             candidates = logits.topk(k, dim=-1).indices  # [rows, k]
@@ -205,7 +246,7 @@ class InferenceWeights:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds context_length {self.context_length}; crop it first"
             )
-        d, heads, hd, act, dtype = self.emb_dim, self.n_heads, self.head_dim, self.act_dtype, self.dtype
+        d, heads, hd, act, dtype = self.emb_dim, self.n_heads, self.head_dim, self.act_dtype, self.in_dtype
         x = (self.tok_emb[in_idx] + self.pos_emb[start : start + t]).to(act).view(b * t, d)
         for i, (norm1, qkv_proj, out_proj, norm2, fc, proj) in enumerate(self.blocks):
             h = F.layer_norm(x, (d,), *norm1[:2], norm1[2]).to(dtype)

@@ -1,0 +1,123 @@
+"""int8 weights for decoding: a quarter of float32's bytes per token, which is what bounds one-token speed on a CPU.
+
+Weights are quantised per output channel, symmetric: row `n` is stored as int8 `q[n]` with one float32 scale
+`s[n]` (`w ≈ q * s`, every element within `s[n] / 2`). The product runs on fbgemm's int8 kernel, which also wants
+8-bit activations; 8 bits of GPT-2's activations (a few large outliers set the scale) would move the greedy
+tokens, so each activation row is sent as two: its 7-bit rounding and that rounding's error scaled up by 64. One
+call multiplies both with the same weights (still one read of the matrix, the speed limit), and `hi + lo / 64`
+is the product to about 13 bits of the activation, close to weight-only int8.
+fbgemm would thread each call itself with OpenMP, which collapses when the machine is busy; each call here runs on
+one thread, and `decode` splits a layer into column blocks across its own pool (`threads`), as for float32.
+Where this PyTorch build lacks the kernel, the dequantised float32 weights are used (exact, no faster).
+The candidates a step chooses among are rescored from the float32 head by `decode`, as for bf16.
+
+Checked on torch 2.13.0+cpu: `torch.ops.aten._weight_int8pack_mm` (weight-only int8) exists there but on AVX2 it
+was several times slower than float32's `mm` for one row, so it is not used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from gpt2term.core.accel import probes
+
+QMAX = 127  # symmetric: -127..127, so the scale maps the largest |w| of a row exactly
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [out, in] as int8 [out, in] and float32 scales [out]: `|w - q * s| <= s / 2` element-wise."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
+    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+ZERO_POINT = 64  # 7-bit activations (0..127): AVX2's u8 x s8 pair sums cannot saturate int16
+LO_GAIN = 64.0  # the rounding error (within half a step) times this still fits the 7-bit range
+
+
+def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor):  # a LinearPackedParams
+    with warnings.catch_warnings():  # quantised tensors are "deprecated" in 2.13; the probe falls back if gone
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+class Activations:
+    """Float32 `x` [rows, in] for the int8 kernels: its 7-bit rounding over its scaled-up error (made once a layer)."""
+
+    __slots__ = ("x", "both", "step", "rows")
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x.contiguous()
+        self.rows = x.shape[0]
+        step = float(x.abs().max()) / (ZERO_POINT - 1)
+        self.step = step if step > 0 else 1.0
+        hi = torch.round(self.x / self.step).clamp_(-ZERO_POINT, ZERO_POINT - 1).mul_(self.step)
+        self.both = torch.cat([hi, (self.x - hi).mul_(LO_GAIN)])
+
+
+def _fbgemm_product(a: Activations, packed) -> torch.Tensor:
+    """`x @ (q * s).T`: both halves of the activations in one call, then `hi + lo / LO_GAIN`."""
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(a.both, a.step, ZERO_POINT, packed)
+    return y[: a.rows].add_(y[a.rows :], alpha=1.0 / LO_GAIN)
+
+
+def _check_fbgemm() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen) * 0.02
+    x = torch.randn(3, 64, generator=gen)
+    q, s = quantize(w)
+    y = _fbgemm_product(Activations(x), _pack_fbgemm(q, s))
+    expected = x @ dequantize(q, s).t()
+    return y.shape == expected.shape and bool((y - expected).abs().max() <= 1e-3 * expected.abs().max())
+
+
+def fbgemm() -> bool:
+    """Whether fbgemm's int8 linear runs here and gives the dequantised product (checked once)."""
+    return probes._probe("fbgemm_int8", _check_fbgemm)
+
+
+class Int8Matrix:
+    """An int8 linear layer: `__call__(x)` is `x @ (q * s).T + bias`, `x` float32 [rows, in]."""
+
+    __slots__ = ("q", "scale", "bias", "packed", "shape")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, use_fbgemm: bool | None = None) -> None:
+        self.shape = tuple(weight.shape)
+        q, self.scale = quantize(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        on_fbgemm = fbgemm() if use_fbgemm is None else use_fbgemm
+        self.packed = _pack_fbgemm(q, self.scale) if on_fbgemm else None
+        self.q = None if on_fbgemm else q  # fbgemm keeps its own copy: holding both would double the memory
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.q, self.scale, self.bias) if t is not None]
+
+    def nbytes(self) -> int:
+        """Memory held: one byte a weight (in fbgemm's copy or ours), the scales and the bias."""
+        small = sum(t.numel() * t.element_size() for t in (self.scale, self.bias) if t is not None)
+        return self.shape[0] * self.shape[1] + small
+
+    def __call__(self, a: Activations, out: torch.Tensor) -> None:
+        """Writes the product of the activations [rows, in] into `out` [rows, out]."""
+        if self.packed is None:
+            w = dequantize(self.q, self.scale).t()
+            torch.addmm(self.bias, a.x, w, out=out) if self.bias is not None else torch.mm(a.x, w, out=out)
+            return
+        outer = torch.get_num_threads()  # this thread's OpenMP count (thread-local): one while fbgemm runs
+        if outer != 1:
+            torch.set_num_threads(1)
+        try:
+            y = _fbgemm_product(a, self.packed)
+        finally:
+            if outer != 1:
+                torch.set_num_threads(outer)
+        torch.add(y, self.bias, out=out) if self.bias is not None else out.copy_(y)
