@@ -235,7 +235,7 @@ def _print_beams(model, tokenizer, prompt: str, ids: list[int], beams: int, sett
 
 @cli.group()
 def inspect() -> None:
-    """Look inside a model (attention weights, the logit lens) and its training data."""
+    """Look inside a model (attention, the logit lens, the loss step by step, the loss surface) and its data."""
 
 
 @inspect.command("attention")
