@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
+
+# A suite started in the background by a shell without job control inherits SIGINT ignored, and so would every
+# process its tests start (an ignored signal survives exec, and Python then installs no Ctrl-C handler): the
+# tests that send a real Ctrl-C to a real process would wait for a stop that cannot come.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +25,8 @@ def isolated_home(tmp_path_factory, monkeypatch):
 # store and its files, the CLI's plumbing, the tokenizer and the data. The second pass (GPT2TERM_ACCEL=0,
 # `-m "not once"`) checks the numbers without the speed-ups and leaves these to the first.
 ONCE = ("test_tui_", "test_store_", "test_ckpt_crash", "test_bad_input", "test_cli_progress", "test_tokenizer",
-        "test_data", "test_metrics_follow", "test_formatting", "test_readme_promises")  # fmt: skip
+        "test_data", "test_metrics_follow", "test_formatting", "test_readme_promises", "test_lesson_",
+        "test_bench_peers", "test_load", "test_train_gpu_path")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
