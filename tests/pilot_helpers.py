@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 
-async def settle(pilot, condition: Callable[[], bool], what: str) -> None:
-    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs)."""
-    for _ in range(100):
-        if condition():
-            return
+async def settle(pilot, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs).
+
+    Bounded by time as well as by rounds: on a loaded machine a chain of workers and messages (a rename on disk,
+    then the store read again) can take more than a hundred rounds of the event loop."""
+    deadline = time.monotonic() + timeout_s
+    rounds = 0
+    while not condition():
+        if rounds >= 100 and time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        rounds += 1
         await pilot.app.workers.wait_for_complete()
         await pilot.pause()
-    raise AssertionError(f"never happened: {what}")
 
 
 def screen_text(app) -> str:
