@@ -107,8 +107,8 @@ def test_int8_linear_gives_the_product_of_the_dequantised_weights(fbgemm):
         x[0, 5] = 40.0  # an outlier, as GPT-2's activations have: it sets the 7-bit step
         expected = F.linear(x, int8.dequantize(q, s), bias)
         for gelu in (False, True):
-            layer = PackedLinear(weight, bias, torch.int8, gelu=gelu, ways=3)
-            layer.weight = [int8.Int8Matrix(weight[c], bias[c], use_fbgemm=fbgemm) for c in layer.columns]
+            layer = PackedLinear(weight, bias, torch.int8, gelu=gelu)
+            layer.weight = int8.Int8Matrix(weight, bias, use_fbgemm=fbgemm)
             got = layer(x)
             want = F.gelu(expected, approximate="tanh") if gelu else expected
             assert got.dtype == torch.float32 and got.shape == (rows, 300)

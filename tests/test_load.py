@@ -6,14 +6,11 @@ numbers are the same whichever thread counts it picks. Speed itself is `gpt2term
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from gpt2term.core import accel
 from gpt2term.core.accel import threads
-from gpt2term.core.accel.decode import PackedLinear
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.generation import DecodingSettings, generate
 from gpt2term.core.model import GPTModel
@@ -121,23 +118,37 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_governed_runs_with_the_chosen_threads_and_restores_pytorchs(monkeypatch, two_threads):
+def test_a_governed_step_runs_with_the_chosen_threads_and_restores_pytorchs(monkeypatch, two_threads):
     monkeypatch.setattr(threads, "_governor", _Pinned(1))
-    seen = threads.governed("k", torch.get_num_threads)
-    assert seen == 1
+    with threads.GovernedStep("k"):
+        assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
-    with pytest.raises(ValueError):
-        threads.governed("k", lambda: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError), threads.GovernedStep("k"):
+        raise ValueError("boom")
     assert torch.get_num_threads() == 2
 
 
-def test_split_pool_with_one_thread_runs_every_block_in_the_caller():
-    pool = threads.SplitPool()
-    ran: list[tuple[int, str]] = []
-    pool.run(lambda i: ran.append((i, threading.current_thread().name)), 4, threads=1)
-    assert sorted(i for i, _ in ran) == [0, 1, 2, 3]
-    assert {name for _, name in ran} == {threading.current_thread().name}
-    pool.shut_down()
+def test_a_try_slower_than_the_current_choice_is_given_up_within_the_step(two_threads):
+    """On a collapsed machine one step at two threads can take many times a step at one: a try must not cost more
+    than about one step."""
+    clock = FakeClock()
+    gov = threads.Governor(clock=clock, min_interval_s=0.05, max_interval_s=5.0, enabled=True)
+    for _ in range(40):  # settles on one thread (two are far slower)
+        _call(gov, clock, "step", 2, {2: 0.500, 1: 0.010})
+    assert gov.current("step") == 1
+    clock.now += 10  # the next call is a try of two threads
+    with threads.GovernedStep("step", most=2, gov=gov) as step:
+        assert step.use == 2 and torch.get_num_threads() == 2
+        clock.now += 0.004
+        step.check()  # within one-thread's step time: the try goes on
+        assert torch.get_num_threads() == 2
+        clock.now += 0.008
+        step.check()  # over it: given up, the rest of the step on the current choice
+        assert torch.get_num_threads() == 1
+        clock.now += 0.5
+    assert torch.get_num_threads() == 2  # the caller's count restored
+    assert gov.current("step") == 1
+    assert gov._stats["step"].seconds[2] == pytest.approx(0.012)  # recorded when given up, not at the end
 
 
 def _model() -> GPTModel:
@@ -171,18 +182,14 @@ def test_tokens_and_probabilities_are_the_same_with_back_off_on_and_off(monkeypa
 
 
 @needs_accel
-@pytest.mark.parametrize("kind", ["linear", "onednn"])
-def test_bf16_one_token_matmuls_are_governed(monkeypatch, two_threads, kind):
-    if kind == "onednn" and not accel.probes.onednn_bf16():
-        pytest.skip("oneDNN's bf16 matmul needs AVX-512 (or AVX-NE-CONVERT), which this CPU lacks")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_one_token_steps_are_governed_and_prompts_are_not(monkeypatch, two_threads, dtype):
+    model = accel.accelerate(_model(), dtype)
     pinned = _Pinned(1)
     monkeypatch.setattr(threads, "_governor", pinned)
-    w, b = torch.randn(96, 64), torch.randn(96)
-    layer = PackedLinear(w, b, torch.bfloat16, onednn=kind == "onednn")
-    x = torch.randn(1, 64)
-    y = layer(x.bfloat16()).float()
-    torch.testing.assert_close(y, x @ w.t() + b, atol=0.3, rtol=0.05)
-    assert [key[0] for key, _ in pinned.calls] == [kind]
+    settings = DecodingSettings(max_new_tokens=4, stop_at_eos=False)
+    list(generate(model, default_tokenizer(), list(range(1, 11)), settings))  # a ten-token prompt, then 3 steps
+    assert [key for key, _ in pinned.calls] == [(accel.decode.inference_dtype(dtype), 1)] * 3
 
 
 # ------------------------------------------------------------------------------------------------ cold start

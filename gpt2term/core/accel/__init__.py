@@ -65,7 +65,7 @@ class AcceleratedGPTModel(GPTModel):
                 x, _, _ = self.hidden_states(in_idx, cache)
                 return head_loss.head_loss(self.final_norm(x), self.out_head.weight, targets)
         elif decode.wanted(self, cache, last_only):
-            packed = decode.current(self, self._decode_dtype)
+            packed = decode.current(self, self._decode_dtype, cache)
             if packed is not None:
                 return packed.forward(in_idx, cache, last_only)
         return super().forward(in_idx, cache, last_only, targets)

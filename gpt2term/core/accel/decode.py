@@ -24,7 +24,7 @@ INFERENCE_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,  # weights only: activations, layer norms, attention and the KV cache stay float32
 }
 REFINED_CANDIDATES = 64  # bf16 and int8 logits: this many top candidates per row are recomputed in float32
-SPLIT_MAX_ROWS = 4  # one-token steps (and beams): bigger products are compute-bound and MKL threads them itself
+GOVERNED_MAX_ROWS = 4  # one-token steps (and beams) are governed; prompts are compute-bound and use every thread
 
 
 def inference_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
@@ -40,14 +40,17 @@ def inference_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
 class PackedLinear:
     """One linear layer in the layout its fastest decoding kernel wants.
 
-    - "addmm" (float32): weight stored `[in, out]` in column blocks, so `addmm(bias, x, W)` streams it row by row
-      (MKL reads that faster than the `[out, in]` nn.Linear layout for one token), each block on its own thread;
-    - "onednn" (bf16): oneDNN's packed layout, which threads itself; `gelu` fused into the matmul;
+    - "fp32": weight stored `[in, out]` (what one-token products stream fastest), multiplied by oneDNN through a
+      transposed view (or `addmm` where oneDNN is missing), bias and `gelu` fused into the call;
+    - "onednn" (bf16): oneDNN's packed layout; `gelu` fused into the matmul;
     - "linear" (bf16 without oneDNN): plain `F.linear` on a bf16 copy;
     - "int8": per-output-channel int8 (`int8.Int8Matrix`) on float32 activations.
+
+    Every kind's kernel threads itself with OpenMP; for one-token steps `threads.GovernedStep` picks how many
+    threads they get (fewer on a busy machine, where OpenMP's threads wait at their barrier for a core they lack).
     """
 
-    __slots__ = ("kind", "weight", "bias", "gelu", "parts", "bias_parts", "columns", "out_features")
+    __slots__ = ("kind", "weight", "bias", "gelu", "out_features", "onednn")
 
     def __init__(
         self,
@@ -56,108 +59,50 @@ class PackedLinear:
         dtype: torch.dtype,
         *,
         gelu: bool = False,
-        ways: int = 1,
         onednn: bool | None = None,
     ) -> None:
         self.gelu = gelu
         self.out_features = weight.shape[0]
-        self.parts: tuple[torch.Tensor, ...] = ()
-        self.bias_parts: tuple[torch.Tensor, ...] = ()
-        self.columns: list[slice] = []
+        self.onednn = False
         if dtype == torch.int8:
             self.kind = "int8"
-            self.columns = threads.column_blocks(self.out_features, ways)
-            self.weight = [int8.Int8Matrix(weight[cols], None if bias is None else bias[cols]) for cols in self.columns]
+            self.weight = int8.Int8Matrix(weight, bias)
+            bias = None  # the int8 matrix adds its own
         elif dtype == torch.bfloat16 and (probes.onednn_bf16() if onednn is None else onednn):
             self.kind = "onednn"
+            self.onednn = True
             self.weight = probes.onednn_pack_bf16(weight)
         elif dtype in (torch.bfloat16, torch.float16):
             self.kind = "linear"
             self.weight = weight.to(dtype).contiguous()
         else:
-            self.kind = "addmm"
-            w = weight.to(dtype)
-            self.columns = threads.column_blocks(self.out_features, ways)
-            self.parts = tuple(w[cols].t().contiguous() for cols in self.columns)
-            self.weight = None
-            if bias is not None:
-                b = bias.to(dtype)
-                self.bias_parts = tuple(b[cols].contiguous() for cols in self.columns)
-        self.bias = bias.to(dtype).contiguous() if bias is not None and self.kind not in ("addmm", "int8") else None
+            self.kind = "fp32"
+            self.onednn = probes.onednn_fp32() if onednn is None else onednn
+            self.weight = weight.to(dtype).t().contiguous()  # [in, out]
+        self.bias = bias.to(dtype).contiguous() if bias is not None else None
 
     def tensors(self) -> list[torch.Tensor]:
         if self.kind == "int8":
-            return [t for block in self.weight for t in block.tensors()]
-        return [t for t in (self.weight, self.bias, *self.parts, *self.bias_parts) if t is not None]
+            return self.weight.tensors()
+        return [t for t in (self.weight, self.bias) if t is not None]
 
     def nbytes(self) -> int:
         if self.kind == "int8":
-            return sum(block.nbytes() for block in self.weight)
+            return self.weight.nbytes()
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def _addmm(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        out = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-
-        def block(i: int) -> None:
-            if self.bias_parts:
-                torch.addmm(self.bias_parts[i], x, self.parts[i], out=out[:, self.columns[i]])
-            else:
-                torch.mm(x, self.parts[i], out=out[:, self.columns[i]])
-
-        if rows <= SPLIT_MAX_ROWS and len(self.parts) > 1:
-            gov = threads.governor()
-            key = ("addmm", rows, x.shape[1], self.out_features)
-            use = gov.choose(key, len(self.parts))
-            started = gov.clock()
-            try:
-                threads.pool().run(block, len(self.parts), threads=use)
-            finally:
-                gov.record(key, use, gov.clock() - started)
-        else:
-            for i in range(len(self.parts)):
-                block(i)
-        return out
-
-    def _int8(self, x: torch.Tensor) -> torch.Tensor:
-        a = int8.Activations(x)
-        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-
-        def block(i: int) -> None:
-            self.weight[i](a, out[:, self.columns[i]])
-
-        if len(self.weight) > 1 and x.shape[0] <= SPLIT_MAX_ROWS:  # every block runs on one thread (see `int8`)
-            gov = threads.governor()
-            key = ("int8", x.shape[0], x.shape[1], self.out_features)
-            use = gov.choose(key, len(self.weight))
-            started = gov.clock()
-            try:
-                threads.pool().run(block, len(self.weight), threads=use)
-            finally:
-                gov.record(key, use, gov.clock() - started)
-        elif len(self.weight) > 1:
-            threads.pool().run(block, len(self.weight))
-        else:
-            block(0)
-        return out
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`: [rows, in] in the layer's dtype (float32 for int8)."""
-        if self.kind == "onednn":
-            if x.shape[0] > SPLIT_MAX_ROWS:  # a prompt: compute-bound, every thread pays
-                return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
-            # One token: oneDNN's OpenMP threads spin-wait for each other, so on a busy machine fewer are faster.
-            key = (self.kind, x.shape[0], x.shape[1], self.out_features, self.gelu)
-            return threads.governed(key, lambda: probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu))
-        if self.kind == "int8":
-            y = self._int8(x)
-        elif self.kind == "addmm":
-            y = self._addmm(x)
-        elif x.shape[0] > SPLIT_MAX_ROWS:
-            y = F.linear(x, self.weight, self.bias)
+        """`x`: [rows, in] in the layer's dtype (float32 for int8), on PyTorch's current thread count."""
+        if self.kind == "fp32":
+            if self.onednn:
+                return probes.onednn_linear(x, self.weight.t(), self.bias, gelu=self.gelu)
+            y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else torch.mm(x, self.weight)
+        elif self.kind == "onednn":
+            return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
+        elif self.kind == "int8":
+            y = self.weight(x)
         else:
-            key = (self.kind, x.shape[0], x.shape[1], self.out_features)
-            y = threads.governed(key, lambda: F.linear(x, self.weight, self.bias))
+            y = F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
 
@@ -173,13 +118,12 @@ class InferenceWeights:
     """
 
     def __init__(
-        self, model: GPTModel, dtype: torch.dtype, params: list[torch.Tensor], stamp: list[tuple[int, int]], ways: int
+        self, model: GPTModel, dtype: torch.dtype, params: list[torch.Tensor], stamp: list[tuple[int, int]]
     ) -> None:
         cfg = model.cfg
         self.dtype = dtype  # the matrices' dtype
         self.act_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16, torch.int8) else dtype  # residual
         self.in_dtype = self.act_dtype if dtype == torch.int8 else dtype  # what the matrices are given
-        self.ways = ways
         self.n_heads, self.head_dim, self.emb_dim = cfg.n_heads, cfg.head_dim, cfg.emb_dim
         self.context_length = cfg.context_length
         self._params = params
@@ -198,21 +142,21 @@ class InferenceWeights:
                 self.blocks.append(
                     (
                         (block.norm1.scale.to(act), block.norm1.shift.to(act), block.norm1.eps),
-                        PackedLinear(qkv, qkv_bias, dtype, ways=ways),
-                        PackedLinear(att.out_proj.weight, att.out_proj.bias, dtype, ways=ways),
+                        PackedLinear(qkv, qkv_bias, dtype),
+                        PackedLinear(att.out_proj.weight, att.out_proj.bias, dtype),
                         (block.norm2.scale.to(act), block.norm2.shift.to(act), block.norm2.eps),
-                        PackedLinear(ff.layers[0].weight, ff.layers[0].bias, dtype, gelu=True, ways=ways),
-                        PackedLinear(ff.layers[2].weight, ff.layers[2].bias, dtype, ways=ways),
+                        PackedLinear(ff.layers[0].weight, ff.layers[0].bias, dtype, gelu=True),
+                        PackedLinear(ff.layers[2].weight, ff.layers[2].bias, dtype),
                     )
                 )
             norm = model.final_norm
             self.final_norm = (norm.scale.to(act), norm.shift.to(act), norm.eps)
             self.head_fp = model.out_head.weight  # the original [vocab, emb] matrix, for refining candidates
             self.refine = dtype != self.act_dtype
-            self.head = PackedLinear(self.head_fp, None, dtype, ways=ways)
+            self.head = PackedLinear(self.head_fp, None, dtype)
 
-    def matches(self, params: list[torch.Tensor], dtype: torch.dtype, ways: int) -> bool:
-        if dtype != self.dtype or ways != self.ways or len(params) != len(self._params):
+    def matches(self, params: list[torch.Tensor], dtype: torch.dtype) -> bool:
+        if dtype != self.dtype or len(params) != len(self._params):
             return False
         for p, mine in zip(params, self._params, strict=True):
             if p is not mine:
@@ -225,7 +169,7 @@ class InferenceWeights:
         return sum(layer.nbytes() for layer in [*layers, self.head])
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head.kind == "addmm":
+        if self.head.kind == "fp32":
             return self.head(x)
         logits = self.head(x.to(self.in_dtype)).to(self.act_dtype)
         if self.refine:
@@ -246,6 +190,16 @@ class InferenceWeights:
             raise ValueError(
                 f"sequence of {start + t} tokens exceeds context_length {self.context_length}; crop it first"
             )
+        if b * t > GOVERNED_MAX_ROWS:
+            return self._forward(in_idx, cache, last_only, None)
+        with threads.GovernedStep((self.dtype, b * t)) as step:
+            return self._forward(in_idx, cache, last_only, step)
+
+    def _forward(
+        self, in_idx: torch.Tensor, cache: KVCache | None, last_only: bool, step: threads.GovernedStep | None
+    ) -> torch.Tensor:
+        b, t = in_idx.shape
+        start = cache.length if cache is not None else 0
         d, heads, hd, act, dtype = self.emb_dim, self.n_heads, self.head_dim, self.act_dtype, self.in_dtype
         x = (self.tok_emb[in_idx] + self.pos_emb[start : start + t]).to(act).view(b * t, d)
         for i, (norm1, qkv_proj, out_proj, norm2, fc, proj) in enumerate(self.blocks):
@@ -270,6 +224,8 @@ class InferenceWeights:
             x = x + out_proj(ctx).to(act)
             h = F.layer_norm(x, (d,), *norm2[:2], norm2[2]).to(dtype)
             x = x + proj(fc(h)).to(act)
+            if step is not None:
+                step.check()
         if cache is not None:
             cache.length += t
         rows = x.view(b, t, d)
@@ -291,18 +247,23 @@ def wanted(model: GPTModel, cache: KVCache | None, last_only: bool) -> bool:
     )
 
 
-def current(model: GPTModel, dtype: torch.dtype | None) -> InferenceWeights | None:
+def current(model: GPTModel, dtype: torch.dtype | None, cache: KVCache | None = None) -> InferenceWeights | None:
     """The model's packed copy in `dtype` (None: the parameters' own), rebuilt when any parameter was replaced,
-    moved or changed in place, or the thread count changed; None when changes could not be seen."""
+    moved or changed in place; None when changes could not be seen.
+
+    A step that continues a KV cache reuses the copy unchecked: the cache holds keys and values of the weights
+    it was filled with, so it belongs to them (and checking every parameter costs a noticeable part of a token).
+    """
     packed: InferenceWeights | None = model._inference_weights
-    params = list(model.parameters())
     dtype = dtype or model.out_head.weight.dtype
-    ways = threads.ways()
-    if packed is not None and packed.matches(params, dtype, ways):
+    if packed is not None and cache is not None and cache.length > 0 and packed.dtype == dtype:
+        return packed
+    params = list(model.parameters())
+    if packed is not None and packed.matches(params, dtype):
         return packed
     model._inference_weights = None  # free the stale copy before building the new one
     stamp = probes.stamp(params)
     if stamp is None:
         return None
-    model._inference_weights = InferenceWeights(model, dtype, params, stamp, ways)
+    model._inference_weights = InferenceWeights(model, dtype, params, stamp)
     return model._inference_weights

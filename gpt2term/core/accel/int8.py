@@ -6,8 +6,8 @@ Weights are quantised per output channel, symmetric: row `n` is stored as int8 `
 tokens, so each activation row is sent as two: its 7-bit rounding and that rounding's error scaled up by 64. One
 call multiplies both with the same weights (still one read of the matrix, the speed limit), and `hi + lo / 64`
 is the product to about 13 bits of the activation, close to weight-only int8.
-fbgemm would thread each call itself with OpenMP, which collapses when the machine is busy; each call here runs on
-one thread, and `decode` splits a layer into column blocks across its own pool (`threads`), as for float32.
+fbgemm threads each call itself with OpenMP; `decode` runs it under `threads.governed`, which gives it fewer
+threads when the machine is busy.
 Where this PyTorch build lacks the kernel, the dequantised float32 weights are used (exact, no faster).
 The candidates a step chooses among are rescored from the float32 head by `decode`, as for bf16.
 
@@ -51,23 +51,29 @@ def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor):  # a LinearPackedParams
 
 
 class Activations:
-    """Float32 `x` [rows, in] for the int8 kernels: its 7-bit rounding over its scaled-up error (made once a layer)."""
+    """Float32 `x` [rows, in] for the int8 kernel, in units of one 7-bit step: its rounding over its scaled-up
+    error, stacked into one [2 * rows, in] matrix (made once per layer input)."""
 
     __slots__ = ("x", "both", "step", "rows")
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x.contiguous()
-        self.rows = x.shape[0]
-        step = float(x.abs().max()) / (ZERO_POINT - 1)
+        self.rows = rows = x.shape[0]
+        step = float(x.abs().max()) / (ZERO_POINT - 1)  # |x| / step <= 63: the rounding needs no clamp
         self.step = step if step > 0 else 1.0
-        hi = torch.round(self.x / self.step).clamp_(-ZERO_POINT, ZERO_POINT - 1).mul_(self.step)
-        self.both = torch.cat([hi, (self.x - hi).mul_(LO_GAIN)])
+        self.both = both = torch.empty(2 * rows, x.shape[1], dtype=torch.float32, device=x.device)
+        hi, lo = both[:rows], both[rows:]
+        torch.div(self.x, self.step, out=lo)
+        torch.round(lo, out=hi)
+        lo.sub_(hi).mul_(LO_GAIN)
 
 
-def _fbgemm_product(a: Activations, packed) -> torch.Tensor:
-    """`x @ (q * s).T`: both halves of the activations in one call, then `hi + lo / LO_GAIN`."""
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(a.both, a.step, ZERO_POINT, packed)
-    return y[: a.rows].add_(y[a.rows :], alpha=1.0 / LO_GAIN)
+def _fbgemm_product(a: Activations, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (q * s).T + bias`: both halves of the activations in one call (at scale 1), then
+    `(hi + lo / LO_GAIN) * step + bias`."""
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(a.both, 1.0, ZERO_POINT, packed)
+    out = y[: a.rows].add_(y[a.rows :], alpha=1.0 / LO_GAIN)
+    return out.mul_(a.step) if bias is None else torch.add(bias, out, alpha=a.step)
 
 
 def _check_fbgemm() -> bool:
@@ -106,18 +112,9 @@ class Int8Matrix:
         small = sum(t.numel() * t.element_size() for t in (self.scale, self.bias) if t is not None)
         return self.shape[0] * self.shape[1] + small
 
-    def __call__(self, a: Activations, out: torch.Tensor) -> None:
-        """Writes the product of the activations [rows, in] into `out` [rows, out]."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ (q * s).T + bias` for float32 `x` [rows, in], on as many threads as PyTorch's setting says."""
         if self.packed is None:
             w = dequantize(self.q, self.scale).t()
-            torch.addmm(self.bias, a.x, w, out=out) if self.bias is not None else torch.mm(a.x, w, out=out)
-            return
-        outer = torch.get_num_threads()  # this thread's OpenMP count (thread-local): one while fbgemm runs
-        if outer != 1:
-            torch.set_num_threads(1)
-        try:
-            y = _fbgemm_product(a, self.packed)
-        finally:
-            if outer != 1:
-                torch.set_num_threads(outer)
-        torch.add(y, self.bias, out=out) if self.bias is not None else out.copy_(y)
+            return torch.addmm(self.bias, x, w) if self.bias is not None else torch.mm(x, w)
+        return _fbgemm_product(Activations(x), self.packed, self.bias)
