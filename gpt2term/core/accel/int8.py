@@ -68,10 +68,20 @@ class Activations:
         lo.sub_(hi).mul_(LO_GAIN)
 
 
+_kernel: list = []
+
+
+def _linear_q_dq():
+    """fbgemm's linear on float32 activations quantised with a given scale (raises AttributeError where missing)."""
+    if not _kernel:
+        _kernel.append(probes.direct(torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default))
+    return _kernel[0]
+
+
 def _fbgemm_product(a: Activations, packed, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ (q * s).T + bias`: both halves of the activations in one call (at scale 1), then
     `(hi + lo / LO_GAIN) * step + bias`."""
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(a.both, 1.0, ZERO_POINT, packed)
+    y = _linear_q_dq()(a.both, 1.0, ZERO_POINT, packed)
     out = y[: a.rows].add_(y[a.rows :], alpha=1.0 / LO_GAIN)
     return out.mul_(a.step) if bias is None else torch.add(bias, out, alpha=a.step)
 

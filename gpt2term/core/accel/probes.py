@@ -73,6 +73,18 @@ def onednn_bf16() -> bool:
     return _probe("onednn_bf16", _check_onednn_bf16)
 
 
+# ------------------------------------------------------------------------------------------ operator calls
+
+
+def direct(overload: Callable) -> Callable:
+    """The C++ function behind a `torch.ops` overload, called without the Python wrapper: for an op that takes a
+    TorchBind object (fbgemm's packed weights) the wrapper walks every argument looking for fake objects on each
+    call, a good part of a small layer's time. The overload itself where that function is not found."""
+    # OpOverload._op: verified on torch 2.13.0 (the callers' probes check the numbers through it)
+    op = getattr(overload, "_op", None)
+    return op if callable(op) else overload
+
+
 # ------------------------------------------------------------------------------------------ version counters
 
 
