@@ -191,6 +191,22 @@ def test_bf16_packed_linear_kernels_give_the_float32_product(onednn):
         assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "linear-fallback"])
+def test_fp32_packed_linear_gives_the_linear_product(onednn):
+    if onednn and not probes.onednn_fp32():
+        pytest.skip("this PyTorch build has no oneDNN float32 matmul")
+    g = torch.Generator().manual_seed(17)
+    weight, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    for rows in (1, 7):
+        x = torch.randn(rows, 64, generator=g)
+        for gelu in (False, True):
+            layer = PackedLinear(weight, bias, torch.float32, gelu=gelu, onednn=onednn)
+            assert layer.kind == "fp32" and layer.weight.t().is_contiguous()  # stored [in, out]
+            expected = F.linear(x, weight, bias)
+            expected = F.gelu(expected, approximate="tanh") if gelu else expected
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 @needs_accel
 def test_packed_memory_is_reported_and_bf16_halves_it():
     model = _model(8)

@@ -40,8 +40,8 @@ def inference_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
 class PackedLinear:
     """One linear layer in the layout its fastest decoding kernel wants.
 
-    - "fp32": weight stored `[in, out]` (what one-token products stream fastest), multiplied by oneDNN through a
-      transposed view (or `addmm` where oneDNN is missing), bias and `gelu` fused into the call;
+    - "fp32": weight stored `[in, out]` (what one-token products stream fastest) and used through its transposed
+      view, by oneDNN with bias and `gelu` fused into the call (`F.linear` where oneDNN is missing);
     - "onednn" (bf16): oneDNN's packed layout; `gelu` fused into the matmul;
     - "linear" (bf16 without oneDNN): plain `F.linear` on a bf16 copy;
     - "int8": per-output-channel int8 (`int8.Int8Matrix`) on float32 activations.
@@ -78,7 +78,7 @@ class PackedLinear:
         else:
             self.kind = "fp32"
             self.onednn = probes.onednn_fp32() if onednn is None else onednn
-            self.weight = weight.to(dtype).t().contiguous()  # [in, out]
+            self.weight = weight.to(dtype).t().contiguous().t()  # [out, in] as a view of an [in, out] matrix
         self.bias = bias.to(dtype).contiguous() if bias is not None else None
 
     def tensors(self) -> list[torch.Tensor]:
@@ -93,16 +93,9 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`x`: [rows, in] in the layer's dtype (float32 for int8), on PyTorch's current thread count."""
-        if self.kind == "fp32":
-            if self.onednn:
-                return probes.onednn_linear(x, self.weight.t(), self.bias, gelu=self.gelu)
-            y = torch.addmm(self.bias, x, self.weight) if self.bias is not None else torch.mm(x, self.weight)
-        elif self.kind == "onednn":
+        if self.onednn:  # "onednn", and "fp32" where oneDNN's float32 matmul works
             return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
-        elif self.kind == "int8":
-            y = self.weight(x)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = self.weight(x) if self.kind == "int8" else F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
 
