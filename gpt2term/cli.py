@@ -64,6 +64,21 @@ def _set_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
+def _said_on_ctrl_c(message: str, current_bar):
+    """Watches for Ctrl-C while a stoppable command works: `message` is said the moment it arrives (the work stops at
+    its next check), above the progress bar when there is one; `current_bar()` is read then, as the bar is drawn
+    only once the work has started."""
+    import signal
+
+    from gpt2term.core.training.control import watch_signals
+
+    def stopped(signum: int) -> None:
+        bar = current_bar()
+        bar.print(message) if bar is not None else click.echo(message, err=True)
+
+    return watch_signals((signal.SIGINT,), stopped)
+
+
 def n_heads_option(func):
     """`--n-heads` for every command that reads weights: a .pth state_dict carries no head count."""
     return click.option(
@@ -337,10 +352,7 @@ def inspect_surface(
     """The validation loss around CHECKPOINT: a 1D slice and a 2D grid along random filter-normalised directions
     (Li et al., 2018), and the straight path from another checkpoint (Goodfellow et al., 2015). Cached beside the
     weights (surface.json); a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
-    import signal
-
     from gpt2term.core.surface import SurfaceCancelled, SurfaceOptions, describe_result, loss_surface
-    from gpt2term.core.training.control import watch_signals
 
     _set_threads(threads)
     options = SurfaceOptions(grid, points, batches, batch_size, seed, other)
@@ -362,12 +374,8 @@ def inspect_surface(
         if bar is not None:
             bar(p)
 
-    def stopped(signum: int) -> None:
-        message = "Ctrl-C: the loss surface stopped; nothing cached"
-        bar.print(message) if bar is not None else click.echo(message, err=True)
-
     try:
-        with watch_signals((signal.SIGINT,), stopped):
+        with _said_on_ctrl_c("Ctrl-C: the loss surface stopped; nothing cached", lambda: bar):
             result = loss_surface(
                 checkpoint, options, _store(), n_heads=n_heads, progress=progress, use_cache=not no_cache
             )
@@ -1015,13 +1023,10 @@ def eval_command(
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it, or the first --max-tokens; `pydoc` when
     none is given). Shows a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
-    import signal
-
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
     from gpt2term.core.store.resolve import UNTRAINED_NAME, open_model
     from gpt2term.core.training import evaluate_ids
-    from gpt2term.core.training.control import watch_signals
 
     _set_threads(threads)
     if checkpoint is None:
@@ -1054,12 +1059,8 @@ def eval_command(
         if bar is not None:
             bar(done, total, tokens)
 
-    def stopped(signum: int) -> None:
-        message = "Ctrl-C: evaluation stopped; no result"
-        bar.print(message) if bar is not None else click.echo(message, err=True)
-
     try:
-        with watch_signals((signal.SIGINT,), stopped):
+        with _said_on_ctrl_c("Ctrl-C: evaluation stopped; no result", lambda: bar):
             result = evaluate_ids(
                 model,
                 data.train_ids,
