@@ -1271,6 +1271,7 @@ def bench_generate_command(
     """Greedy decoding tokens/s and time to first token: ours against transformers' generate, same weights."""
     from gpt2term.core.bench import bench_generate, parse_thread_counts
 
+    _refuse_preset_with_checkpoint(checkpoint)
     if thread_sweep and threads:
         raise click.UsageError("--thread-sweep is --threads 1,2,all; give one of them")
     counts = parse_thread_counts("1,2,all" if thread_sweep else threads) if (threads or thread_sweep) else None
@@ -1349,6 +1350,17 @@ def bench_train_command(
     _bench_output(result, as_json)
 
 
+def _refuse_preset_with_checkpoint(checkpoint: str | None) -> None:
+    """--preset shapes only the random model; beside --checkpoint it would be silently ignored."""
+    from click.core import ParameterSource
+
+    from gpt2term.core.errors import InputError
+
+    given = click.get_current_context().get_parameter_source("preset_name") is not ParameterSource.DEFAULT
+    if checkpoint is not None and given:
+        raise InputError("--preset shapes the random model and --checkpoint brings its own shape; give one of them")
+
+
 def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
     import torch
 
@@ -1384,6 +1396,7 @@ def bench_app_command(
     """Tokens/s the app's prompt screen shows (headless) against the engine alone, same model, alternating runs."""
     from gpt2term.tui.stream_bench import bench_app
 
+    _refuse_preset_with_checkpoint(checkpoint)
     _set_threads(threads)
     model, source = _bench_model(checkpoint, preset_name, dtype)
     result = bench_app(model, tokens=tokens, repeats=repeats, prompt=prompt)
