@@ -1370,7 +1370,7 @@ def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
 
     if checkpoint is None:
         torch.manual_seed(123)
-        return accel.accelerate(GPTModel(preset(preset_name)).eval(), dtype), f"random {preset_name} (seed 123)"
+        return accel.prepare_for_inference(GPTModel(preset(preset_name)), dtype), f"random {preset_name} (seed 123)"
     return load_model(checkpoint, quiet=True, dtype=dtype), checkpoint
 
 
