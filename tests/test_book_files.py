@@ -258,6 +258,12 @@ def book(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def gpt2term(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "gpt2term", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def run_ok(*args: str):
     result = run(*args)
     assert result.exit_code == 0, result.output
@@ -277,14 +283,14 @@ def test_train_from_a_book_model_and_optimizer_pth_continues_its_adamw_state(tmp
     book(str(corpus), str(pth), "more", str(tmp_path / "book_next.pth"))
     want = torch.load(tmp_path / "book_next.pth", weights_only=True)
 
-    # The book's loop runs in processes of its own; gpt2term in this one (its own process start adds nothing here).
-    proc = run_ok("train", str(corpus), "--name", "cont", "--from", str(pth), *CONTINUE)
+    proc = gpt2term("train", str(corpus), "--name", "cont", "--from", str(pth), *CONTINUE)  # a fresh process
     notes = [line for line in proc.stderr.splitlines() if "AdamW state" in line]
     assert len(notes) == 1 and "continuing the AdamW state of" in notes[0] and "3 steps" in notes[0], proc.stderr
     assert "--fresh-optimizer" in notes[0]
     assert max_difference(CheckpointStore().load("cont").state_dict, want) < 1e-6
 
-    # Imported into the store first, the same: the imported checkpoint has the state but no training run.
+    # Imported into the store first, the same: the imported checkpoint has the state but no training run. (These
+    # runs are in this process: a fresh one for each would only add its start.)
     run_ok("ckpt", "import", str(pth), "--name", "book", "--n-heads", "2")
     run_ok("train", str(corpus), "--name", "cont2", "--from", "book", *CONTINUE)
     assert max_difference(CheckpointStore().load("cont2").state_dict, want) < 1e-6
@@ -330,6 +336,7 @@ def screen_text(app) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
+@pytest.mark.once  # a dialog: GPT2TERM_ACCEL=0 cannot change it
 def test_the_import_dialog_takes_n_heads_shows_the_notice_and_keeps_what_was_typed(tmp_path):
     import asyncio
 
