@@ -64,6 +64,21 @@ def _set_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
+def _said_on_ctrl_c(message: str, current_bar):
+    """Watches for Ctrl-C while a stoppable command works: `message` is said the moment it arrives (the work stops at
+    its next check), above the progress bar when there is one; `current_bar()` is read then, as the bar is drawn
+    only once the work has started."""
+    import signal
+
+    from gpt2term.core.training.control import watch_signals
+
+    def stopped(signum: int) -> None:
+        bar = current_bar()
+        bar.print(message) if bar is not None else click.echo(message, err=True)
+
+    return watch_signals((signal.SIGINT,), stopped)
+
+
 def n_heads_option(func):
     """`--n-heads` for every command that reads weights: a .pth state_dict carries no head count."""
     return click.option(
@@ -337,10 +352,7 @@ def inspect_surface(
     """The validation loss around CHECKPOINT: a 1D slice and a 2D grid along random filter-normalised directions
     (Li et al., 2018), and the straight path from another checkpoint (Goodfellow et al., 2015). Cached beside the
     weights (surface.json); a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
-    import signal
-
     from gpt2term.core.surface import SurfaceCancelled, SurfaceOptions, describe_result, loss_surface
-    from gpt2term.core.training.control import watch_signals
 
     _set_threads(threads)
     options = SurfaceOptions(grid, points, batches, batch_size, seed, other)
@@ -362,12 +374,8 @@ def inspect_surface(
         if bar is not None:
             bar(p)
 
-    def stopped(signum: int) -> None:
-        message = "Ctrl-C: the loss surface stopped; nothing cached"
-        bar.print(message) if bar is not None else click.echo(message, err=True)
-
     try:
-        with watch_signals((signal.SIGINT,), stopped):
+        with _said_on_ctrl_c("Ctrl-C: the loss surface stopped; nothing cached", lambda: bar):
             result = loss_surface(
                 checkpoint, options, _store(), n_heads=n_heads, progress=progress, use_cache=not no_cache
             )
@@ -1015,13 +1023,10 @@ def eval_command(
 ) -> None:
     """Loss and perplexity of a checkpoint on CORPUS (every token of it, or the first --max-tokens; `pydoc` when
     none is given). Shows a progress bar on a terminal; Ctrl-C stops it (exit 130)."""
-    import signal
-
     from gpt2term.core.data import describe_corpus, load_corpus
     from gpt2term.core.devices import resolve_device, resolve_dtype
     from gpt2term.core.store.resolve import UNTRAINED_NAME, open_model
     from gpt2term.core.training import evaluate_ids
-    from gpt2term.core.training.control import watch_signals
 
     _set_threads(threads)
     if checkpoint is None:
@@ -1054,12 +1059,8 @@ def eval_command(
         if bar is not None:
             bar(done, total, tokens)
 
-    def stopped(signum: int) -> None:
-        message = "Ctrl-C: evaluation stopped; no result"
-        bar.print(message) if bar is not None else click.echo(message, err=True)
-
     try:
-        with watch_signals((signal.SIGINT,), stopped):
+        with _said_on_ctrl_c("Ctrl-C: evaluation stopped; no result", lambda: bar):
             result = evaluate_ids(
                 model,
                 data.train_ids,
@@ -1270,6 +1271,7 @@ def bench_generate_command(
     """Greedy decoding tokens/s and time to first token: ours against transformers' generate, same weights."""
     from gpt2term.core.bench import bench_generate, parse_thread_counts
 
+    _refuse_preset_with_checkpoint(checkpoint)
     if thread_sweep and threads:
         raise click.UsageError("--thread-sweep is --threads 1,2,all; give one of them")
     counts = parse_thread_counts("1,2,all" if thread_sweep else threads) if (threads or thread_sweep) else None
@@ -1348,6 +1350,17 @@ def bench_train_command(
     _bench_output(result, as_json)
 
 
+def _refuse_preset_with_checkpoint(checkpoint: str | None) -> None:
+    """--preset shapes only the random model; beside --checkpoint it would be silently ignored."""
+    from click.core import ParameterSource
+
+    from gpt2term.core.errors import InputError
+
+    given = click.get_current_context().get_parameter_source("preset_name") is not ParameterSource.DEFAULT
+    if checkpoint is not None and given:
+        raise InputError("--preset shapes the random model and --checkpoint brings its own shape; give one of them")
+
+
 def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
     import torch
 
@@ -1357,7 +1370,7 @@ def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
 
     if checkpoint is None:
         torch.manual_seed(123)
-        return accel.accelerate(GPTModel(preset(preset_name)).eval(), dtype), f"random {preset_name} (seed 123)"
+        return accel.prepare_for_inference(GPTModel(preset(preset_name)), dtype), f"random {preset_name} (seed 123)"
     return load_model(checkpoint, quiet=True, dtype=dtype), checkpoint
 
 
@@ -1383,6 +1396,7 @@ def bench_app_command(
     """Tokens/s the app's prompt screen shows (headless) against the engine alone, same model, alternating runs."""
     from gpt2term.tui.stream_bench import bench_app
 
+    _refuse_preset_with_checkpoint(checkpoint)
     _set_threads(threads)
     model, source = _bench_model(checkpoint, preset_name, dtype)
     result = bench_app(model, tokens=tokens, repeats=repeats, prompt=prompt)

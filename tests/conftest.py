@@ -23,7 +23,8 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 # Tests of what the model's speed-ups cannot change: the screens (they show the numbers the core computes), the
 # store and its files, the CLI's plumbing, the tokenizer and the data. The second pass (GPT2TERM_ACCEL=0,
-# `-m "not once"`) checks the numbers without the speed-ups and leaves these to the first.
+# `-m "not once"`) checks the numbers without the speed-ups and leaves these to the first. A test of such plumbing in
+# another file carries `@pytest.mark.once` itself.
 ONCE = ("test_tui_", "test_store_", "test_ckpt_crash", "test_bad_input", "test_cli_progress", "test_tokenizer",
         "test_data", "test_metrics_follow", "test_formatting", "test_readme_promises", "test_lesson_",
         "test_bench_peers", "test_load", "test_train_gpu_path")  # fmt: skip

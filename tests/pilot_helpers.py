@@ -6,19 +6,32 @@ import time
 from collections.abc import Callable
 
 
-async def settle(pilot, condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+async def settle(
+    pilot, condition: Callable[[], bool], what: str, timeout_s: float = 60.0, *, workers: bool = True
+) -> None:
     """Let workers finish and their messages be handled until `condition` holds (bounded: fails, never hangs).
 
     Bounded by time as well as by rounds: on a loaded machine a chain of workers and messages (a rename on disk,
-    then the store read again) can take more than a hundred rounds of the event loop."""
+    then the store read again) can take more than a hundred rounds of the event loop. `workers=False` only lets
+    the app run between checks, for a test that holds a worker at a gate (or stops it) on purpose."""
     deadline = time.monotonic() + timeout_s
     rounds = 0
     while not condition():
         if rounds >= 100 and time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         rounds += 1
-        await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
+        if workers:
+            await pilot.app.workers.wait_for_complete()
+            await pilot.pause()
+        else:
+            await pilot.pause(0.01)
+
+
+async def drain(pilot) -> None:
+    """Let every running worker finish and what it posted be handled: for a step that must come after the app's own
+    reaction (the Train form lists the store in a worker, then refills itself from what it found)."""
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
 
 
 def screen_text(app) -> str:

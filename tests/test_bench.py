@@ -110,3 +110,20 @@ def test_bench_train_text_report_and_bad_options():
     assert "machine:" in result.output and "gpt2term fp32" in result.output
     bad = run("bench", "train", "--preset", "enormous", "--steps", "1")
     assert bad.exit_code == 2 and "unknown preset" in bad.output
+
+
+@pytest.mark.parametrize("command", ["generate", "app"])
+def test_bench_preset_with_a_checkpoint_is_refused_in_one_line(command):
+    """--preset shapes only the random model: beside --checkpoint it would be silently ignored, so it is an error."""
+    import torch
+
+    from gpt2term.core.config import GPTConfig
+    from gpt2term.core.model import GPTModel
+    from gpt2term.core.store.store import CheckpointStore
+
+    torch.manual_seed(0)
+    CheckpointStore().save("tiny", GPTModel(GPTConfig(emb_dim=32, n_heads=2, n_layers=1, context_length=16)).eval())
+    result = run("bench", command, "--checkpoint", "tiny", "--preset", "gpt2-124M", "--tokens", "2", "--repeats", "1")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--preset" in lines[0] and "--checkpoint" in lines[0], result.output

@@ -264,6 +264,12 @@ def gpt2term(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_ok(*args: str):
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == {k for k in b if not k.endswith(".att.mask")}
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -277,19 +283,20 @@ def test_train_from_a_book_model_and_optimizer_pth_continues_its_adamw_state(tmp
     book(str(corpus), str(pth), "more", str(tmp_path / "book_next.pth"))
     want = torch.load(tmp_path / "book_next.pth", weights_only=True)
 
-    proc = gpt2term("train", str(corpus), "--name", "cont", "--from", str(pth), *CONTINUE)
+    proc = gpt2term("train", str(corpus), "--name", "cont", "--from", str(pth), *CONTINUE)  # a fresh process
     notes = [line for line in proc.stderr.splitlines() if "AdamW state" in line]
     assert len(notes) == 1 and "continuing the AdamW state of" in notes[0] and "3 steps" in notes[0], proc.stderr
     assert "--fresh-optimizer" in notes[0]
     assert max_difference(CheckpointStore().load("cont").state_dict, want) < 1e-6
 
-    # Imported into the store first, the same: the imported checkpoint has the state but no training run.
-    gpt2term("ckpt", "import", str(pth), "--name", "book", "--n-heads", "2")
-    gpt2term("train", str(corpus), "--name", "cont2", "--from", "book", *CONTINUE)
+    # Imported into the store first, the same: the imported checkpoint has the state but no training run. (These
+    # runs are in this process: a fresh one for each would only add its start.)
+    run_ok("ckpt", "import", str(pth), "--name", "book", "--n-heads", "2")
+    run_ok("train", str(corpus), "--name", "cont2", "--from", "book", *CONTINUE)
     assert max_difference(CheckpointStore().load("cont2").state_dict, want) < 1e-6
 
     # --fresh-optimizer drops it: a new AdamW's first step lands elsewhere, and nothing says "continuing".
-    proc = gpt2term("train", str(corpus), "--name", "fresh", "--from", str(pth), "--fresh-optimizer", *CONTINUE)
+    proc = run_ok("train", str(corpus), "--name", "fresh", "--from", str(pth), "--fresh-optimizer", *CONTINUE)
     assert "AdamW state" not in proc.stderr
     assert max_difference(CheckpointStore().load("fresh").state_dict, want) > 1e-5
 
@@ -329,6 +336,7 @@ def screen_text(app) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
+@pytest.mark.once  # a dialog: GPT2TERM_ACCEL=0 cannot change it
 def test_the_import_dialog_takes_n_heads_shows_the_notice_and_keeps_what_was_typed(tmp_path):
     import asyncio
 

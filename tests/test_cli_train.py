@@ -31,6 +31,7 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.once  # the signal's and the store's plumbing: GPT2TERM_ACCEL=0 cannot change it
 def test_ctrl_c_finishes_the_step_saves_and_exits_130_then_resume_continues(corpus_file):
     command = [sys.executable, "-m", "gpt2term", "train", str(corpus_file), "--name", "sig", *SMALL,
                "--max-steps", "100000", "--eval-interval", "100000", "--save-interval", "0", "--json"]  # fmt: skip

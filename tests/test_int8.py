@@ -178,6 +178,7 @@ def test_int8_is_for_decoding_only_and_unknown_names_list_it():
         DecodingSettings(dtype="int4")
 
 
+@pytest.mark.once  # it sets GPT2TERM_ACCEL=0 itself: the second pass would run it again unchanged
 def test_int8_with_the_fast_paths_off_is_a_one_line_error():
     env = {**os.environ, "GPT2TERM_ACCEL": "0"}
     proc = subprocess.run(

@@ -202,6 +202,7 @@ def test_crc32c_lanes_agree_with_the_byte_by_byte_definition():
         assert crc32c(data, max_lanes) == _crc_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF, n
 
 
+@pytest.mark.once  # the dialog and the import's plumbing; the logits are checked on a plain GPTModel
 def test_the_tui_import_dialog_takes_a_tensorflow_folder(tf_copy, tf_arrays):
     from gpt2term.tui.dialogs import ImportScreen
     from tests.pilot_helpers import settle

@@ -228,6 +228,7 @@ def test_non_finite_weights_are_never_saved_and_generate_refuses_them_in_one_lin
 # ------------------------------------------------------------------- 5: --overwrite keeps the old one until it saves
 
 
+@pytest.mark.once  # the store's and the signals' plumbing: GPT2TERM_ACCEL=0 cannot change it
 def test_overwrite_keeps_the_old_checkpoint_and_its_history_until_the_new_run_saves(corpus_file):
     first = invoke("train", corpus_file, "--name", "keep", *SMALL, "--max-steps", "2", *QUIET)
     assert first.exit_code == 0, first.output
@@ -261,6 +262,7 @@ def test_overwrite_keeps_the_old_checkpoint_and_its_history_until_the_new_run_sa
 # ------------------------------------------------------------------------------------------ 6: SIGTERM, 2nd Ctrl-C
 
 
+@pytest.mark.once  # the store's and the signals' plumbing: GPT2TERM_ACCEL=0 cannot change it
 def test_sigterm_saves_at_the_step_reached_exits_143_and_releases_the_lock(corpus_file):
     run = Train(corpus_file, "--name", "term", *SMALL, "--max-steps", "100000", *QUIET, "--save-interval", "0")
     run.until(step_is(2))
@@ -284,6 +286,7 @@ def _saving_now(store: CheckpointStore, name: str) -> bool:
     return any(any(p.iterdir()) for p in store.root.glob(f".{name}.tmp-*"))
 
 
+@pytest.mark.once  # the store's and the signals' plumbing: GPT2TERM_ACCEL=0 cannot change it
 def test_a_second_ctrl_c_during_the_save_lets_it_finish_no_traceback(corpus_file):
     """Raised inside torch.save, a KeyboardInterrupt comes out as a RuntimeError with a traceback (exit 1)."""
     # A wider model than the others, so that its save lasts long enough to be caught in the middle; the run is

@@ -19,7 +19,7 @@ from gpt2term.core.training import TrainingSettings
 from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.data_view import DataView
 from gpt2term.tui.screens.train import TrainScreen
-from tests.pilot_helpers import screen_text
+from tests.pilot_helpers import drain, screen_text, settle
 
 
 @pytest.fixture
@@ -35,15 +35,6 @@ def small_app():
     return make_app(model=model, model_name="small", keymap={})
 
 
-async def until(pilot, condition, what: str) -> None:
-    """Poll a real condition, bounded (the worker may be blocked on purpose, so no waiting for workers)."""
-    for _ in range(400):
-        if condition():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError(f"never happened: {what}")
-
-
 def text_of(screen, selector: str) -> str:
     return str(screen.query_one(selector).render())
 
@@ -52,6 +43,7 @@ async def open_data(pilot, **fields: str) -> DataView:
     await pilot.press("f3")
     train = pilot.app.screen
     assert isinstance(train, TrainScreen)
+    await drain(pilot)  # filled after the form's own refill from the store, which would undo the test's values
     for field_id, value in fields.items():
         train.form.query_one(f"#{field_id}").value = value
     await pilot.press("ctrl+t")
@@ -72,7 +64,7 @@ def test_the_data_view_shows_the_engines_rows_and_counts_and_steps_through_batch
         async with small_app().run_test(size=(130, 50)) as pilot:
             fields = {"corpus": str(corpus_file), "context_length": "8", "batch_size": "3", "seed": "7"}
             view = await open_data(pilot, name="taken", **fields)  # a taken Name does not matter here
-            await until(pilot, lambda: view.pipeline is not None, "the pipeline computed")
+            await settle(pilot, lambda: view.pipeline is not None, "the pipeline computed")
             expected = engine(corpus_file)
             assert view.pipeline == expected
             stages = text_of(view, "#data-stages")
@@ -117,12 +109,14 @@ def test_the_view_says_what_it_computes_while_the_corpus_is_read(corpus_file, mo
     async def scenario() -> None:
         async with small_app().run_test(size=(120, 40)) as pilot:
             view = await open_data(pilot, corpus=str(corpus_file), context_length="8")
-            await until(pilot, lambda: "tokenizing" in text_of(view, "#data-progress"), "the progress line")
+            await settle(
+                pilot, lambda: "tokenizing" in text_of(view, "#data-progress"), "the progress line", workers=False
+            )
             assert str(corpus_file) in text_of(view, "#data-progress")
             assert "reading and tokenizing" in screen_text(pilot.app)  # on screen, not under the spinner
             assert view.query_one(".inspect-body").loading and view.pipeline is None
             release.set()
-            await until(pilot, lambda: view.pipeline is not None, "the pipeline computed")
+            await settle(pilot, lambda: view.pipeline is not None, "the pipeline computed")
             assert text_of(view, "#data-progress") == "" and not view.query_one(".inspect-body").loading
 
     asyncio.run(scenario())
@@ -135,7 +129,7 @@ def test_a_too_small_corpus_is_named_in_the_title_and_the_app_goes_on(tmp_path):
     async def scenario() -> None:
         async with small_app().run_test(size=(120, 40)) as pilot:
             view = await open_data(pilot, corpus=str(small))
-            await until(pilot, lambda: view.failure is not None, "the failure")
+            await settle(pilot, lambda: view.failure is not None, "the failure")
             title = text_of(view, "#data-title")
             assert "too short for context length 128" in title and "lower --context-length" in title
             await pilot.press("escape")

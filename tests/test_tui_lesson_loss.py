@@ -18,7 +18,7 @@ from gpt2term.tui.app import make_app
 from gpt2term.tui.screens.loss_view import LossTextScreen, LossView
 from gpt2term.tui.screens.prompt import PromptScreen
 from gpt2term.tui.widgets.probabilities import show_token
-from tests.pilot_helpers import settle
+from tests.pilot_helpers import screen_text, settle
 
 TINY = GPTConfig(emb_dim=32, n_heads=4, n_layers=2, context_length=64, drop_rate=0.1)
 PROMPT = "The quick brown fox"
@@ -146,5 +146,28 @@ def test_a_text_of_one_token_says_so_in_the_view(tiny_checkpoint):
             assert "nothing to predict" in shown(view, "loss-title")
             await pilot.press("escape")
             assert app.screen is screen  # the app goes on
+
+    asyncio.run(scenario())
+
+
+def test_the_token_line_reads_exactly_as_the_tokens_at_every_line_wrap():
+    """A token starting with a space at a wrap point keeps its space: the rows, joined, are the text itself."""
+    text = "Every effort moves you forward, and a small model learns to count one two three four five six seven"
+
+    async def scenario() -> None:
+        torch.manual_seed(0)
+        app = make_app(model=GPTModel(TINY).eval(), model_name="tiny", keymap={})
+        async with app.run_test(size=(70, 60)) as pilot:
+            await settle(pilot, lambda: app.app_model is not None, "the model loaded")
+            view = LossView(app.tokenizer, app.tokenizer.encode(text), model=app.app_model.model)
+            await app.push_screen(view)
+            await settle(pilot, lambda: view.steps is not None, "the loss computed")
+            for width in (70, 64, 57, 51):  # the wrap points fall on different tokens, some of them " model"-like
+                await pilot.resize_terminal(width, 60)
+                await settle(pilot, lambda w=width: app.size.width == w, "the resize")
+                box = view.query_one("#loss-tokens").content_region
+                rows = [row[box.x : box.right] for row in screen_text(app).splitlines()[box.y : box.bottom]]
+                assert len(rows) > 1, rows  # it wraps
+                assert text in "".join(rows), rows
 
     asyncio.run(scenario())

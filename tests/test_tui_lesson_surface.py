@@ -56,16 +56,12 @@ def test_escape_stops_the_computation_and_caches_nothing(corpus_file):  # noqa: 
         async with app.run_test(size=(150, 44)) as pilot:
             view = SurfaceView("run", CheckpointStore(), SurfaceOptions(grid=60, batches=4))
             await app.push_screen(view)
-            deadline = time.monotonic() + 60
-            while view.done < 1 and time.monotonic() < deadline:  # the first point timed: the estimate is shown
-                await pilot.pause(0.05)
-            assert view.done >= 1
+            # the first point timed: the estimate is shown (the worker goes on, so no waiting for it)
+            await settle(pilot, lambda: view.done >= 1, "the first point", workers=False)
             assert "about " in screen_text(app) and "60x60 grid" in screen_text(app)
             await pilot.press("escape")
-            deadline = time.monotonic() + 60
-            while view.computing and time.monotonic() < deadline:  # it stops at the end of the current point
-                await pilot.pause(0.05)
-            await pilot.pause()
+            # it stops at the end of the current point, and says so
+            await settle(pilot, lambda: not view.computing and "stopped" in screen_text(app), "the stop")
             assert view.cancelled and view.result is None and app.screen is view
             assert view.done < SurfaceOptions(grid=60, batches=4).evaluations
             assert "stopped" in screen_text(app)

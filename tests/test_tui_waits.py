@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 
 import torch
 
@@ -28,15 +27,6 @@ def tiny_app():
     return make_app(model=GPTModel(TINY).eval(), model_name="tiny", keymap={})
 
 
-async def poll(pilot, condition: Callable[[], bool], what: str) -> None:
-    """Like `settle`, but without waiting for workers: one is held at a gate on purpose."""
-    for _ in range(500):
-        if condition():
-            return
-        await pilot.pause(0.01)
-    raise AssertionError(f"never happened: {what}")
-
-
 def test_the_first_token_wait_says_it_reads_the_prompt(monkeypatch):
     gate = threading.Event()
     real = prompt.generate
@@ -56,7 +46,9 @@ def test_the_first_token_wait_says_it_reads_the_prompt(monkeypatch):
             screen.settings = screen.settings.__class__(max_new_tokens=3, top_n=5)
             await pilot.press(*"Hello", "enter")
             try:
-                await poll(pilot, lambda: FIRST_TOKEN_NOTE in screen_text(app), "the first-token note on screen")
+                await settle(
+                    pilot, lambda: FIRST_TOKEN_NOTE in screen_text(app), "the first-token note on screen", workers=False
+                )
                 assert not screen.turns[-1].steps  # still waiting: the note is shown while the work runs
             finally:
                 gate.set()
@@ -98,14 +90,16 @@ def test_compare_shows_each_decoding_as_it_comes_and_says_which_one_runs(monkeyp
             assert isinstance(view, CompareScreen)
             try:
                 # greedy holds after its first token: it streams, and the others wait with a word
-                await poll(pilot, lambda: "greedy: decoding…" in screen_text(app), "greedy streaming")
+                await settle(pilot, lambda: "greedy: decoding…" in screen_text(app), "greedy streaming", workers=False)
                 text = screen_text(app)
                 assert "beam search (4 beams): waiting" in text and "sampled: waiting" in text
                 first = view.progress[0][1]
                 assert first and first.strip()[:4] in text  # its first token is on screen already
                 greedy_gate.set()
                 # beam search holds: greedy and sampling are finished and shown with their numbers
-                await poll(pilot, lambda: "beam search (4 beams): decoding…" in screen_text(app), "beam running")
+                await settle(
+                    pilot, lambda: "beam search (4 beams): decoding…" in screen_text(app), "beam running", workers=False
+                )
                 text = screen_text(app)
                 assert "greedy: 4 tokens, log-probability" in text
                 assert "seed 1): 4 tokens, log-probability" in text

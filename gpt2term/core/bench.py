@@ -293,7 +293,7 @@ def _measure_generation(
 
     def use(dt: str) -> None:
         started = time.perf_counter()
-        accel.accelerate(model, dt)
+        accel.prepare_for_inference(model, dt)
         prepare_s[dt] = time.perf_counter() - started
         packed = accel.packed_weights(model)
         packed_mb[dt] = packed.nbytes() / 1e6 if packed is not None else 0.0

@@ -79,7 +79,7 @@ class DecodingSettings:
     stop_at_eos: bool = True
     top_n: int = 10
     no_limit: bool = False  # lifts `check_max_new_tokens`
-    dtype: str | None = None  # the weights' number format while decoding (see `accelerate`); None: as prepared
+    dtype: str | None = None  # the weights' number format while decoding (`prepare_for_inference`); None: as prepared
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -211,9 +211,9 @@ def generate(
     settings.check_for(model.cfg)
     check_ids_fit(model, prompt_ids)
     if settings.dtype is not None:
-        from gpt2term.core.accel import accelerate
+        from gpt2term.core.accel import prepare_for_inference
 
-        accelerate(model, settings.dtype)  # packs the decoding weights in that format (a no-op when they are)
+        prepare_for_inference(model, settings.dtype)  # packs the weights in that format (a no-op when they are)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype

@@ -1,4 +1,5 @@
 """Speed for the course's model, switched on by one call: `accelerate(model)`; `GPT2TERM_ACCEL=0` turns it off.
+Ready to decode in a number format (fp32, bf16, int8): `prepare_for_inference(model, dtype)`.
 
 `gpt2term/core/model.py` is the course's model as the book writes it. This package makes the same model fast
 on a CPU without changing what it computes, its parameters or its state_dict:
@@ -79,14 +80,26 @@ class AcceleratedGPTModel(GPTModel):
 def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTModel:
     """Switch `model` (in place) to the fast paths, unless GPT2TERM_ACCEL=0; returns it.
 
-    `dtype` ("fp32", "bf16" or "int8") is the number format decoding runs in; given, the model is put in eval mode
-    and its decoding weights are packed now, so the first token does not pay for it. bf16 halves the bytes each token
-    reads (the speed limit on a CPU) while the parameters stay float32: the residual stream, layer norms,
-    attention and the final choice among the top candidates stay float32, so greedy tokens almost always match
-    float32's. The packed copy costs memory, about as much as the linear weights (half that in bf16);
-    `release_packed_weights(model)` frees it. int8 (per-output-channel weights, a quarter of float32's bytes, the
-    top candidates rescored in float32 as for bf16) exists only on the fast path: with GPT2TERM_ACCEL=0 it is
-    refused rather than silently run in float32.
+    Training and the app call this once on every model. To decode in a number format, call `prepare_for_inference`;
+    a `dtype` given here is passed on to it (for callers whose format is optional).
+    """
+    if dtype is not None:
+        return prepare_for_inference(model, dtype)
+    if enabled():
+        _switch_on(model)
+    return model
+
+
+def prepare_for_inference(model: GPTModel, dtype: str | torch.dtype = "fp32") -> GPTModel:
+    """`model` (in place) ready to decode in `dtype` ("fp32", "bf16" or "int8"): on the fast paths, in eval mode,
+    its decoding weights packed now so the first token does not pay for it; returns it.
+
+    bf16 halves the bytes each token reads (the speed limit on a CPU) while the parameters stay float32: the
+    residual stream, layer norms, attention and the final choice among the top candidates stay float32, so greedy
+    tokens almost always match float32's. The packed copy costs memory, about as much as the linear weights (half
+    that in bf16); `release_packed_weights(model)` frees it. int8 (per-output-channel weights, a quarter of
+    float32's bytes, the top candidates rescored in float32 as for bf16) exists only on the fast path: with
+    GPT2TERM_ACCEL=0 it is refused rather than silently run in float32.
     """
     wanted = decode.inference_dtype(dtype)  # a wrong name is the user's error even when acceleration is off
     if wanted == torch.int8 and not enabled():
@@ -94,8 +107,18 @@ def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTMo
             f"int8 decoding needs the fast paths, which {ENV_SWITCH}=0 switches off; unset {ENV_SWITCH} "
             "or decode in fp32 or bf16"
         )
+    model.eval()
     if not enabled():
-        return model.eval() if dtype is not None else model
+        return model
+    _switch_on(model)
+    model._decode_dtype = wanted
+    if model.out_head.weight.device.type == "cpu":
+        with torch.no_grad():
+            decode.current(model, wanted)
+    return model
+
+
+def _switch_on(model: GPTModel) -> None:
     if not isinstance(model, AcceleratedGPTModel):
         if type(model) is not GPTModel:
             raise TypeError(f"accelerate() takes a GPTModel, not {type(model).__name__}")
@@ -104,18 +127,6 @@ def accelerate(model: GPTModel, dtype: str | torch.dtype | None = None) -> GPTMo
         model._decode_dtype = None
         model._vocab_multiple = None
         linear.swap_in(model)
-    if dtype is not None:
-        model.eval()
-        model._decode_dtype = wanted
-        if model.out_head.weight.device.type == "cpu":
-            with torch.no_grad():
-                decode.current(model, wanted)
-    return model
-
-
-def prepare_for_inference(model: GPTModel, dtype: str | torch.dtype = "fp32") -> GPTModel:
-    """`model` in eval mode with its decoding weights packed in `dtype` now (see `accelerate`); returns it."""
-    return accelerate(model, dtype)
 
 
 def plain(model: GPTModel) -> GPTModel:

@@ -82,9 +82,14 @@ def steps_text(steps: LossSteps, rows: int = ROWS) -> Text:
     return text
 
 
+TOKENS_HEAD = "tokens by their loss (green: expected · red: as surprising as a uniform guess):"
+
+
 def tokens_text(steps: LossSteps) -> Text:
-    """The text as the model read it, each target token shaded by what it cost (the first token is only read)."""
-    text = Text("tokens by their loss (green: expected · red: as surprising as a uniform guess): ", style="bold")
+    """The text as the model read it, each target token shaded by what it cost (the first token is only read).
+
+    Shown folded at the last column, never word-wrapped: a word wrap drops the space a token starts with."""
+    text = Text()
     text.append(_label(steps.tokens[0].token_text), style="dim")
     for t in steps.tokens:
         shade = loss_shade(t.nll, steps.baseline)
@@ -145,6 +150,8 @@ class LossView(ComputedView):
     #loss-worst { width: auto; height: auto; }
     #loss-table { width: 1fr; height: auto; margin-left: 3; }
     #loss-tokens, #loss-dropout { margin-bottom: 1; }
+    #loss-tokens { text-wrap: nowrap; text-overflow: fold; }
+    #loss-tokens-head { text-style: bold; }
     """
     )
     TITLE_ID = "loss-title"
@@ -183,6 +190,7 @@ class LossView(ComputedView):
             )
             with VerticalScroll(classes="inspect-body"):
                 yield Static(id="loss-steps", markup=False)
+                yield Static(TOKENS_HEAD, id="loss-tokens-head", markup=False)
                 yield Static(id="loss-tokens", markup=False)
                 yield Static(id="loss-dropout", markup=False)
                 with Horizontal(id="loss-bottom"):
