@@ -282,3 +282,48 @@ def test_resolve_weights_takes_a_name_or_a_path(store, tmp_path):
         resolve_weights("nothing-called-this", store)
     with pytest.raises(CheckpointError, match="no such file"):
         resolve_weights(str(tmp_path / "missing.pth"), store)
+
+
+def test_training_a_loaded_model_never_writes_to_its_checkpoint_file(store):
+    import hashlib
+
+    saved = tiny_model(4)
+    info = store.save("run", saved, meta={"step": 1})
+    weights = info.path / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    loaded = store.load("run")
+    model = loaded.build_model().train()
+    # The parameters are the loaded tensors themselves (nothing allocated and copied), and they are trainable.
+    assert model.tok_emb.weight.data_ptr() == loaded.state_dict["tok_emb.weight"].data_ptr()
+    assert all(p.requires_grad and not p.is_meta and p.dtype == torch.float32 for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(3):  # in-place updates of every parameter, as a training run makes them
+        logits = model(IDS[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), IDS[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        model.trf_blocks[0].att.W_query.weight.fill_(7.0)
+    assert not torch.equal(model.tok_emb.weight, saved.tok_emb.weight)
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+    assert_same_weights(store.load("run").state_dict, saved.state_dict())
+
+
+def test_building_a_loaded_model_runs_no_reference_kernels(store):
+    """`to_empty` goes through torch's Python reference `empty_like`, whose first call imports sympy: a cold start
+    pays for it in a fresh process, so this is checked in one."""
+    import subprocess
+    import sys
+
+    store.save("run", tiny_model(5), meta={"step": 1})
+    code = (
+        "import sys, torch\n"
+        "from gpt2term.core.store.store import CheckpointStore\n"
+        f"model = CheckpointStore({str(store.root)!r}).load_model('run')\n"
+        "print(sorted(m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules))\n"
+        f"print(torch.equal(model(torch.tensor({IDS.tolist()})), model(torch.tensor({IDS.tolist()}))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

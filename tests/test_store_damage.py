@@ -561,3 +561,49 @@ def test_rm_and_save_of_a_symlinked_checkpoint_remove_the_link_only_and_leave_no
     (store.root / ".link.old-99999999-0123abcd").symlink_to(target)
     store.list()
     assert leftovers() == [] and sorted(p.name for p in target.iterdir()) == files
+
+
+# ------------------------------------------------------------------------------------- non-finite weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_non_finite_weights_are_found_in_every_float_dtype(dtype):
+    from gpt2term.core.store.validate import non_finite_tensor
+
+    for bad in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
+        weights = torch.randn(5000).to(dtype)
+        weights[1234 : 1234 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        state = {"ok": torch.randn(3, 3).to(dtype), "ids": torch.arange(4), "bad": weights, "later": weights.clone()}
+        assert non_finite_tensor(state) == "bad", bad
+    assert non_finite_tensor({"ok": torch.randn(64, 64).to(dtype), "empty": torch.empty(0, dtype=dtype)}) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [(torch.float32, 3e38), (torch.float16, 65000.0), (torch.bfloat16, 3e38), (torch.float64, 1e308)],
+)
+def test_huge_but_finite_weights_are_accepted(dtype, value):
+    """Their sum overflows to inf: the fast check alone would call them non-finite."""
+    from gpt2term.core.store.validate import non_finite_tensor
+
+    huge = torch.full((1000,), value, dtype=dtype)
+    assert torch.isfinite(huge).all()
+    assert non_finite_tensor({"huge": huge, "negative": -huge}) is None
+
+
+def test_a_checkpoint_with_huge_weights_loads_and_one_with_a_nan_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path / "store")
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    with torch.no_grad():
+        model.trf_blocks[1].ff.layers[0].weight.fill_(3e38)
+    store.save("huge", model, meta={"step": 1})
+    assert resolve_weights("huge", store).name == "huge"
+    info = store.info("huge")
+    state = {k: v.clone() for k, v in store.load("huge").state_dict.items()}
+    state["trf_blocks.1.att.W_value.weight"][3, 4] = math.nan
+    save_file(state, str(info.path / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"non-finite weights \(nan or inf in trf_blocks\.1\.att\.W_value\.weight\)"
+    ):
+        resolve_weights("huge", store)

@@ -234,6 +234,15 @@ def test_tokenizing_a_corpus_onto_a_full_disk_is_one_line_and_leaves_nothing(sma
     assert [p for p in (small_disk / "cache").rglob("*") if p.is_file()] == []
 
 
+def test_the_tokenizer_cache_on_a_full_disk_is_skipped_and_leaves_nothing(small_disk):
+    from gpt2term.core import tokenizer as tokmod
+
+    fill(small_disk, leave=400 << 10)  # room to start writing the 835 kB ranks file, not to finish
+    ranks = tokmod._bundled_ranks(tokmod._bundled_bpe_files())
+    assert len(ranks) == 50256
+    assert [p.name for p in small_disk.rglob("*") if p.is_file()] == ["filler-409600"]
+
+
 def test_train_on_a_full_disk_is_one_line_exit_2_and_leaves_no_lock(small_disk, corpus_file):
     fill(small_disk)
     command = [sys.executable, "-m", "gpt2term", "train", str(corpus_file), "--name", "run", *SMALL, "--max-steps", "2"]

