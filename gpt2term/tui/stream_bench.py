@@ -37,6 +37,7 @@ async def _app_runs(model: GPTModel, prompt: str, settings: DecodingSettings, or
             await pilot.pause(0.01)
         screen = app.screen
         assert isinstance(screen, PromptScreen)
+        screen.shown_at = {}  # the screen records its redraw times only when asked
         for who in order:
             if who == "engine":
                 results["engine"].append(_engine_run(model, prompt, settings))
