@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,8 @@ class PromptScreen(WorkerErrors, Screen):
         self._relay: EventRelay | None = None  # the generating turn's steps, from its thread to this screen
         self._flush_timer: Timer | None = None
         self._last_flush = 0.0
-        self._prepared: tuple[GPTModel, str] | None = None  # the model and dtype its decoding weights are packed in
+        # The model (weakly: a model the app has closed must be freed) and the dtype its decoding weights are packed in.
+        self._prepared: tuple[weakref.ref[GPTModel], str] | None = None
         # Set it to {} to record, per turn, (perf_counter, tokens on screen) at each redraw (`gpt2term bench app`).
         self.shown_at: dict[int, list[tuple[float, int]]] | None = None
 
@@ -251,8 +253,9 @@ class PromptScreen(WorkerErrors, Screen):
         self._show_turn(turn)
         self.update_status()
         self.refresh_bindings()  # Stop and Inspect appear in the footer
-        dtype = self.settings.dtype
-        prepare = dtype if dtype is not None and self._prepared != (app_model.model, dtype) else None
+        dtype, prepared = self.settings.dtype, self._prepared
+        done = prepared is not None and prepared[0]() is app_model.model and prepared[1] == dtype
+        prepare = dtype if dtype is not None and not done else None
         self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel, self._relay, prepare)
         return turn
 
@@ -270,7 +273,7 @@ class PromptScreen(WorkerErrors, Screen):
     ) -> None:
         if prepare is not None:  # the dtype setting changed (or a new model): pack its weights before the first token
             prepare_for_inference(model, prepare)
-            self._prepared = (model, prepare)
+            self._prepared = (weakref.ref(model), prepare)
         with decoding_switch_interval():
             for step in generate(model, tokenizer, ids, settings, cancel=cancel):
                 relay(step)
