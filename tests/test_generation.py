@@ -92,6 +92,24 @@ def test_cancel_stops_between_two_steps(model, tok):
     assert len(got) == 3
 
 
+def test_a_dtype_setting_neither_repacks_the_model_nor_leaves_its_mode_changed(tok):
+    """Packing for a dtype is the model owner's job (the CLI on load, the app when the setting changes): generate()
+    decodes with the model as prepared and gives it back in the mode it found it."""
+    from gpt2term.core import accel
+    from gpt2term.core.accel import packed_weights
+
+    if not accel.enabled():
+        pytest.skip("GPT2TERM_ACCEL=0: int8 exists only on the fast path")
+    torch.manual_seed(0)
+    m = accelerate(GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2)))
+    m.train()
+    steps = list(generate(m, tok, PROMPT, DecodingSettings(max_new_tokens=3, stop_at_eos=False, dtype="int8")))
+    assert len(steps) == 3
+    assert m.training  # back in train mode, as it came
+    packed = packed_weights(m)
+    assert packed is None or packed.dtype != torch.int8  # not repacked in int8 behind its owner's back
+
+
 def test_bad_settings_and_empty_prompt_are_user_errors(model, tok):
     with pytest.raises(InputError, match="temperature"):
         DecodingSettings(temperature=-1)

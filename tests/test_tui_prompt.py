@@ -380,6 +380,7 @@ def test_batched_redraws_end_showing_every_token_probability_and_perplexity_of_t
             await set_max_new_tokens(pilot, 40)
             screen.settings = DecodingSettings(max_new_tokens=40, top_n=30, stop_at_eos=False)
             screen.stream_fps = 0.001  # one redraw in 1000 s: every token after the first waits for the end
+            screen.shown_at = {}  # record the redraws (off unless asked)
             await generate_in_app(pilot, PROMPT)
             await pilot.pause()
             turn = screen.turns[-1]
@@ -396,5 +397,79 @@ def test_batched_redraws_end_showing_every_token_probability_and_perplexity_of_t
             ppl = screen.query_one(PerplexityPanel)
             assert f"{expected[-1].perplexity:.2f}" in str(ppl.numbers.render())
             assert ppl.sparkline.probs == pytest.approx([s.prob for s in expected], rel=1e-4)
+
+    asyncio.run(scenario())
+
+
+def test_the_decoding_thread_hands_tokens_over_in_batches_and_redraw_times_are_kept_only_when_asked(tiny_checkpoint):
+    """One message per token would wake the UI thread, and take the decoder's GIL, for every token: the worker posts
+    a message only when none is waiting, and the screen takes every waiting token at its next frame."""
+    tokenizer = default_tokenizer()
+    settings = DecodingSettings(max_new_tokens=40, top_n=30, stop_at_eos=False)
+    expected = list(generate(CheckpointStore().load_model("tiny"), tokenizer, tokenizer.encode(PROMPT), settings))
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = settings
+            screen.stream_fps = 0.001  # the first tokens are drawn at once; the next frame would be in 1000 s
+            posted: list[str] = []
+            post = screen.post_message
+
+            def spy(message) -> bool:
+                if threading.current_thread() is not threading.main_thread():
+                    posted.append(type(message).__name__)
+                return post(message)
+
+            screen.post_message = spy
+            turn = screen.start_generation(PROMPT)
+            await settle(pilot, lambda: turn.state != "generating", "the generation ended")
+            await pilot.pause()
+            token_messages = [name for name in posted if name not in ("PromptScored", "GenerationFinished")]
+            assert token_messages and set(token_messages) == {"TokensReady"}
+            assert len(token_messages) <= 2, posted  # not one per token
+            assert [s.token_id for s in turn.steps] == [s.token_id for s in expected]
+            assert screen.transcript.views[turn.id].body.plain == PROMPT + "".join(s.text for s in expected)
+            drawn = screen_text(app)  # the panel as the terminal shows it, not only its `render()`
+            assert f"chose {show_token(expected[-1].token_text)} rank 1" in drawn
+            assert show_token(expected[-1].top[1].text) in drawn
+            assert screen.shown_at is None  # redraw times are the bench's, recorded only when it asks
+
+    asyncio.run(scenario())
+
+
+def test_the_gil_switch_interval_is_short_while_decoding_and_restored_after():
+    """The UI thread's redraws hold the GIL the decoder needs between two kernels: while a turn decodes the
+    interpreter switches threads sooner; Python's own interval comes back when it ends."""
+    import sys
+
+    from gpt2term.tui.workers import DECODING_SWITCH_INTERVAL_S, decoding_switch_interval
+
+    before = sys.getswitchinterval()
+    assert before > DECODING_SWITCH_INTERVAL_S
+    with decoding_switch_interval():
+        with decoding_switch_interval():  # a second decoder (the versus view, a training run's samples)
+            assert sys.getswitchinterval() == pytest.approx(DECODING_SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(DECODING_SWITCH_INTERVAL_S)  # the first still decodes
+    assert sys.getswitchinterval() == before
+
+    model = tiny_model()
+    gate = Gate(model, at=3)
+
+    async def scenario() -> None:
+        app = make_app(model=model, model_name="gated", keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = DecodingSettings(max_new_tokens=10, stop_at_eos=False)
+            await pilot.press(*PROMPT, "enter")
+            assert await asyncio.to_thread(gate.reached.wait, 60)
+            during = sys.getswitchinterval()
+            gate.release.set()
+            turn = screen.turns[-1]
+            await settle(pilot, lambda: turn.state != "generating", "the generation ended")
+            assert during == pytest.approx(DECODING_SWITCH_INTERVAL_S)
+            assert sys.getswitchinterval() == before
+            assert turn.state == "done" and len(turn.steps) == 10
 
     asyncio.run(scenario())

@@ -79,7 +79,9 @@ class DecodingSettings:
     stop_at_eos: bool = True
     top_n: int = 10
     no_limit: bool = False  # lifts `check_max_new_tokens`
-    dtype: str | None = None  # the weights' number format while decoding (`prepare_for_inference`); None: as prepared
+    # The weights' number format while decoding. Whoever owns the model packs it (`prepare_for_inference`) when this
+    # changes: generate() never repacks or switches a model's mode for it. None: as prepared.
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -210,10 +212,6 @@ def generate(
         raise InputError("the prompt is empty; type some text to continue")
     settings.check_for(model.cfg)
     check_ids_fit(model, prompt_ids)
-    if settings.dtype is not None:
-        from gpt2term.core.accel import prepare_for_inference
-
-        prepare_for_inference(model, settings.dtype)  # packs the weights in that format (a no-op when they are)
     ctx = model.cfg.context_length
     device = _model_device(model)
     dtype = next(model.parameters()).dtype

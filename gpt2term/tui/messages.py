@@ -33,6 +33,17 @@ class TokenGenerated(Message):
         self.step = step
 
 
+class TokensReady(Message):
+    """Tokens of turn `turn_id` wait in the screen's relay: the handler (or the next frame) takes them all."""
+
+    def __init__(self, turn_id: int) -> None:
+        super().__init__()
+        self.turn_id = turn_id
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, TokensReady) and message.turn_id == self.turn_id
+
+
 class PromptScored(Message):
     """The prompt's perplexity under the model (None for a one-token prompt: nothing to predict)."""
 

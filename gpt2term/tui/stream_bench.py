@@ -37,6 +37,7 @@ async def _app_runs(model: GPTModel, prompt: str, settings: DecodingSettings, or
             await pilot.pause(0.01)
         screen = app.screen
         assert isinstance(screen, PromptScreen)
+        screen.shown_at = {}  # the screen records its redraw times only when asked
         for who in order:
             if who == "engine":
                 results["engine"].append(_engine_run(model, prompt, settings))
@@ -47,11 +48,12 @@ async def _app_runs(model: GPTModel, prompt: str, settings: DecodingSettings, or
             await app.workers.wait_for_complete()  # no polling beside the decoder: it would take its CPU
             while turn.state == "generating" and time.monotonic() < deadline:
                 await pilot.pause()
-            shown = screen.shown_at.get(turn.id, [])
-            first = next(t for t, n in shown if n >= 1)
-            last = shown[-1][0]
-            n = len(turn.steps)
-            results["app"].append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
+            shown = [(t, n) for t, n in screen.shown_at.get(turn.id, []) if n >= 1]
+            (first, first_n), (last, last_n) = shown[0], shown[-1]
+            # A redraw shows every token that came since the last one: count those after the first redraw's. All
+            # of them in one redraw means the screen kept up with the decoder: the thread's own rate.
+            rate = (last_n - first_n) / (last - first) if last > first else turn.summary.tokens_per_second
+            results["app"].append(rate)
             results["app_engine"].append(turn.summary.tokens_per_second)
             results["app_flushes"].append(len(shown))
     return results

@@ -1,15 +1,17 @@
 """The prompt screen: type a prompt, watch the model continue it one token at a time, and see why.
 
-Generation runs in a thread worker that posts one `TokenGenerated` message per token; Esc sets a
-`threading.Event` that `generate()` checks between two tokens, so it stops at once without killing a thread.
-The screen records each token at once but redraws its widgets at most `STREAM_FPS` times a second: a small model
-makes hundreds of tokens a second, and redrawing four widgets for each would take the decoder's CPU.
+Generation runs in a thread worker that hands its steps to an `EventRelay`, which posts one `TokensReady` message
+only when none is waiting; Esc sets a `threading.Event` that `generate()` checks between two tokens, so it stops at
+once without killing a thread. The screen takes the waiting steps and redraws its widgets at most `STREAM_FPS`
+times a second: every redraw is Python on the UI thread, holding the GIL the decoder needs between two of
+PyTorch's kernels, so the app decodes as fast as `gpt2term generate` only when redraws are few.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,14 +25,16 @@ from textual.widgets import Static
 from textual.worker import Worker
 
 from gpt2term import locations
+from gpt2term.core.accel import prepare_for_inference
 from gpt2term.core.errors import Gpt2termError
 from gpt2term.core.generation import DecodingSettings, generate, score
 from gpt2term.core.model import GPTModel
 from gpt2term.core.tokenizer import Tokenizer
 from gpt2term.tui.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.keymap import bind, key_display
-from gpt2term.tui.messages import GenerationFinished, PromptScored, TokenGenerated
+from gpt2term.tui.messages import GenerationFinished, PromptScored, TokensReady
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
+from gpt2term.tui.run_state import EventRelay
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
@@ -41,13 +45,13 @@ from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel
 from gpt2term.tui.widgets.prompt_input import PromptInput
 from gpt2term.tui.widgets.transcript import TokenDisplay, Transcript
-from gpt2term.tui.workers import WorkerErrors
+from gpt2term.tui.workers import WorkerErrors, decoding_switch_interval
 
 if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 
-STREAM_FPS = 30  # widget updates per second while tokens stream in (0: one per token)
+STREAM_FPS = 10  # redraws per second while tokens stream in (0: one per token); each costs the decoder CPU
 FIRST_TOKEN_NOTE = "reading the prompt for the first token (the first run also warms the model up)…"
 
 
@@ -99,11 +103,13 @@ class PromptScreen(WorkerErrors, Screen):
         self.generating: Turn | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
         self.stream_fps = STREAM_FPS
-        self._unshown: dict[int, Turn] = {}  # turns with tokens recorded but not drawn yet
+        self._relay: EventRelay | None = None  # the generating turn's steps, from its thread to this screen
         self._flush_timer: Timer | None = None
         self._last_flush = 0.0
-        # Per turn: (perf_counter, tokens on screen) at each redraw while streaming, for `gpt2term bench app`.
-        self.shown_at: dict[int, list[tuple[float, int]]] = {}
+        # The model (weakly: a model the app has closed must be freed) and the dtype its decoding weights are packed in.
+        self._prepared: tuple[weakref.ref[GPTModel], str] | None = None
+        # Set it to {} to record, per turn, (perf_counter, tokens on screen) at each redraw (`gpt2term bench app`).
+        self.shown_at: dict[int, list[tuple[float, int]]] | None = None
 
     # ------------------------------------------------------------------ layout
 
@@ -243,10 +249,14 @@ class PromptScreen(WorkerErrors, Screen):
         self.prompt_input.clear()
         self.generating = turn
         self._cancel = threading.Event()
+        self._relay = EventRelay(lambda: self.post_message(TokensReady(turn.id)))
         self._show_turn(turn)
         self.update_status()
         self.refresh_bindings()  # Stop and Inspect appear in the footer
-        self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel)
+        dtype, prepared = self.settings.dtype, self._prepared
+        done = prepared is not None and prepared[0]() is app_model.model and prepared[1] == dtype
+        prepare = dtype if dtype is not None and not done else None
+        self._generate(turn.id, app_model.model, tokenizer, ids, self.settings, self._cancel, self._relay, prepare)
         return turn
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
@@ -258,19 +268,22 @@ class PromptScreen(WorkerErrors, Screen):
         ids: list[int],
         settings: DecodingSettings,
         cancel: threading.Event,
+        relay: EventRelay,
+        prepare: str | None,
     ) -> None:
-        for step in generate(model, tokenizer, ids, settings, cancel=cancel):
-            self.post_message(TokenGenerated(turn_id, step))
+        if prepare is not None:  # the dtype setting changed (or a new model): pack its weights before the first token
+            prepare_for_inference(model, prepare)
+            self._prepared = (weakref.ref(model), prepare)
+        with decoding_switch_interval():
+            for step in generate(model, tokenizer, ids, settings, cancel=cancel):
+                relay(step)
         # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
         self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
         self.post_message(GenerationFinished(turn_id, stopped=cancel.is_set()))
 
-    def on_token_generated(self, message: TokenGenerated) -> None:
-        turn = self._turns_by_id[message.turn_id]
-        turn.steps.append(message.step)
-        self._unshown[turn.id] = turn
+    def on_tokens_ready(self, message: TokensReady) -> None:
         if self._flush_timer is not None:
-            return  # a redraw is already due; it shows this token too
+            return  # a redraw is already due; it takes these tokens too
         wait = self._last_flush + 1 / self.stream_fps - time.perf_counter() if self.stream_fps > 0 else 0.0
         if wait <= 0:
             self._show_new_tokens()
@@ -278,23 +291,26 @@ class PromptScreen(WorkerErrors, Screen):
             self._flush_timer = self.set_timer(wait, self._show_new_tokens)
 
     def _show_new_tokens(self) -> None:
-        """Draw every token recorded since the last redraw: transcript, stats, both panels, the status line."""
+        """Take the steps waiting in the relay and draw them: transcript, stats, both panels, the status line."""
         if self._flush_timer is not None:
             self._flush_timer.stop()
             self._flush_timer = None
-        if not self._unshown:
+        turn = self.generating
+        if turn is None or self._relay is None:
             return
-        turns, self._unshown = list(self._unshown.values()), {}
-        for turn in turns:
-            self.transcript.tokens_added(turn)
-            self.transcript.update_stats(turn)
-            if self.transcript.cursor is None:
-                self._show_turn(turn)
-            elif self.query_one(PerplexityPanel).turn is turn:
-                self.query_one(PerplexityPanel).show(turn)
+        steps = self._relay.drain()
+        if not steps:
+            return
+        turn.steps.extend(steps)
+        self.transcript.tokens_added(turn)
+        self.transcript.update_stats(turn)
+        if self.transcript.cursor is None:
+            self._show_turn(turn)
+        elif self.query_one(PerplexityPanel).turn is turn:
+            self.query_one(PerplexityPanel).show(turn)
         self.update_status()
         self._last_flush = time.perf_counter()
-        for turn in turns:
+        if self.shown_at is not None:
             self.shown_at.setdefault(turn.id, []).append((self._last_flush, len(turn.steps)))
 
     def on_prompt_scored(self, message: PromptScored) -> None:

@@ -1,6 +1,8 @@
 """Side panel "Next-token probabilities": the alternatives the model weighed for one token, as bars.
 
-It draws as many candidates as fit its height, so it stays readable from 80x24 to large terminals.
+It draws as many candidates as fit its height, so it stays readable from 80x24 to large terminals. It is redrawn
+at every frame while tokens stream in, so it hands Textual finished lines (`render_line`, rendered once per token
+by Rich) rather than a `Text` for Textual's slower general text pipeline, which would take the decoder's CPU.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import math
 
 from rich.cells import cell_len, set_cell_size
+from rich.segment import Segment
 from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 from gpt2term.core.generation import Step
@@ -62,12 +66,26 @@ class ProbabilityPanel(Widget):
         self.step: Step | None = None
         self.context = ""
         self.total_tokens = 0
+        self._lines: tuple[tuple[int, int], list[Strip]] | None = None  # ((width, height), lines) of the shown step
 
     def show(self, step: Step | None, context: str = "", total_tokens: int = 0) -> None:
         self.step, self.context, self.total_tokens = step, context, total_tokens
         of = f"/{total_tokens}" if total_tokens else ""
         self.border_subtitle = f"token {step.index + 1}{of} · log bars" if step is not None else ""
+        self._lines = None
         self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width, height = self.content_size
+        if self._lines is None or self._lines[0] != (width, height):
+            console, base = self.app.console, self.rich_style
+            lines = []
+            for line in self.render().split("\n"):  # each line already fits: no wrapping to compute
+                segments = Segment.apply_style(line.render(console), base)
+                lines.append(Strip(segments).crop_extend(0, width, base))
+            self._lines = ((width, height), lines)
+        lines = self._lines[1]
+        return lines[y] if y < len(lines) else Strip.blank(width, self.rich_style)
 
     def render(self) -> Text:
         width = max(10, self.content_size.width)
