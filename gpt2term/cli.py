@@ -1379,7 +1379,7 @@ def _bench_model(checkpoint: str | None, preset_name: str, dtype: str):
 @click.option("--preset", "preset_name", default="gpt2-124M", show_default=True, help="Shape of the random model.")
 @click.option("--tokens", default=200, show_default=True, type=click.IntRange(min=2), help="New tokens per run.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs of each.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_NAMES))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DECODING_DTYPE_NAMES))
 @click.option("--prompt", default="Every effort moves you", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
@@ -1408,14 +1408,15 @@ def bench_app_command(
         f"{source}, {dtype}, {tokens} greedy tokens, median of {repeats} alternating runs\n"
         f"engine alone (gpt2term generate)  {result['engine_tokens_per_second']:8.1f} tokens/s\n"
         f"app, tokens on screen             {result['app_tokens_per_second']:8.1f} tokens/s  "
-        f"({result['app_vs_engine']:.0%} of the engine; {result['app_screen_updates']} redraws)"
+        f"({result['app_vs_engine']:.0%} of the engine; redraws per run: "
+        f"{', '.join(str(n) for n in result['app_screen_updates'])})"
     )
 
 
 @bench.command("cold-start")
 @click.option("--checkpoint", "-c", help="Checkpoint to open [default: a random GPT-2 124M saved in a temp store].")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Fresh processes to time.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DTYPE_NAMES))
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(DECODING_DTYPE_NAMES))
 @click.option("--json", "as_json", is_flag=True, help="The whole result as one JSON object.")
 def bench_cold_start_command(checkpoint: str | None, repeats: int, dtype: str, as_json: bool) -> None:
     """Seconds from starting `gpt2term generate` in a fresh process to its first token on stdout."""
