@@ -1,8 +1,10 @@
 """Training's linear layers on oneDNN: `nn.Linear`'s parameters and state_dict, a faster CPU float32 kernel.
 
 PyTorch sends float32 matmuls to MKL, which on AMD CPUs is much slower than oneDNN on the same shapes (see the
-README's Speed section), and matmuls are most of a training step. bfloat16 (autocast) already goes to oneDNN;
-torch.compile, GPUs and float64 keep the standard path.
+README's Speed section), and matmuls are most of a training step. bfloat16 (autocast) goes to oneDNN's bf16
+kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16 matmul is a generic loop, and autocast's
+linear is computed here with float32 kernels instead (`_Bf16Linear`). torch.compile, GPUs and float64 keep the
+standard path.
 """
 
 from __future__ import annotations
