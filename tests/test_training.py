@@ -207,6 +207,28 @@ def test_fine_tuning_from_a_checkpoint_starts_a_new_run_from_its_weights(corpus_
     assert all(torch.allclose(base[k], tuned[k], atol=1e-6) for k in base)
 
 
+def test_bf16_autocast_training_stops_and_resumes_bit_for_bit(corpus_file):
+    """bf16 autocast (on a CPU without bf16 instructions: oneDNN float32 on bf16-rounded operands) with dropout and
+    gradient accumulation continues exactly where it stopped."""
+    changes = dict(model={**SMALL_MODEL, "drop_rate": 0.1}, grad_accum=2, max_steps=4, lr=1e-3, dtype="bfloat16")
+    straight, _ = run(small_settings(corpus_file, name="straight", **changes))
+    control = TrainingControl()
+
+    def stop_at_two(event):
+        if event.type == "step" and event.step == 2:
+            control.stop()
+
+    first, _ = run(small_settings(corpus_file, name="split", **changes), control, [stop_at_two])
+    second, resumed = run(resume_settings("split"))
+    assert resumed.status == "completed" and resumed.step == 4
+    assert [(e.step, e.loss) for e in of_type(first + second, "step")] == [
+        (e.step, e.loss) for e in of_type(straight, "step")
+    ]
+    store = CheckpointStore()
+    a, b = store.load("straight").state_dict, store.load("split").state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_fine_tuned_run_resumes_like_any_other(corpus_file):
     run(small_settings(corpus_file, name="base", max_steps=2))
     run(small_settings(corpus_file, name="tuned", init_from="base", max_steps=2))

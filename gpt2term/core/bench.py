@@ -868,6 +868,12 @@ def bench_train(
             "vocab_padded_to": accel.vocab_pad.padded_size(cfg.vocab_size, padded),
             "attention": "scaled_dot_product_attention, causal (flash kernel on CUDA in bf16)",
             "optimizer": "AdamW, fused kernel (ours); PyTorch's default AdamW (transformers' loop)",
+            "bf16_matmuls": (
+                "ours: oneDNN float32 on bf16-rounded operands (this CPU has no bf16 instructions); transformers' "
+                "loop: PyTorch's bf16 matmul"
+                if where.type == "cpu" and accel.enabled() and accel.linear.bf16_emulated()
+                else "PyTorch's bf16 matmul (both)"
+            ),
             "flops_per_token": flops_token,
             "flops_formula": "6N + 12*L*H*Q*T, N = parameters without the embedding tables",
             "peak_tflops": peak,

@@ -1,8 +1,10 @@
 """Training's linear layers on oneDNN: `nn.Linear`'s parameters and state_dict, a faster CPU float32 kernel.
 
 PyTorch sends float32 matmuls to MKL, which on AMD CPUs is much slower than oneDNN on the same shapes (see the
-README's Speed section), and matmuls are most of a training step. bfloat16 (autocast) already goes to oneDNN;
-torch.compile, GPUs and float64 keep the standard path.
+README's Speed section), and matmuls are most of a training step. bfloat16 (autocast) goes to oneDNN's bf16
+kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16 matmul is a generic loop, and autocast's
+linear is computed here with float32 kernels instead (`_Bf16Linear`). torch.compile, GPUs and float64 keep the
+standard path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from gpt2term.core.accel import probes
 # Above this many output features the weight gradient stays with the default BLAS: oneDNN would first need the
 # output gradient transposed, a copy as large as the logits for GPT-2's head, which eats its advantage.
 ONEDNN_WEIGHT_GRAD_MAX_OUT = 16384
+
+
+def _transposed(m: torch.Tensor) -> torch.Tensor:
+    return m.t()
+
+
+def _transposed_copy(m: torch.Tensor) -> torch.Tensor:
+    return m.t().contiguous()
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -32,13 +42,15 @@ class _OneDnnLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad2d = grad.reshape(-1, grad.shape[-1]).contiguous()
+        # oneDNN reads the transposed operands as views where it can: no copy of each matrix every step.
+        t = _transposed if probes.onednn_strided() else _transposed_copy
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = probes.onednn_linear(grad2d, weight.t().contiguous(), None).view(x.shape)
+            grad_x = probes.onednn_linear(grad2d, t(weight), None).view(x.shape)
         if ctx.needs_input_grad[1]:
             x2d = x.reshape(-1, x.shape[-1])
             if weight.shape[0] <= ONEDNN_WEIGHT_GRAD_MAX_OUT:
-                grad_w = probes.onednn_linear(grad2d.t().contiguous(), x2d.t().contiguous(), None)
+                grad_w = probes.onednn_linear(t(grad2d), t(x2d), None)
             else:
                 grad_w = grad2d.t() @ x2d
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -46,19 +58,67 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def bf16_emulated() -> bool:
+    """bf16 matmuls run as float32 ones on bf16-rounded operands: a CPU without bf16 instructions, where
+    PyTorch's own bf16 matmul is a generic loop many times slower than float32."""
+    return probes.onednn_fp32() and not probes.onednn_bf16()
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """What autocast's bf16 `F.linear` computes (operands and result rounded to bf16, float32 sums), forward and
+    backward, with the matrix multiplies run by oneDNN in float32 on the rounded values."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        b = bias.to(torch.bfloat16).float() if bias is not None else None
+        return (
+            probes.onednn_linear(xb.float().reshape(-1, x.shape[-1]), wb.float(), b)
+            .bfloat16()
+            .view(*x.shape[:-1], weight.shape[0])
+        )
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xb, wb = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(torch.bfloat16).float()
+        t = _transposed if probes.onednn_strided() else _transposed_copy
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = probes.onednn_linear(g, t(wb.float()), None).bfloat16().to(ctx.x_dtype).view(xb.shape)
+        if ctx.needs_input_grad[1]:
+            x2d = xb.reshape(-1, xb.shape[-1]).float()
+            grad_w = probes.onednn_linear(t(g), t(x2d), None).bfloat16().float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).bfloat16().float()
+        return grad_x, grad_w, grad_b
+
+
 class OneDnnLinear(nn.Linear):
-    """`nn.Linear` whose CPU float32 matrix multiplies run on oneDNN; `swap_in` turns a model's linears into these."""
+    """`nn.Linear` whose CPU float32 matrix multiplies run on oneDNN; `swap_in` turns a model's linears into these.
+
+    Under CPU bf16 autocast on a CPU without bf16 instructions it computes autocast's bf16 linear through oneDNN's
+    float32 kernels (`_Bf16Linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            x.dtype == torch.float32
+            x.device.type == "cpu"
             and self.weight.dtype == torch.float32
-            and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
             and probes.onednn_fp32()
         ):
-            return _OneDnnLinear.apply(x, self.weight, self.bias)
+            if not torch.is_autocast_enabled("cpu"):
+                if x.dtype == torch.float32:
+                    return _OneDnnLinear.apply(x, self.weight, self.bias)
+            elif (
+                torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.dtype in (torch.float32, torch.bfloat16)
+                and bf16_emulated()
+            ):
+                with torch.autocast("cpu", enabled=False):
+                    return _Bf16Linear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -68,6 +68,18 @@ def onednn_fp32() -> bool:
     return _probe("onednn_fp32", _check_onednn_fp32)
 
 
+def _check_onednn_strided() -> bool:
+    if not onednn_fp32():
+        return False
+    a, b = _randn(16, 8), _randn(16, 5)  # transposed views: [8, 16] and [5, 16] with strides (1, 8) and (1, 5)
+    return torch.allclose(onednn_linear(a.t(), b.t(), None), a.t() @ b, atol=1e-5, rtol=1e-5)
+
+
+def onednn_strided() -> bool:
+    """oneDNN's float32 matmul reads transposed views as they are (else backward copies them contiguous first)."""
+    return _probe("onednn_strided", _check_onednn_strided)
+
+
 def onednn_bf16() -> bool:
     """oneDNN's packed bf16 matmul works here (else bf16 decoding uses `F.linear` on a bf16 copy)."""
     return _probe("onednn_bf16", _check_onednn_bf16)
@@ -114,4 +126,9 @@ def stamp(tensors: list[torch.Tensor]) -> list[tuple[int, int]] | None:
 
 def results() -> dict[str, bool]:
     """Every probe's answer (runs those not run yet)."""
-    return {"onednn_fp32": onednn_fp32(), "onednn_bf16": onednn_bf16(), "version_counters": version_counters()}
+    return {
+        "onednn_fp32": onednn_fp32(),
+        "onednn_strided": onednn_strided(),
+        "onednn_bf16": onednn_bf16(),
+        "version_counters": version_counters(),
+    }
