@@ -7,7 +7,6 @@ from typing import Any
 
 from textual.message import Message
 
-from gpt2term.core.generation import Step
 from gpt2term.core.store.store import CheckpointInfo
 from gpt2term.tui.model_source import AppModel
 
@@ -22,15 +21,6 @@ class ModelLoadFailed(Message):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
-
-
-class TokenGenerated(Message):
-    """One step of a generation: posted by the generation thread as soon as the model has chosen a token."""
-
-    def __init__(self, turn_id: int, step: Step) -> None:
-        super().__init__()
-        self.turn_id = turn_id
-        self.step = step
 
 
 class TokensReady(Message):
