@@ -162,7 +162,7 @@ def test_escape_stops_between_two_tokens_and_the_ui_answers_keys_meanwhile():
             await pilot.press(*PROMPT, "enter")
             assert await asyncio.to_thread(gate.reached.wait, 60)  # the worker thread is inside forward 4
             turn = screen.turns[-1]
-            await settle(pilot, lambda: len(turn.steps) == 3, "three tokens on screen")
+            await settle(pilot, lambda: len(turn.steps) == 3, "three tokens on screen", workers=False)
             assert turn.state == "generating"
             # The UI answers while the generation thread is busy: a toggle, typing into the prompt.
             await pilot.press("ctrl+t", *"next")
@@ -193,7 +193,7 @@ def test_the_view_follows_new_tokens_only_while_the_user_has_not_scrolled_up():
             await pilot.press(*PROMPT, "enter")
             assert await asyncio.to_thread(gate.reached.wait, 60)
             turn = screen.turns[-1]
-            await settle(pilot, lambda: len(turn.steps) == 49, "49 tokens on screen")
+            await settle(pilot, lambda: len(turn.steps) == 49, "49 tokens on screen", workers=False)
             assert transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y  # following
             await pilot.press("tab", "pageup")  # the user scrolls up to read
             await pilot.pause()
