@@ -112,8 +112,11 @@ def test_the_table_shows_the_store_sorts_and_renames_copies_deletes_and_loads_on
             await pilot.press("d")
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("enter")  # the focused button is "Keep"
+            await settle(pilot, lambda: app.screen is screen, "the confirmation closed")
             assert (store.root / "gamma-copy").is_dir()
-            await pilot.press("d", "y")
+            await pilot.press("d")
+            await settle(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirmation again")
+            await pilot.press("y")
             await settle(pilot, lambda: "gamma-copy" not in table.names, "the row gone")
             assert not (store.root / "gamma-copy").exists() and notified(app, "Deleted gamma-copy.")
 
