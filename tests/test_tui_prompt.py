@@ -437,39 +437,3 @@ def test_the_decoding_thread_hands_tokens_over_in_batches_and_redraw_times_are_k
             assert screen.shown_at is None  # redraw times are the bench's, recorded only when it asks
 
     asyncio.run(scenario())
-
-
-def test_the_gil_switch_interval_is_short_while_decoding_and_restored_after():
-    """The UI thread's redraws hold the GIL the decoder needs between two kernels: while a turn decodes the
-    interpreter switches threads sooner; Python's own interval comes back when it ends."""
-    import sys
-
-    from gpt2term.tui.workers import DECODING_SWITCH_INTERVAL_S, decoding_switch_interval
-
-    before = sys.getswitchinterval()
-    assert before > DECODING_SWITCH_INTERVAL_S
-    with decoding_switch_interval():
-        with decoding_switch_interval():  # a second decoder (the versus view, a training run's samples)
-            assert sys.getswitchinterval() == pytest.approx(DECODING_SWITCH_INTERVAL_S)
-        assert sys.getswitchinterval() == pytest.approx(DECODING_SWITCH_INTERVAL_S)  # the first still decodes
-    assert sys.getswitchinterval() == before
-
-    model = tiny_model()
-    gate = Gate(model, at=3)
-
-    async def scenario() -> None:
-        app = make_app(model=model, model_name="gated", keymap={})
-        async with app.run_test(size=(100, 30)) as pilot:
-            screen = await loaded(pilot)
-            screen.settings = DecodingSettings(max_new_tokens=10, stop_at_eos=False)
-            await pilot.press(*PROMPT, "enter")
-            assert await asyncio.to_thread(gate.reached.wait, 60)
-            during = sys.getswitchinterval()
-            gate.release.set()
-            turn = screen.turns[-1]
-            await settle(pilot, lambda: turn.state != "generating", "the generation ended")
-            assert during == pytest.approx(DECODING_SWITCH_INTERVAL_S)
-            assert sys.getswitchinterval() == before
-            assert turn.state == "done" and len(turn.steps) == 10
-
-    asyncio.run(scenario())

@@ -7,10 +7,6 @@ and each screen with workers mix this in rather than each writing its own handle
 
 from __future__ import annotations
 
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from textual.worker import Worker, WorkerState
@@ -41,32 +37,3 @@ class WorkerErrors:
 
     def worker_failed(self, worker: Worker, error: str) -> None:
         self.notify(error, title="Failed", severity="error", timeout=15)
-
-
-DECODING_SWITCH_INTERVAL_S = 0.0005
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved = 0.0
-
-
-@contextmanager
-def decoding_switch_interval(seconds: float = DECODING_SWITCH_INTERVAL_S) -> Iterator[None]:
-    """While a thread decodes beside the event loop, make the loop hand the GIL over sooner.
-
-    PyTorch's kernels release the GIL but each needs it back to return; with Python's default interval a redraw
-    on the UI thread keeps the decoder (and the decode pool's helpers, which then look stalled) waiting between
-    kernels. The interval is process-wide, so uses are counted and the last one out restores the value it found.
-    """
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(seconds, _switch_saved))
-        _switch_users += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_saved)

@@ -45,7 +45,7 @@ from gpt2term.tui.widgets.perplexity import PerplexityPanel
 from gpt2term.tui.widgets.probabilities import ProbabilityPanel
 from gpt2term.tui.widgets.prompt_input import PromptInput
 from gpt2term.tui.widgets.transcript import TokenDisplay, Transcript
-from gpt2term.tui.workers import WorkerErrors, decoding_switch_interval
+from gpt2term.tui.workers import WorkerErrors
 
 if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
@@ -274,9 +274,8 @@ class PromptScreen(WorkerErrors, Screen):
         if prepare is not None:  # the dtype setting changed (or a new model): pack its weights before the first token
             prepare_for_inference(model, prepare)
             self._prepared = (weakref.ref(model), prepare)
-        with decoding_switch_interval():
-            for step in generate(model, tokenizer, ids, settings, cancel=cancel):
-                relay(step)
+        for step in generate(model, tokenizer, ids, settings, cancel=cancel):
+            relay(step)
         # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
         self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
         self.post_message(GenerationFinished(turn_id, stopped=cancel.is_set()))
