@@ -437,3 +437,40 @@ def test_the_decoding_thread_hands_tokens_over_in_batches_and_redraw_times_are_k
             assert screen.shown_at is None  # redraw times are the bench's, recorded only when it asks
 
     asyncio.run(scenario())
+
+
+def test_a_streaming_turn_lays_the_screen_out_only_when_its_text_outgrows_its_room(tiny_checkpoint, monkeypatch):
+    """A layout repaints every widget on the screen: a redraw per token must not cost one, only a text that grew
+    past the lines kept for it does; the finished turn is exactly as tall as its wrapped text."""
+    from gpt2term.tui.widgets.transcript import STREAM_ROOM
+
+    layouts: list[int] = []
+    refresh_layout = PromptScreen._refresh_layout  # Textual's: one call lays out and repaints the whole screen
+
+    def counting(self, *args, **kwargs):
+        if self.generating is not None:
+            layouts.append(len(self.generating.steps))
+        return refresh_layout(self, *args, **kwargs)
+
+    monkeypatch.setattr(PromptScreen, "_refresh_layout", counting)
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(80, 30)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = DecodingSettings(max_new_tokens=60, top_n=30, stop_at_eos=False)
+            screen.stream_fps = 0  # a redraw for every token batch
+            screen.shown_at = {}
+            turn = screen.start_generation(PROMPT)
+            await settle(pilot, lambda: turn.state != "generating", "the generation ended")
+            await pilot.pause()
+            body = screen.transcript.views[turn.id].body
+            lines = body.get_content_height(body.size, screen.size, body.content_size.width)
+            assert lines >= 2 * STREAM_ROOM, "the test needs a text that wraps over several rooms"
+            assert body.content_size.height == lines  # the room kept while streaming is given back
+            redraws = len(screen.shown_at[turn.id])
+            rooms = -(-lines // STREAM_ROOM)
+            # Each growth lays out twice (the new size is a change too); a layout per wrapped line would be 2 * lines.
+            assert redraws > 3 * len(layouts) and len(layouts) <= 2 * rooms + 3, (redraws, layouts, lines)
+
+    asyncio.run(scenario())

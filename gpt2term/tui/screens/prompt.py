@@ -3,8 +3,9 @@
 Generation runs in a thread worker that hands its steps to an `EventRelay`, which posts one `TokensReady` message
 only when none is waiting; Esc sets a `threading.Event` that `generate()` checks between two tokens, so it stops at
 once without killing a thread. The screen takes the waiting steps and redraws its widgets at most `STREAM_FPS`
-times a second: every redraw is Python on the UI thread, holding the GIL the decoder needs between two of
-PyTorch's kernels, so the app decodes as fast as `gpt2term generate` only when redraws are few.
+times a second, and less often when its redraws cost the decoder more than `UI_CPU_SHARE` of its time (see
+`FramePacer`): every redraw is Python on the UI thread, holding the GIL the decoder needs between two of PyTorch's
+kernels. A redraw repaints only what changed: the screen is laid out again only when a widget's height changed.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from gpt2term.tui.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokensReady
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
+from gpt2term.tui.pacing import FramePacer
 from gpt2term.tui.run_state import EventRelay
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.screens.versus import VersusScreen
 from gpt2term.tui.turns import Turn, save_transcript
+from gpt2term.tui.widgets import update_in_place
 from gpt2term.tui.widgets.colors import LEGEND_PROBS, prob_color
 from gpt2term.tui.widgets.footer import FittedFooter
 from gpt2term.tui.widgets.header import ModelHeader
@@ -51,7 +54,8 @@ if TYPE_CHECKING:
     from gpt2term.tui.app import Gpt2termApp
 
 
-STREAM_FPS = 10  # redraws per second while tokens stream in (0: one per token); each costs the decoder CPU
+STREAM_FPS = 10  # redraws per second at most while tokens stream in (0: one per token)
+UI_CPU_SHARE = 0.03  # redraws are spaced so that the UI thread uses at most this share of the time while streaming
 FIRST_TOKEN_NOTE = "reading the prompt for the first token (the first run also warms the model up)…"
 
 
@@ -102,14 +106,21 @@ class PromptScreen(WorkerErrors, Screen):
         self._cancel: threading.Event | None = None
         self.generating: Turn | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
-        self.stream_fps = STREAM_FPS
+        self._pacer = FramePacer(STREAM_FPS, UI_CPU_SHARE)
         self._relay: EventRelay | None = None  # the generating turn's steps, from its thread to this screen
         self._flush_timer: Timer | None = None
-        self._last_flush = 0.0
         # The model (weakly: a model the app has closed must be freed) and the dtype its decoding weights are packed in.
         self._prepared: tuple[weakref.ref[GPTModel], str] | None = None
         # Set it to {} to record, per turn, (perf_counter, tokens on screen) at each redraw (`gpt2term bench app`).
         self.shown_at: dict[int, list[tuple[float, int]]] | None = None
+
+    @property
+    def stream_fps(self) -> float:
+        return self._pacer.fps
+
+    @stream_fps.setter
+    def stream_fps(self, fps: float) -> None:
+        self._pacer.fps = fps
 
     # ------------------------------------------------------------------ layout
 
@@ -210,7 +221,7 @@ class PromptScreen(WorkerErrors, Screen):
             text.append("  tokens shown", style="dim")
         if self.transcript.has_focus:
             text = Text("cursor ←/→ · ", style="bold") + text
-        self.query_one("#status", Static).update(text)
+        update_in_place(self.query_one("#status", Static), text)
 
     # ------------------------------------------------------------------ generating
 
@@ -250,6 +261,7 @@ class PromptScreen(WorkerErrors, Screen):
         self.generating = turn
         self._cancel = threading.Event()
         self._relay = EventRelay(lambda: self.post_message(TokensReady(turn.id)))
+        self._pacer.restart()
         self._show_turn(turn)
         self.update_status()
         self.refresh_bindings()  # Stop and Inspect appear in the footer
@@ -283,7 +295,7 @@ class PromptScreen(WorkerErrors, Screen):
     def on_tokens_ready(self, message: TokensReady) -> None:
         if self._flush_timer is not None:
             return  # a redraw is already due; it takes these tokens too
-        wait = self._last_flush + 1 / self.stream_fps - time.perf_counter() if self.stream_fps > 0 else 0.0
+        wait = self._pacer.wait()
         if wait <= 0:
             self._show_new_tokens()
         else:
@@ -308,9 +320,9 @@ class PromptScreen(WorkerErrors, Screen):
         elif self.query_one(PerplexityPanel).turn is turn:
             self.query_one(PerplexityPanel).show(turn)
         self.update_status()
-        self._last_flush = time.perf_counter()
+        self._pacer.drew()
         if self.shown_at is not None:
-            self.shown_at.setdefault(turn.id, []).append((self._last_flush, len(turn.steps)))
+            self.shown_at.setdefault(turn.id, []).append((time.perf_counter(), len(turn.steps)))
 
     def on_prompt_scored(self, message: PromptScored) -> None:
         turn = self._turns_by_id[message.turn_id]

@@ -13,6 +13,7 @@ from textual.widgets import Static
 
 from gpt2term.formatting import format_prob
 from gpt2term.tui.turns import Turn
+from gpt2term.tui.widgets import update_in_place
 from gpt2term.tui.widgets.colors import prob_color
 
 _LEVELS = "▁▂▃▄▅▆▇█"
@@ -101,6 +102,6 @@ class PerplexityPanel(Vertical):
             text.append(value, style="bold" if n == 0 else "")
             if n < len(rows) - 1:
                 text.append("\n")
-        self.numbers.update(text)
+        update_in_place(self.numbers, text)
         self.sparkline.probs = [step.prob for step in turn.steps] if turn else []
         self.sparkline.refresh()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
@@ -18,6 +19,7 @@ from textual.widgets import Static
 from gpt2term.core.generation import Step
 from gpt2term.tui.keymap import bind
 from gpt2term.tui.turns import Turn, stats_line
+from gpt2term.tui.widgets import refresh_in_place, update_in_place
 from gpt2term.tui.widgets.colors import prob_color
 
 _BOUNDARY_BG = ("#1f3d5c", "#533a5e")  # alternate backgrounds make each token's extent visible
@@ -47,6 +49,9 @@ def token_piece(step: Step, index: int, display: TokenDisplay, selected: bool) -
     if selected:
         styles.append("reverse bold")
     return text, " ".join(styles)
+
+
+STREAM_ROOM = 4  # lines the text of a generating turn grows by at a time (blank until its tokens fill them)
 
 
 class TokenText(Widget):
@@ -97,8 +102,16 @@ class TokenText(Widget):
             text.append(piece, style=f"bold on {_BOUNDARY_BG[index % 2]}")
         return text
 
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        """While tokens stream in, the height grows `STREAM_ROOM` lines at a time: each growth lays out the whole
+        screen (twice: the new size is a change too), and one per wrapped line would take the decoder's time."""
+        height = super().get_content_height(container, viewport, width)
+        if self.turn.state != "generating":
+            return height
+        return -(-height // STREAM_ROOM) * STREAM_ROOM
+
     def tokens_added(self) -> None:
-        self.refresh(layout=True)
+        refresh_in_place(self)
 
     def restyle(self, display: TokenDisplay | None = None, selected: int | None = -1) -> None:
         """Re-render after a toggle or a cursor move (selected=-1: keep the current selection)."""
@@ -135,7 +148,8 @@ class TurnView(Vertical):
         self.body.tokens_added()
 
     def update_stats(self) -> None:
-        self.stats.update(stats_line(self.turn))
+        update_in_place(self.stats, stats_line(self.turn))
+        refresh_in_place(self.body)  # a finished turn gives back the room it kept for its next lines
 
 
 class Transcript(VerticalScroll, can_focus=True):
