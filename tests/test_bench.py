@@ -83,6 +83,7 @@ def test_bench_generate_without_transformers_reports_ours_and_how_to_install(mon
     assert data["ours"]["fp32"]["tokens_per_second"] > 0
 
 
+@pytest.mark.once  # the bench's report: its own loop's numbers are tested elsewhere in both passes
 def test_bench_train_json_has_both_loops_in_both_dtypes():
     pytest.importorskip("transformers")
     result = run(
@@ -103,6 +104,7 @@ def test_bench_train_json_has_both_loops_in_both_dtypes():
         assert data["ratio"][dt] > 0
 
 
+@pytest.mark.once  # the bench's report: its own loop's numbers are tested elsewhere in both passes
 def test_bench_train_text_report_and_bad_options():
     result = run("bench", "train", "--preset", "tiny", "-b", "1", "--context-length", "8", "--steps", "1",
                  "--warmup", "0", "--dtype", "fp32")  # fmt: skip
