@@ -60,3 +60,46 @@ def test_the_checkpoints_table_the_follow_dialog_and_versus_list_the_store_off_t
 
     asyncio.run(scenario())
     assert len(listed_on) >= 3 and main not in listed_on, listed_on
+
+
+def test_a_listing_that_finishes_after_a_newer_one_does_not_undo_a_rename_on_screen(monkeypatch):
+    """Two listing threads racing: one read the store before a rename and finishes after the listing that followed
+    it (the screen lists on resume and after each operation). The table keeps the newer one."""
+    torch.manual_seed(0)
+    store = CheckpointStore()
+    store.save("alpha", GPTModel(SMALL), meta={"step": 3})
+    real_list = CheckpointStore.list
+    gate = threading.Event()
+    held: list[list[str]] = []  # what the held listing read
+    hold_next = threading.Event()
+
+    def listing(self: CheckpointStore):
+        rows = real_list(self)
+        if hold_next.is_set():
+            hold_next.clear()
+            held.append([row.name for row in rows])
+            assert gate.wait(60), "the test never released the held listing"
+        return rows
+
+    monkeypatch.setattr(CheckpointStore, "list", listing)
+
+    async def scenario() -> None:
+        app = make_app(model=GPTModel(SMALL), model_name="small", keymap={})
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            screen = app.screen
+            assert isinstance(screen, CheckpointsScreen)
+            await settle(pilot, lambda: screen.listed, "the store listed")
+            hold_next.set()
+            screen.reload()  # listing A: reads the store, then waits at the gate
+            await settle(pilot, lambda: bool(held), "listing A read the store", workers=False)
+            store.rename("alpha", "gamma")
+            screen.reload()  # listing B: reads the renamed store and posts at once
+            await settle(pilot, lambda: screen.table.names == ["gamma"], "listing B shown", workers=False)
+            gate.set()  # A posts its stale rows now, after B's
+            await settle(pilot, lambda: not any(w.is_running for w in app.workers), "listing A finished")
+            await pilot.pause()
+            assert held == [["alpha"]]
+            assert screen.table.names == ["gamma"]
+
+    asyncio.run(scenario())

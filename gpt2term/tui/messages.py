@@ -92,7 +92,7 @@ class ViewComputed(Message):
 class StoreListed(Message):
     """The checkpoint store, as read by a worker (listing it may repair a crashed save: never on the UI thread)."""
 
-    def __init__(self, rows: list[CheckpointInfo], select: str | None = None) -> None:
+    def __init__(self, rows: list[CheckpointInfo], request: int = 0) -> None:
         super().__init__()
         self.rows = rows
-        self.select = select
+        self.request = request  # which of a screen's listings this is, where it asks for several

@@ -82,6 +82,8 @@ class CheckpointsScreen(WorkerErrors, Screen):
         self.store = CheckpointStore()
         self._history_cache: dict[str, tuple[tuple[int, int], tuple[Series, Series]]] = {}
         self.listed = False  # the table shows the store (it is read in a worker)
+        self._list_requests = 0  # listings asked for: only the newest is shown (see `on_store_listed`)
+        self._select_after_listing: str | None = None
 
     def compose(self) -> ComposeResult:
         yield ModelHeader("checkpoints")
@@ -108,16 +110,24 @@ class CheckpointsScreen(WorkerErrors, Screen):
     def reload(self, select: str | None = None) -> None:
         """Read the store again (other processes and the train screen change it), in a worker: listing it may
         first repair a save that crashed, which is disk work the UI must not wait on."""
-        self._list_store(select)
+        self._list_requests += 1
+        if select is not None:
+            self._select_after_listing = select
+        self._list_store(self._list_requests)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="list")
-    def _list_store(self, select: str | None) -> None:
-        self.post_message(StoreListed(self.store.list(), select))
+    def _list_store(self, request: int) -> None:
+        self.post_message(StoreListed(self.store.list(), request=request))
 
     def on_store_listed(self, message: StoreListed) -> None:
+        if message.request != self._list_requests:
+            # An older listing than one asked for since: its thread may have read the store before a rename or a
+            # copy and finished after the newer one, and showing it would undo what the table just showed.
+            return
         rows = message.rows
         self.listed = True
-        self.table.show(rows, message.select)
+        self.table.show(rows, self._select_after_listing)
+        self._select_after_listing = None
         total = sum(row.size_bytes for row in rows)
         self.table.border_title = f"checkpoints ({len(rows)}, {format_bytes(total)})"
         self.table.border_subtitle = str(self.store.root)
