@@ -149,7 +149,8 @@ class TurnView(Vertical):
 
     def update_stats(self) -> None:
         update_in_place(self.stats, stats_line(self.turn))
-        refresh_in_place(self.body)  # a finished turn gives back the room it kept for its next lines
+        if self.turn.state != "generating":  # while it streams, `tokens_added` has just measured the text
+            refresh_in_place(self.body)  # a finished turn gives back the room it kept for its next lines
 
 
 class Transcript(VerticalScroll, can_focus=True):
