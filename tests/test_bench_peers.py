@@ -28,8 +28,9 @@ def run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def spinners_of(parent: int) -> list[int]:
-    """Pids of the busy spinners whose parent is `parent`, read from /proc."""
+def spinners_of(parent: int, mark: str = SPINNER_MARK) -> list[int]:
+    """Pids of the busy spinners (or other children whose command line holds `mark`) whose parent is `parent`,
+    read from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -40,19 +41,19 @@ def spinners_of(parent: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and SPINNER_MARK.encode() in cmdline:
+        if ppid == parent and mark.encode() in cmdline:
             found.append(int(entry.name))
     return found
 
 
-def alive(pid: int) -> bool:
-    """A live spinner with this pid (not a zombie, not a reused pid running something else)."""
+def alive(pid: int, mark: str = SPINNER_MARK) -> bool:
+    """A live spinner (or `mark`ed process) with this pid (not a zombie, not a reused pid running something else)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != "Z" and SPINNER_MARK.encode() in cmdline
+    return state != "Z" and mark.encode() in cmdline
 
 
 @pytest.mark.once
@@ -128,6 +129,83 @@ def test_peer_token_check_counts_the_agreeing_prefix(monkeypatch, tmp_path):
     data = bench.bench_generate(preset_name="tiny", tokens=TOKENS, repeats=1, peers=True, peer_cache=tmp_path)
     assert data["same_as_fp32"]["ctranslate2 fp32"] == {"same": False, "matching_prefix": 2}
     assert data["same_as_fp32"]["transformers fp32"]["same"] is True
+
+
+WORKER_MARK = "gpt2term.core.peer_worker"
+
+
+@pytest.fixture(scope="module")
+def tiny_ct2_folder(tmp_path_factory):
+    """A tiny random model converted for CTranslate2 (fp32), once for this module."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("ctranslate2", reason="--peers needs ctranslate2: pip install 'gpt2term[bench]'")
+    from gpt2term.core.config import preset
+    from gpt2term.core.model import GPTModel
+    from gpt2term.core.peers import convert
+
+    torch.manual_seed(0)
+    model = GPTModel(preset("tiny"))
+    return convert(model.state_dict(), model.cfg, ["fp32"], cache_root=tmp_path_factory.mktemp("ct2"))["fp32"]
+
+
+@pytest.mark.once
+def test_ctranslate2_decodes_in_a_process_of_its_own_that_ends_with_the_benchmark(monkeypatch):
+    """Two engines in one process slow each other down: each CTranslate2 model runs in its own worker process,
+    alive during the rounds and gone when the benchmark returns."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("ctranslate2", reason="--peers needs ctranslate2: pip install 'gpt2term[bench]'")
+    seen: list[list[int]] = []
+
+    def progress(message: str) -> None:
+        if message.startswith("round"):
+            seen.append(spinners_of(os.getpid(), WORKER_MARK))
+
+    data = bench.bench_generate(preset_name="tiny", tokens=3, repeats=2, peers=True, progress=progress)
+    assert data["same_as_fp32"]["ctranslate2 fp32"]["same"] is True
+    assert len(seen) == 2 and all(len(pids) == 2 for pids in seen), seen  # fp32 and int8, one process each
+    assert not [pid for pids in seen for pid in pids if alive(pid, WORKER_MARK)]
+    assert not spinners_of(os.getpid(), WORKER_MARK)
+
+
+@pytest.mark.once
+def test_a_ctranslate2_worker_that_fails_or_dies_is_a_one_line_error(tiny_ct2_folder, tmp_path):
+    from gpt2term.core.peers import CT2Generator, PeerFailed
+
+    with pytest.raises(PeerFailed) as missing:
+        CT2Generator(tmp_path / "no-such-model", "fp32", 1)
+    message = str(missing.value)
+    assert "\n" not in message and message.startswith("CTranslate2 (fp32) failed:") and "no-such-model" in message
+    assert not spinners_of(os.getpid(), WORKER_MARK)  # a worker that failed to load is not left behind
+
+    generator = CT2Generator(tiny_ct2_folder, "fp32", 1)
+    try:
+        assert len(generator.run([15496, 11], 3)[0]) == 3
+        os.kill(generator._proc.pid, signal.SIGKILL)
+        with pytest.raises(PeerFailed, match=r"its process ended with exit status -9"):
+            generator.run([15496, 11], 3)
+    finally:
+        generator.close()
+
+
+@pytest.mark.once
+def test_a_ctranslate2_worker_exits_when_its_bench_is_killed(tiny_ct2_folder):
+    """SIGKILL leaves the bench no finally to run: the worker sees its input close and exits by itself."""
+    code = (
+        "import sys; from pathlib import Path; from gpt2term.core.peers import CT2Generator\n"
+        f"g = CT2Generator(Path({str(tiny_ct2_folder)!r}), 'fp32', 1)\n"
+        "print(g._proc.pid, flush=True); sys.stdin.read()"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())  # printed once the worker has loaded the model
+        assert alive(worker, WORKER_MARK)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while alive(worker, WORKER_MARK) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling /proc, not synchronising: the condition is checked each time
+    assert not alive(worker, WORKER_MARK)
 
 
 @pytest.mark.once

@@ -274,36 +274,20 @@ def _load_model(checkpoint: str | None, preset_name: str, seed: int) -> tuple[GP
     return resolve_weights(checkpoint).build_model(), checkpoint
 
 
-def _measure_generation(
+def _take_turns(
     model: GPTModel,
     hf: Any,
-    ct2_folders: dict[str, Any],
+    ct2: dict[str, Any],
     dtypes: list[str],
     prompt_ids: list[int],
     tokens: int,
     repeats: int,
     threads: int,
+    use: Callable[[str], None],
     say: Progress,
-) -> dict[str, Any]:
-    """Every contender in turns at the current thread count; medians, token checks and ratios."""
-    from gpt2term.core.accel import threads as decode_threads
-
-    prepare_s: dict[str, float] = {}
-    packed_mb: dict[str, float] = {}
-
-    def use(dt: str) -> None:
-        started = time.perf_counter()
-        accel.prepare_for_inference(model, dt)
-        prepare_s[dt] = time.perf_counter() - started
-        packed = accel.packed_weights(model)
-        packed_mb[dt] = packed.nbytes() / 1e6 if packed is not None else 0.0
-
-    ct2: dict[str, Any] = {}
-    if ct2_folders:
-        from gpt2term.core.peers import CT2Generator
-
-        ct2 = {q: CT2Generator(folder, q, threads) for q, folder in ct2_folders.items()}
-
+) -> tuple[dict[str, list[GenerationRun]], list[int] | None]:
+    """Every contender warmed up once, then `repeats` rounds in alternating order; the runs of each, and our
+    float32 tokens when fp32 is not among `dtypes` but the peers need it as their reference."""
     # Warm up every contender once (packs our weights, fills allocator caches), untimed.
     say(f"warming up ({threads} threads)")
     reference_fp32: list[int] | None = None
@@ -333,6 +317,42 @@ def _measure_generation(
             else:
                 use(who)  # switching dtype repacks; a no-op when it is already packed this way
                 runs[who].append(_run_ours(model, prompt_ids, tokens))
+
+    return runs, reference_fp32
+
+
+def _measure_generation(
+    model: GPTModel,
+    hf: Any,
+    ct2_folders: dict[str, Any],
+    dtypes: list[str],
+    prompt_ids: list[int],
+    tokens: int,
+    repeats: int,
+    threads: int,
+    say: Progress,
+) -> dict[str, Any]:
+    """Every contender in turns at the current thread count; medians, token checks and ratios."""
+    from gpt2term.core.accel import threads as decode_threads
+
+    prepare_s: dict[str, float] = {}
+    packed_mb: dict[str, float] = {}
+
+    def use(dt: str) -> None:
+        started = time.perf_counter()
+        accel.prepare_for_inference(model, dt)
+        prepare_s[dt] = time.perf_counter() - started
+        packed = accel.packed_weights(model)
+        packed_mb[dt] = packed.nbytes() / 1e6 if packed is not None else 0.0
+
+    with contextlib.ExitStack() as workers:
+        ct2: dict[str, Any] = {}
+        if ct2_folders:
+            from gpt2term.core.peers import CT2Generator
+
+            # Each in a process of its own (ended with this block), as a user would run it: see `peer_worker`.
+            ct2 = {q: workers.enter_context(CT2Generator(folder, q, threads)) for q, folder in ct2_folders.items()}
+        runs, reference_fp32 = _take_turns(model, hf, ct2, dtypes, prompt_ids, tokens, repeats, threads, use, say)
 
     ours: dict[str, Any] = {}
     for dt in dtypes:

@@ -15,8 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,12 +30,17 @@ INSTALL_PEERS = "pip install 'gpt2term[bench]'"
 CT2_QUANTIZATIONS = {"fp32": None, "int8": "int8"}  # our dtype names -> the converter's `quantization`
 CT2_COMPUTE_TYPES = {"fp32": "float32", "int8": "int8"}
 CACHE_FORMAT = "1"  # bump when what a cached folder holds changes
+WORKER_EXIT_S = 10.0  # a worker whose input was closed has this long to exit before it is killed
 
 Progress = Callable[[str], None]
 
 
 class MissingPeers(Gpt2termError):
     """`--peers` without ctranslate2 or transformers installed."""
+
+
+class PeerFailed(Gpt2termError):
+    """CTranslate2 could not load or run a converted model (its worker process said why, or died)."""
 
 
 def peer_versions() -> dict[str, str | None]:
@@ -183,28 +189,71 @@ def _quiet_transformers():
 
 
 class CT2Generator:
-    """A CTranslate2 generator on one converted folder, decoding greedily for a fixed number of tokens."""
+    """A CTranslate2 generator on one converted folder, in a process of its own (`peer_worker`), decoding greedily
+    for a fixed number of tokens. `close()` (or `with`) ends that process."""
 
     def __init__(self, folder: Path, dtype: str, threads: int) -> None:
         require_peers()
-        import ctranslate2
-
         self.dtype = dtype
         self.threads = threads
-        self._generator = ctranslate2.Generator(
-            str(folder), device="cpu", compute_type=CT2_COMPUTE_TYPES[dtype], inter_threads=1, intra_threads=threads
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close()): the worker's messages, for its error
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gpt2term.core.peer_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            encoding="utf-8",
         )
+        spec = {"folder": str(folder), "compute_type": CT2_COMPUTE_TYPES[dtype], "threads": threads}
+        try:
+            self._ask(spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def _ask(self, message: dict) -> dict:
+        try:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        reply = json.loads(line) if line.strip() else {"error": self._death()}
+        if "error" in reply:
+            raise PeerFailed(f"CTranslate2 ({self.dtype}) failed: {reply['error']}")
+        return reply
+
+    def _death(self) -> str:
+        code = self._proc.wait()
+        self._stderr.seek(0)
+        said = [line for line in self._stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        return f"its process ended with exit status {code}" + (f": {said[-1].strip()}" if said else "")
 
     def run(self, prompt_ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
-        """The `tokens` greedy tokens after the prompt and when each arrived (seconds since the call).
+        """The `tokens` greedy tokens after the prompt and when each arrived (seconds since the call)."""
+        reply = self._ask({"prompt": token_strings(prompt_ids), "tokens": tokens})
+        return [int(i) for i in reply["ids"]], [float(t) for t in reply["times"]]
 
-        `end_token=[]`: never stop at <|endoftext|>, so every contender produces the same number of tokens.
-        """
-        prompt = token_strings(prompt_ids)
-        ids: list[int] = []
-        times: list[float] = []
-        start = time.perf_counter()
-        for step in self._generator.generate_tokens(prompt, max_length=tokens, sampling_topk=1, end_token=[]):
-            times.append(time.perf_counter() - start)
-            ids.append(int(step.token_id))
-        return ids, times
+    def close(self) -> None:
+        """End the worker: its input closed, it exits by itself; killed if it has not within a few seconds."""
+        if self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if self._proc.stdin is not None:
+                    self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=WORKER_EXIT_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
+            with contextlib.suppress(OSError, ValueError):
+                if stream is not None:
+                    stream.close()
+
+    def __enter__(self) -> CT2Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
