@@ -237,10 +237,24 @@ def test_models_made_under_inference_mode_decode_like_the_others():
     assert packed_weights(model) is None
 
 
+@pytest.mark.parametrize(("capability", "expected"), [("AVX2", False), ("AVX512", True), ("DEFAULT", False)])
+def test_training_linears_go_to_onednn_only_on_a_cpu_with_avx512(monkeypatch, capability, expected):
+    """The kernel is chosen by the CPU, never by timing: every process on one machine computes the same sums."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    accel.linear._has_avx512.cache_clear()
+    try:
+        assert accel.linear.onednn_training() is (expected and probes.onednn_fp32())
+    finally:
+        accel.linear._has_avx512.cache_clear()
+
+
 @needs_accel
-def test_onednn_linears_give_pytorchs_forward_and_gradients():
-    if not probes.onednn_fp32():
+@pytest.mark.parametrize("on_onednn", [True, False], ids=["onednn", "pytorch-matmul"])
+def test_onednn_linears_give_pytorchs_forward_and_gradients(monkeypatch, on_onednn):
+    """Both kernels a CPU may get (oneDNN with AVX-512, PyTorch's matmul without) give PyTorch's numbers."""
+    if on_onednn and not probes.onednn_fp32():
         pytest.skip("this PyTorch build has no oneDNN: the fast linear path is not used")
+    monkeypatch.setattr(accel.linear, "_has_avx512", lambda: on_onednn)
     torch.manual_seed(9)
     model = GPTModel(GPTConfig(vocab_size=3000, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
     ids = torch.randint(0, 3000, (3, 16))
@@ -255,6 +269,8 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients():
     ref_loss, ref = loss_and_grads()  # plain nn.Linear: PyTorch's reference
     accelerate(model)
     assert all(type(m) is accel.linear.OneDnnLinear for m in model.modules() if isinstance(m, nn.Linear))
+    ran = type(model.trf_blocks[0].ff.layers[0](torch.randn(2, 32, requires_grad=True)).grad_fn).__name__
+    assert ("OneDnnLinear" in ran) is on_onednn, ran
     fast_loss, fast = loss_and_grads()
     assert fast_loss == pytest.approx(ref_loss, abs=1e-5)
     for name, grad in ref.items():

@@ -720,6 +720,17 @@ def _op_table(profs: list[Any], device: torch.device, top: int = PROFILE_TOP) ->
     ]
 
 
+def _fp32_matmuls(where: torch.device) -> str:
+    """Which kernels our float32 training runs its matrix multiplies on, here (see `accel.linear`)."""
+    if where.type != "cpu" or not accel.enabled():
+        return "PyTorch's matmul (both)"
+    from gpt2term.core.accel import probes
+
+    blocks = "oneDNN (this CPU has AVX-512)" if accel.linear.onednn_training() else "PyTorch's (no AVX-512 here)"
+    head = "oneDNN" if probes.onednn_fp32() else "PyTorch's"
+    return f"ours: the blocks' linears on {blocks}, the head's loss on {head}; transformers' loop: PyTorch's matmul"
+
+
 def bench_train(
     preset_name: str = "tiny",
     *,
@@ -888,6 +899,7 @@ def bench_train(
             "vocab_padded_to": accel.vocab_pad.padded_size(cfg.vocab_size, padded),
             "attention": "scaled_dot_product_attention, causal (flash kernel on CUDA in bf16)",
             "optimizer": "AdamW, fused kernel (ours); PyTorch's default AdamW (transformers' loop)",
+            "fp32_matmuls": _fp32_matmuls(where),
             "bf16_matmuls": (
                 "ours: oneDNN float32 on bf16-rounded operands (this CPU has no bf16 instructions); transformers' "
                 "loop: PyTorch's bf16 matmul"

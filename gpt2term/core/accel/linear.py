@@ -1,13 +1,19 @@
-"""Training's linear layers on oneDNN: `nn.Linear`'s parameters and state_dict, a faster CPU float32 kernel.
+"""Training's linear layers: `nn.Linear`'s parameters and state_dict, on the faster CPU float32 kernel.
 
-PyTorch sends float32 matmuls to MKL, which on AMD CPUs is much slower than oneDNN on the same shapes (see the
-README's Speed section), and matmuls are most of a training step. bfloat16 (autocast) goes to oneDNN's bf16
-kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16 matmul is a generic loop, and autocast's
-linear is computed here with float32 kernels instead (`_Bf16Linear`). torch.compile, GPUs and float64 keep the
-standard path.
+Where the CPU has AVX-512, training's linears run forward and backward on oneDNN (`_OneDnnLinear`): PyTorch sends
+float32 matmuls to MKL, which on AMD CPUs keeps to its AVX2 code while oneDNN uses AVX-512 (on the AVX-512
+machine this was first measured on, MKL was much slower). On an AVX2-only CPU (this project's Zen 3) the two share the same vector
+width: MKL is as fast forward and faster backward, where oneDNN reads the transposed operands slowly (see the
+README's Speed section), so training's float32 linears stay PyTorch's own there (`onednn_training`).
+bfloat16 (autocast) goes to oneDNN's bf16 kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16
+matmul is a generic loop, and autocast's linear is computed here with oneDNN's float32 kernels instead
+(`_Bf16Linear`).
+torch.compile, GPUs and float64 keep the standard path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,20 @@ from gpt2term.core.accel import probes
 # Above this many output features the weight gradient stays with the default BLAS: oneDNN would first need the
 # output gradient transposed, a copy as large as the logits for GPT-2's head, which eats its advantage.
 ONEDNN_WEIGHT_GRAD_MAX_OUT = 16384
+
+
+AVX512_CAPABILITIES = ("AVX512",)  # what torch.backends.cpu.get_cpu_capability() says on such CPUs (a prefix)
+
+
+def onednn_training() -> bool:
+    """Whether training's float32 linear products go to oneDNN (a CPU with AVX-512) rather than PyTorch's own
+    matmul. Decided by the CPU, never by timing, so every process on a machine computes the same sums."""
+    return probes.onednn_fp32() and _has_avx512()
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    return str(torch.backends.cpu.get_cpu_capability()).startswith(AVX512_CAPABILITIES)
 
 
 def _transposed(m: torch.Tensor) -> torch.Tensor:
@@ -97,10 +117,11 @@ class _Bf16Linear(torch.autograd.Function):
 
 
 class OneDnnLinear(nn.Linear):
-    """`nn.Linear` whose CPU float32 matrix multiplies run on oneDNN; `swap_in` turns a model's linears into these.
+    """`nn.Linear` whose CPU float32 matrix multiplies run on oneDNN where `onednn_training`; `swap_in` turns a
+    model's linears into these.
 
     Under CPU bf16 autocast on a CPU without bf16 instructions it computes autocast's bf16 linear through oneDNN's
-    float32 kernels (`_Bf16Linear`)."""
+    float32 kernels (`_Bf16Linear`, measured faster there than PyTorch's matmul for tiny's shapes)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -110,7 +131,7 @@ class OneDnnLinear(nn.Linear):
             and probes.onednn_fp32()
         ):
             if not torch.is_autocast_enabled("cpu"):
-                if x.dtype == torch.float32:
+                if x.dtype == torch.float32 and onednn_training():
                     return _OneDnnLinear.apply(x, self.weight, self.bias)
             elif (
                 torch.get_autocast_dtype("cpu") == torch.bfloat16
