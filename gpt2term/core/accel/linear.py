@@ -2,9 +2,10 @@
 
 Where the CPU has AVX-512, training's linears run forward and backward on oneDNN (`_OneDnnLinear`): PyTorch sends
 float32 matmuls to MKL, which on AMD CPUs keeps to its AVX2 code while oneDNN uses AVX-512 (on the AVX-512
-machine this was first measured on, MKL was much slower). On an AVX2-only CPU (this project's Zen 3) the two share the same vector
-width: MKL is as fast forward and faster backward, where oneDNN reads the transposed operands slowly (see the
-README's Speed section), so training's float32 linears stay PyTorch's own there (`onednn_training`).
+machine this was first measured on, MKL was much slower). On an AVX2-only CPU (this project's Zen 3) the two
+share the same vector width: MKL is as fast forward and faster backward, where oneDNN reads the transposed
+operands slowly (see the README's Speed section), so training's float32 linears stay PyTorch's own there
+(`onednn_training`).
 bfloat16 (autocast) goes to oneDNN's bf16 kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16
 matmul is a generic loop, and autocast's linear is computed here with oneDNN's float32 kernels instead
 (`_Bf16Linear`).
