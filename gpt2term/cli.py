@@ -1115,8 +1115,11 @@ def describe_machine(machine: dict) -> str:
     ]
     if machine.get("ctranslate2"):
         parts.insert(4, f"ctranslate2 {machine['ctranslate2']}")
-    if machine.get("accel", {}).get("enabled") is False:
+    accel_info = machine.get("accel", {})
+    if accel_info.get("enabled") is False:
         parts.append("acceleration off (GPT2TERM_ACCEL=0)")
+    elif accel_info.get("native_kernels") is False:
+        parts.append(f"gpt2term's decoding kernels off: {accel_info.get('native_why_not')}")
     if load:
         parts.append(f"load {load[0]:.2f}")
     return ", ".join(parts)

@@ -27,7 +27,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
 # another file carries `@pytest.mark.once` itself.
 ONCE = ("test_tui_", "test_store_", "test_ckpt_crash", "test_bad_input", "test_cli_progress", "test_tokenizer",
         "test_data", "test_metrics_follow", "test_formatting", "test_readme_promises", "test_lesson_",
-        "test_bench_peers", "test_load", "test_train_gpu_path")  # fmt: skip
+        "test_bench_peers", "test_load", "test_train_gpu_path", "test_native")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2term.core import accel
-from gpt2term.core.accel import accelerate, int8, packed_weights, prepare_for_inference
+from gpt2term.core.accel import accelerate, int8, native, packed_weights, prepare_for_inference
 from gpt2term.core.accel.decode import REFINED_CANDIDATES, PackedLinear
 from gpt2term.core.errors import InputError
 from gpt2term.core.generation import DecodingSettings, generate
@@ -107,7 +107,7 @@ def test_int8_linear_gives_the_product_of_the_dequantised_weights(fbgemm):
         x[0, 5] = 40.0  # an outlier, as GPT-2's activations have: it sets the 7-bit step
         expected = F.linear(x, int8.dequantize(q, s), bias)
         for gelu in (False, True):
-            layer = PackedLinear(weight, bias, torch.int8, gelu=gelu)
+            layer = PackedLinear(weight, bias, torch.int8, gelu=gelu, use_native=False)
             layer.weight = int8.Int8Matrix(weight, bias, use_fbgemm=fbgemm)
             got = layer(x)
             want = F.gelu(expected, approximate="tanh") if gelu else expected
@@ -123,12 +123,18 @@ def test_int8_linear_gives_the_product_of_the_dequantised_weights(fbgemm):
 
 
 @needs_accel
-def test_int8_greedy_tokens_equal_float32_for_100_tokens_on_a_trained_model(trained_state):
+@pytest.mark.parametrize("kernels", ["native", "pytorch"])
+def test_int8_greedy_tokens_equal_float32_for_100_tokens_on_a_trained_model(trained_state, kernels, monkeypatch):
+    if kernels == "native" and not native.available():
+        pytest.skip(f"gpt2term's kernels are not built here: {native.why_not()}")
+    if kernels == "pytorch":
+        monkeypatch.setenv(native.SWITCH, "0")
     model = accelerate(_model(trained_state), "fp32")
     fp32 = {p: _greedy(model, p, 100) for p in PROMPTS}
     prepare_for_inference(model, "int8")
     packed = packed_weights(model)
-    assert packed is not None and packed.dtype == torch.int8 and packed.head.kind == "int8"
+    want_kind = "native" if kernels == "native" else "int8"
+    assert packed is not None and packed.dtype == torch.int8 and packed.head.kind == want_kind
     for p in PROMPTS:
         assert _greedy(model, p, 100) == fp32[p], p
     accelerate(model, "fp32")

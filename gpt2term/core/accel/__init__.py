@@ -4,8 +4,9 @@ Ready to decode in a number format (fp32, bf16, int8): `prepare_for_inference(mo
 `gpt2term/core/model.py` is the course's model as the book writes it. This package makes the same model fast
 on a CPU without changing what it computes, its parameters or its state_dict:
 
-- `decode`: a packed copy of the weights for decoding one token at a time (float32, bf16 or int8 from `int8`),
-  split across threads by `threads`;
+- `decode`: a packed copy of the weights for decoding one token at a time (float32, bf16 or int8), multiplied by
+  gpt2term's own kernels (`native`, built on first use) or else PyTorch's (int8 from `int8`), on the threads
+  `threads` gives it;
 - `linear`: oneDNN float32 kernels for the linear layers in training;
 - `head_loss`: the training loss without ever building the [tokens, vocabulary] logits;
 - `vocab_pad`: on a GPU, training's output head padded to a multiple of 64 rows for the matmul kernels.
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from gpt2term.core.accel import decode, head_loss, linear, probes, vocab_pad
+from gpt2term.core.accel import decode, head_loss, linear, native, probes, vocab_pad
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
@@ -170,6 +171,10 @@ def release_packed_weights(model: GPTModel) -> None:
         model._inference_weights = None
 
 
-def describe() -> dict[str, bool]:
-    """Whether acceleration is on, and what each probe of a private PyTorch API found (for benchmarks)."""
-    return {"enabled": enabled(), **(probes.results() if enabled() else {})}
+def describe() -> dict[str, bool | str | None]:
+    """Whether acceleration is on, what each probe of a private PyTorch API found, and whether gpt2term's own
+    decoding kernels run (else why not), for benchmarks."""
+    if not enabled():
+        return {"enabled": False}
+    native_on = native.available()
+    return {"enabled": True, **probes.results(), "native_kernels": native_on, "native_why_not": native.why_not()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gpt2term.core.accel import int8, probes, threads
+from gpt2term.core.accel import int8, native, probes, threads
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
@@ -40,6 +40,8 @@ def inference_dtype(spec: str | torch.dtype | None) -> torch.dtype | None:
 class PackedLinear:
     """One linear layer in the layout its fastest decoding kernel wants.
 
+    - "native": gpt2term's own kernels (`native.TiledMatrix`) for every dtype, on float32 activations, where they
+      are built; the kinds below are PyTorch's kernels, for everywhere else:
     - "fp32": weight stored `[in, out]` (what one-token products stream fastest) and used through its transposed
       view, by oneDNN with bias and `gelu` fused into the call (`F.linear` where oneDNN is missing);
     - "onednn" (bf16): oneDNN's packed layout; `gelu` fused into the matmul;
@@ -60,11 +62,16 @@ class PackedLinear:
         *,
         gelu: bool = False,
         onednn: bool | None = None,
+        use_native: bool | None = None,
     ) -> None:
         self.gelu = gelu
         self.out_features = weight.shape[0]
         self.onednn = False
-        if dtype == torch.int8:
+        if native.available() if use_native is None else use_native:
+            self.kind = "native"
+            self.weight = native.TiledMatrix(weight, bias, dtype)
+            bias = None  # the kernel adds it
+        elif dtype == torch.int8:
             self.kind = "int8"
             self.weight = int8.Int8Matrix(weight, bias)
             bias = None  # the int8 matrix adds its own
@@ -82,20 +89,20 @@ class PackedLinear:
         self.bias = bias.to(dtype).contiguous() if bias is not None else None
 
     def tensors(self) -> list[torch.Tensor]:
-        if self.kind == "int8":
+        if self.kind in ("int8", "native"):
             return self.weight.tensors()
         return [t for t in (self.weight, self.bias) if t is not None]
 
     def nbytes(self) -> int:
-        if self.kind == "int8":
+        if self.kind in ("int8", "native"):
             return self.weight.nbytes()
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """`x`: [rows, in] in the layer's dtype (float32 for int8), on PyTorch's current thread count."""
+        """`x`: [rows, in] in the layer's dtype (float32 for native and int8), on PyTorch's current thread count."""
         if self.onednn:  # "onednn", and "fp32" where oneDNN's float32 matmul works
             return probes.onednn_linear(x, self.weight, self.bias, gelu=self.gelu)
-        y = self.weight(x) if self.kind == "int8" else F.linear(x, self.weight, self.bias)
+        y = self.weight(x) if self.kind in ("int8", "native") else F.linear(x, self.weight, self.bias)
         return F.gelu(y, approximate="tanh") if self.gelu else y
 
 
@@ -116,7 +123,8 @@ class InferenceWeights:
         cfg = model.cfg
         self.dtype = dtype  # the matrices' dtype
         self.act_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16, torch.int8) else dtype  # residual
-        self.in_dtype = self.act_dtype if dtype == torch.int8 else dtype  # what the matrices are given
+        self.native = native.available()  # one choice for every layer: they must all take the same inputs
+        self.in_dtype = self.act_dtype if dtype == torch.int8 or self.native else dtype  # what the matrices take
         self.n_heads, self.head_dim, self.emb_dim = cfg.n_heads, cfg.head_dim, cfg.emb_dim
         self.context_length = cfg.context_length
         self._params = params
@@ -135,18 +143,18 @@ class InferenceWeights:
                 self.blocks.append(
                     (
                         (block.norm1.scale.to(act), block.norm1.shift.to(act), block.norm1.eps),
-                        PackedLinear(qkv, qkv_bias, dtype),
-                        PackedLinear(att.out_proj.weight, att.out_proj.bias, dtype),
+                        PackedLinear(qkv, qkv_bias, dtype, use_native=self.native),
+                        PackedLinear(att.out_proj.weight, att.out_proj.bias, dtype, use_native=self.native),
                         (block.norm2.scale.to(act), block.norm2.shift.to(act), block.norm2.eps),
-                        PackedLinear(ff.layers[0].weight, ff.layers[0].bias, dtype, gelu=True),
-                        PackedLinear(ff.layers[2].weight, ff.layers[2].bias, dtype),
+                        PackedLinear(ff.layers[0].weight, ff.layers[0].bias, dtype, gelu=True, use_native=self.native),
+                        PackedLinear(ff.layers[2].weight, ff.layers[2].bias, dtype, use_native=self.native),
                     )
                 )
             norm = model.final_norm
             self.final_norm = (norm.scale.to(act), norm.shift.to(act), norm.eps)
             self.head_fp = model.out_head.weight  # the original [vocab, emb] matrix, for refining candidates
             self.refine = dtype != self.act_dtype
-            self.head = PackedLinear(self.head_fp, None, dtype)
+            self.head = PackedLinear(self.head_fp, None, dtype, use_native=self.native)
 
     def matches(self, params: list[torch.Tensor], dtype: torch.dtype) -> bool:
         if dtype != self.dtype or len(params) != len(self._params):
@@ -162,18 +170,17 @@ class InferenceWeights:
         return sum(layer.nbytes() for layer in [*layers, self.head])
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head.kind == "fp32":
+        if not self.refine:  # float32 matrices: the logits are float32's already
             return self.head(x)
         logits = self.head(x.to(self.in_dtype)).to(self.act_dtype)
-        if self.refine:
-            # bf16 (and int8) logits carry about 8 significant bits: not enough to pick the argmax among GPT-2's
-            # close candidates.
-            # Recompute the top candidates of each row in float32 (a small slice of the head).
-            k = min(REFINED_CANDIDATES, logits.shape[-1])
-            candidates = logits.topk(k, dim=-1).indices  # [rows, k]
-            rows = self.head_fp[candidates].to(self.act_dtype)  # [rows, k, emb]
-            exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)
-            logits.scatter_(1, candidates, exact)
+        # bf16 (and int8) logits carry about 8 significant bits: not enough to pick the argmax among GPT-2's
+        # close candidates.
+        # Recompute the top candidates of each row in float32 (a small slice of the head).
+        k = min(REFINED_CANDIDATES, logits.shape[-1])
+        candidates = logits.topk(k, dim=-1).indices  # [rows, k]
+        rows = self.head_fp[candidates].to(self.act_dtype)  # [rows, k, emb]
+        exact = torch.bmm(rows, x.unsqueeze(-1)).squeeze(-1)
+        logits.scatter_(1, candidates, exact)
         return logits
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None, last_only: bool) -> torch.Tensor:

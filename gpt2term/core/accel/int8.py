@@ -1,11 +1,12 @@
 """int8 weights for decoding: a quarter of float32's bytes per token, which is what bounds one-token speed on a CPU.
 
-Weights are quantised per output channel, symmetric: row `n` is stored as int8 `q[n]` with one float32 scale
-`s[n]` (`w ≈ q * s`, every element within `s[n] / 2`). The product runs on fbgemm's int8 kernel, which also wants
-8-bit activations; 8 bits of GPT-2's activations (a few large outliers set the scale) would move the greedy
-tokens, so each activation row is sent as two: its 7-bit rounding and that rounding's error scaled up by 64. One
-call multiplies both with the same weights (still one read of the matrix, the speed limit), and `hi + lo / 64`
-is the product to about 13 bits of the activation, close to weight-only int8.
+Weights are quantised per output channel, symmetric: row `n` is stored as int8 `q[n]` with one float32 scale `s[n]`
+(`w ≈ q * s`, every element within `s[n] / 2`). Where gpt2term's own kernels are built (`native`) they multiply
+these weights by the float32 activations as they are. Elsewhere the product runs here, on fbgemm's int8 kernel,
+which also wants 8-bit activations; 8 bits of GPT-2's activations (a few large outliers set the scale) would move
+the greedy tokens, so each activation row is sent as two: its 7-bit rounding and that rounding's error scaled up
+by 64. One call multiplies both with the same weights (still one read of the matrix, the speed limit), and
+`hi + lo / 64` is the product to about 13 bits of the activation, close to weight-only int8.
 fbgemm threads each call itself with OpenMP; `decode` runs it under `threads.governed`, which gives it fewer
 threads when the machine is busy.
 Where this PyTorch build lacks the kernel, the dequantised float32 weights are used (exact, no faster).

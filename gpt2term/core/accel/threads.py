@@ -1,9 +1,9 @@
 """How many threads each one-token matmul gets: all of PyTorch's, or fewer when the machine is busy.
 
-Decoding one token multiplies a vector by each matrix: memory-bound work that two cores stream faster than one,
-in kernels (oneDNN, fbgemm, MKL) that thread themselves with OpenMP. On a busy machine that collapses: OpenMP's
-threads spin at a barrier while one of them waits for a core, and a token can take ten times longer on two threads
-than on one. `Governor` watches what each kind of matmul takes with each thread count it may use, keeps the
+Decoding one token multiplies a vector by each matrix: memory-bound work that two cores stream faster than one, in
+kernels (gpt2term's own, oneDNN, fbgemm, MKL) that thread themselves with OpenMP. On a busy machine that collapses:
+OpenMP's threads spin at a barrier while one of them waits for a core, and a token can take ten times longer on two
+threads than on one. `Governor` watches what each kind of matmul takes with each thread count it may use, keeps the
 fastest, and now and then tries the others again, so decoding backs off to the cores it does get and returns to all
 of them when they are free. `GovernedStep` runs one decoding step under it.
 """

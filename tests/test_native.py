@@ -1,0 +1,186 @@
+"""gpt2term's own decoding kernels (`gpt2term/core/accel/native.py`, `matvec.c`): their numbers, and their build in
+real processes: cached for the next one, rebuilt when damaged, raced by two, and a clear fallback without a compiler.
+
+Speed is the benchmark's business (`gpt2term bench generate`); here only numbers, files and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2term.core import accel
+from gpt2term.core.accel import int8, native, packed_weights, prepare_for_inference
+from gpt2term.core.config import GPTConfig
+from gpt2term.core.model import GPTModel
+from gpt2term.core.store.store import CheckpointStore
+from gpt2term.core.tokenizer import default_tokenizer
+from tests.test_fastpath import _assert_same_tokens_up_to_a_near_tie, _greedy, _model, _plain_logits
+
+needs_kernels = pytest.mark.skipif(
+    not (accel.enabled() and native.available()), reason=f"gpt2term's kernels are not used here: {native.why_not()}"
+)
+
+# What a fresh process reports about the kernels: whether they run, why not, and the library's path.
+REPORT = (
+    "import json, sys\n"
+    "from gpt2term.core.accel import native\n"
+    "on = native.available()\n"
+    "print(json.dumps({'on': on, 'why': native.why_not(), 'path': str(native.library_path())}))\n"
+)
+
+
+def _report(env: dict[str, str] | None = None) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _reference(matrix: native.TiledMatrix, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.double(), matrix.dense().double(), None if bias is None else bias.double()).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
+def test_kernels_give_the_product_of_the_weights_they_hold(dtype):
+    g = torch.Generator().manual_seed(5)
+    for out_features, in_features in ((45, 37), (96, 64), (33, 768)):
+        weight = torch.randn(out_features, in_features, generator=g) * 0.05
+        for bias in (None, torch.randn(out_features, generator=g)):
+            matrix = native.TiledMatrix(weight, bias, dtype)
+            assert matrix.tiles.shape == (-(-out_features // native.TILE), in_features, native.TILE)
+            for rows in (1, 2, 3, 4, 5, 17):
+                x = torch.randn(rows, in_features, generator=g) * 3
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    got = matrix(x)
+                    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+                    torch.testing.assert_close(got, _reference(matrix, x, bias), atol=2e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_the_weights_they_hold_are_the_layers_own_rounded_to_the_dtype():
+    weight = torch.randn(70, 50, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(native.TiledMatrix(weight, None, torch.float32).dense(), weight)
+    assert torch.equal(native.TiledMatrix(weight, None, torch.bfloat16).dense(), weight.bfloat16().float())
+    q, s = int8.quantize(weight)
+    assert torch.equal(native.TiledMatrix(weight, None, torch.int8).dense(), int8.dequantize(q, s))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_decoding_runs_on_the_kernels_and_keeps_float32s_greedy_tokens(dtype):
+    model = _model(0, vocab=50257, context=64, emb=64)  # logits spread apart: fewer near-ties to flip
+    prompt = default_tokenizer().encode("Every effort moves you")
+    with torch.inference_mode():
+        expected_logits = _plain_logits(model, torch.tensor([prompt]))[0, -1]
+    fp32 = _greedy(model, prompt, 30)
+    prepare_for_inference(model, dtype)
+    packed = packed_weights(model)
+    assert packed is not None and packed.native and packed.head.kind == "native"
+    assert all(layer.kind == "native" for block in packed.blocks for layer in block[1:3] + block[4:])
+    got_tokens = _greedy(model, prompt, 30)
+    if dtype == "fp32":
+        assert got_tokens == fp32
+    else:
+        _assert_same_tokens_up_to_a_near_tie(model, prompt, fp32, got_tokens, dtype)
+    with torch.inference_mode():
+        got = model(torch.tensor([prompt]), last_only=True)[0, -1]
+    if dtype == "fp32":
+        torch.testing.assert_close(got, expected_logits, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_the_kernels_share_pytorchs_openmp_runtime():
+    # A second OpenMP runtime would bring its own pool of spinning threads beside PyTorch's: the slowdown the bench
+    # found when CTranslate2's libgomp shared a process with PyTorch's.
+    code = (
+        "import torch\n"
+        "from gpt2term.core.accel import native\n"
+        "m = native.TiledMatrix(torch.randn(64, 64), None, torch.int8)\n"
+        "m(torch.randn(1, 64))\n"
+        "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runtimes = eval(done.stdout.strip().splitlines()[-1])  # a list of paths, printed by the line above
+    assert len(runtimes) == 1 and Path(runtimes[0]).parent == Path(torch.__file__).parent / "lib", runtimes
+
+
+@needs_kernels
+def test_a_later_process_loads_the_built_library_without_compiling_again(tmp_path):
+    first = _report()
+    path = Path(first["path"])
+    assert first["on"] and path.is_file() and path.parent.parent == Path(os.environ["GPT2TERM_HOME"]) / "cache"
+    built = path.stat().st_mtime_ns
+    second = _report({"CC": str(tmp_path / "no-such-compiler")})  # it would fail if it had to build
+    assert second["on"] and second["why"] is None
+    assert path.stat().st_mtime_ns == built
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial files left behind
+
+
+@needs_kernels
+def test_a_damaged_library_on_disk_is_built_again():
+    path = Path(_report()["path"])
+    path.write_bytes(b"not a shared library")
+    again = _report()
+    assert again["on"] and again["why"] is None
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_kernels
+def test_two_processes_building_at_once_both_get_working_kernels():
+    procs = [
+        subprocess.Popen([sys.executable, "-c", REPORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["on"] for r in reports), reports
+    path = Path(reports[0]["path"])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_without_a_compiler_decoding_falls_back_to_pytorchs_kernels_and_says_why(tmp_path):
+    report = _report({"CC": str(tmp_path / "no-such-compiler")})
+    assert not report["on"]
+    if accel.enabled() and native.platform_reason() is None:
+        assert report["why"] == f"no C compiler ({tmp_path / 'no-such-compiler'} not found; install gcc or set CC)"
+    assert not Path(report["path"]).exists()
+    torch.manual_seed(0)
+    small = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1)
+    CheckpointStore(Path(os.environ["GPT2TERM_HOME"]) / "checkpoints").save("small", GPTModel(small), meta={"step": 0})
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    args = [sys.executable, "-m", "gpt2term", "generate", "Hello", "-c", "small", "-n", "3", "--dtype", "int8"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+@needs_kernels
+def test_a_compiler_that_fails_is_reported_in_one_line(tmp_path):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\necho 'matvec.c:1:1: error: this compiler is broken' >&2\nexit 1\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
+    report = _report({"CC": str(compiler)})
+    assert not report["on"]
+    assert report["why"] == "the C compiler failed: matvec.c:1:1: error: this compiler is broken"
+    assert not Path(report["path"]).parent.exists() or not any(Path(report["path"]).parent.iterdir())
+
+
+def test_the_switch_turns_the_kernels_off():
+    report = _report({native.SWITCH: "0"})
+    assert not report["on"] and report["why"] == f"{native.SWITCH}=0"
