@@ -95,9 +95,11 @@ def _openmp_runtime_ok() -> str | None:
         maps = Path("/proc/self/maps").read_text()
     except OSError as exc:
         return f"cannot read /proc/self/maps ({exc.strerror})"
-    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line.rsplit("/", 1)[-1]}
-    if len(runtimes) != 1 or not next(iter(runtimes)).endswith("/libgomp.so.1"):
-        return "PyTorch's OpenMP runtime is not one libgomp.so.1, so the kernels would start a second thread pool"
+    # The library asks for libgomp.so.1, and the loader hands it the one already loaded under that name: PyTorch's.
+    # Other libraries' renamed copies (CTranslate2 brings libgomp-<hash>.so.1) are theirs and cannot bind to it.
+    runtimes = {line.split()[-1] for line in maps.splitlines() if line.rsplit("/", 1)[-1] == "libgomp.so.1"}
+    if len(runtimes) != 1:
+        return "PyTorch's OpenMP runtime is not libgomp.so.1, so the kernels would start a second thread pool"
     return None
 
 
