@@ -184,3 +184,15 @@ def test_a_compiler_that_fails_is_reported_in_one_line(tmp_path):
 def test_the_switch_turns_the_kernels_off():
     report = _report({native.SWITCH: "0"})
     assert not report["on"] and report["why"] == f"{native.SWITCH}=0"
+
+
+@needs_kernels
+def test_the_kernels_run_beside_ctranslate2s_own_openmp_runtime():
+    # `bench generate --peers` converts models with ctranslate2 in its own process, which loads CTranslate2's renamed
+    # libgomp; the kernels bind to PyTorch's libgomp.so.1 by name and must still be used there.
+    pytest.importorskip("ctranslate2")
+    code = "import ctranslate2, torch\n" + REPORT
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["on"] and report["why"] is None, report
