@@ -171,6 +171,16 @@ def test_without_a_compiler_decoding_falls_back_to_pytorchs_kernels_and_says_why
 
 
 @needs_kernels
+def test_a_cache_folder_that_cannot_be_created_falls_back_with_the_reason():
+    cache = Path(os.environ["GPT2TERM_HOME"]) / "cache"
+    cache.write_text("a file where the cache folder should be")
+    report = _report()
+    assert not report["on"]
+    assert report["why"].startswith(f"cannot create {cache / 'kernels'} for the built kernels (")
+    assert cache.read_text() == "a file where the cache folder should be"
+
+
+@needs_kernels
 def test_a_compiler_that_fails_is_reported_in_one_line(tmp_path):
     compiler = tmp_path / "broken-cc"
     compiler.write_text("#!/bin/sh\necho 'matvec.c:1:1: error: this compiler is broken' >&2\nexit 1\n")

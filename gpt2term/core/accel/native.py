@@ -62,7 +62,12 @@ def why_not() -> str | None:
 def library_path() -> Path:
     from gpt2term import locations
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as exc:
+        why = f"{SOURCE.name} is missing from this installation ({exc.strerror}); reinstall gpt2term"
+        raise _Unavailable(why) from exc
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     return locations.cache_dir() / "kernels" / f"matvec-{platform.machine()}-{digest}.so"
 
 
@@ -74,6 +79,8 @@ def _functions() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
                 why = _check(functions)
             except _Unavailable as exc:
                 functions, why = None, str(exc)
+            except (OSError, RuntimeError, ValueError, AttributeError) as exc:  # never worth failing a decode for
+                functions, why = None, f"the kernels could not be set up: {exc}"
             if why is None:
                 _state["functions"] = functions
             else:
@@ -139,7 +146,10 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
 
 def _build(path: Path) -> None:
     compiler = shlex.split(os.environ.get("CC", "").strip() or "cc")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _Unavailable(f"cannot create {path.parent} for the built kernels ({exc.strerror})") from exc
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     command = [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
     try:
@@ -152,7 +162,11 @@ def _build(path: Path) -> None:
         partial.unlink(missing_ok=True)
         first = next((line for line in done.stderr.splitlines() if line.strip()), f"exit status {done.returncode}")
         raise _Unavailable(f"the C compiler failed: {first.strip()}")
-    os.replace(partial, path)
+    try:
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise _Unavailable(f"cannot put the built kernels in {path.parent} ({exc.strerror})") from exc
 
 
 def _check(functions: dict[torch.dtype, ctypes._CFuncPtr]) -> str | None:
