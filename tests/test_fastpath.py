@@ -441,3 +441,15 @@ def test_sliced_loss_of_a_confidently_wrong_model_is_cross_entropys_not_infinity
     assert expected > 100 and math.isfinite(loss)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_a_model_in_another_float_dtype_decodes_on_the_plain_kinds(dtype):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=1)).to(dtype).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        expected = model(ids, last_only=True)
+        accelerate(model)
+        got = model(ids, last_only=True)
+    assert torch.allclose(got.double(), expected.double(), atol=1e-3 if dtype == torch.float16 else 1e-12)

@@ -127,10 +127,11 @@ def test_int8_linear_gives_the_product_of_the_dequantised_weights(fbgemm):
 def test_int8_greedy_tokens_equal_float32_for_100_tokens_on_a_trained_model(trained_state, kernels, monkeypatch):
     if kernels == "native" and not native.available():
         pytest.skip(f"gpt2term's kernels are not built here: {native.why_not()}")
-    if kernels == "pytorch":
-        monkeypatch.setenv(native.SWITCH, "0")
+    monkeypatch.setenv(native.SWITCH, "0")  # the reference: float32 decoding on PyTorch's kernels
     model = accelerate(_model(trained_state), "fp32")
     fp32 = {p: _greedy(model, p, 100) for p in PROMPTS}
+    if kernels == "native":
+        monkeypatch.delenv(native.SWITCH)
     prepare_for_inference(model, "int8")
     packed = packed_weights(model)
     want_kind = "native" if kernels == "native" else "int8"

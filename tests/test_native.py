@@ -18,16 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from gpt2term.core import accel
-from gpt2term.core.accel import int8, native, packed_weights, prepare_for_inference
+from gpt2term.core.accel import int8, native, packed_weights, prepare_for_inference, release_packed_weights
 from gpt2term.core.config import GPTConfig
 from gpt2term.core.model import GPTModel
 from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.tokenizer import default_tokenizer
 from tests.test_fastpath import _assert_same_tokens_up_to_a_near_tie, _greedy, _model, _plain_logits
 
-needs_kernels = pytest.mark.skipif(
-    not (accel.enabled() and native.available()), reason=f"gpt2term's kernels are not used here: {native.why_not()}"
-)
+
+@pytest.fixture
+def kernels():
+    """Skips where the kernels are not used; asked inside the test's own home, never the user's cache folder."""
+    if not (accel.enabled() and native.available()):
+        pytest.skip(f"gpt2term's kernels are not used here: {native.why_not()}")
+
+
+needs_kernels = pytest.mark.usefixtures("kernels")
 
 # What a fresh process reports about the kernels: whether they run, why not, and the library's path.
 REPORT = (
@@ -62,8 +68,12 @@ def test_kernels_give_the_product_of_the_weights_they_hold(dtype):
             for rows in (1, 2, 3, 4, 5, 17):
                 x = torch.randn(rows, in_features, generator=g) * 3
                 for threads in (1, 2):
+                    before = torch.get_num_threads()
                     torch.set_num_threads(threads)
-                    got = matrix(x)
+                    try:
+                        got = matrix(x)
+                    finally:
+                        torch.set_num_threads(before)
                     assert got.shape == (rows, out_features) and got.dtype == torch.float32
                     torch.testing.assert_close(got, _reference(matrix, x, bias), atol=2e-5, rtol=1e-5)
 
@@ -79,12 +89,16 @@ def test_the_weights_they_hold_are_the_layers_own_rounded_to_the_dtype():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_decoding_runs_on_the_kernels_and_keeps_float32s_greedy_tokens(dtype):
+def test_decoding_runs_on_the_kernels_and_keeps_float32s_greedy_tokens(dtype, monkeypatch):
     model = _model(0, vocab=50257, context=64, emb=64)  # logits spread apart: fewer near-ties to flip
     prompt = default_tokenizer().encode("Every effort moves you")
     with torch.inference_mode():
         expected_logits = _plain_logits(model, torch.tensor([prompt]))[0, -1]
+    monkeypatch.setenv(native.SWITCH, "0")  # the reference: float32 decoding on PyTorch's kernels
     fp32 = _greedy(model, prompt, 30)
+    assert packed_weights(model).head.kind == "fp32"
+    monkeypatch.delenv(native.SWITCH)
+    release_packed_weights(model)  # else fp32 would keep the copy packed for PyTorch's kernels
     prepare_for_inference(model, dtype)
     packed = packed_weights(model)
     assert packed is not None and packed.native and packed.head.kind == "native"

@@ -67,7 +67,7 @@ class PackedLinear:
         self.gelu = gelu
         self.out_features = weight.shape[0]
         self.onednn = False
-        if native.available() if use_native is None else use_native:
+        if (native.available() if use_native is None else use_native) and native.supports(dtype):
             self.kind = "native"
             self.weight = native.TiledMatrix(weight, bias, dtype)
             bias = None  # the kernel adds it
@@ -84,7 +84,7 @@ class PackedLinear:
             self.weight = weight.to(dtype).contiguous()
         else:
             self.kind = "fp32"
-            self.onednn = probes.onednn_fp32() if onednn is None else onednn
+            self.onednn = dtype == torch.float32 and (probes.onednn_fp32() if onednn is None else onednn)
             self.weight = weight.to(dtype).t().contiguous().t()  # [out, in] as a view of an [in, out] matrix
         self.bias = bias.to(dtype).contiguous() if bias is not None else None
 
@@ -123,7 +123,7 @@ class InferenceWeights:
         cfg = model.cfg
         self.dtype = dtype  # the matrices' dtype
         self.act_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16, torch.int8) else dtype  # residual
-        self.native = native.available()  # one choice for every layer: they must all take the same inputs
+        self.native = native.supports(dtype) and native.available()  # one choice for every layer (same inputs)
         self.in_dtype = self.act_dtype if dtype == torch.int8 or self.native else dtype  # what the matrices take
         self.n_heads, self.head_dim, self.emb_dim = cfg.n_heads, cfg.head_dim, cfg.emb_dim
         self.context_length = cfg.context_length

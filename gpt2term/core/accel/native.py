@@ -20,6 +20,7 @@ import hashlib
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ from gpt2term.core.accel import int8
 SWITCH = "GPT2TERM_NATIVE"  # =0: PyTorch's kernels only (to compare, or where the compiler misbehaves)
 SOURCE = Path(__file__).with_name("matvec.c")
 TILE = 32  # output columns per tile; matvec.c's TILE, checked when the library loads
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
 BUILD_TIMEOUT_S = 120
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
@@ -48,6 +49,11 @@ def enabled() -> bool:
 def available() -> bool:
     """The kernels are built, loaded and give the reference's numbers here (decided once per process)."""
     return enabled() and _functions() is not None
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernels hold weights of `dtype` (float32, bf16, int8; not float16 or float64)."""
+    return dtype in _SUFFIX
 
 
 def why_not() -> str | None:
@@ -67,7 +73,8 @@ def library_path() -> Path:
     except OSError as exc:
         why = f"{SOURCE.name} is missing from this installation ({exc.strerror}); reinstall gpt2term"
         raise _Unavailable(why) from exc
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    built_with = [*COMPILE_FLAGS, str(pytorch_openmp())]  # another PyTorch (another libgomp to link): another file
+    digest = hashlib.sha256(source + "\0".join(built_with).encode()).hexdigest()[:16]
     return locations.cache_dir() / "kernels" / f"matvec-{platform.machine()}-{digest}.so"
 
 
@@ -92,22 +99,31 @@ class _Unavailable(Exception):
     pass
 
 
-def _openmp_runtime_ok() -> str | None:
-    """None when PyTorch's OpenMP runtime is a libgomp.so.1 the library will bind to, else why not."""
-    if platform.system() != "Linux":
-        return f"the kernels are built only on Linux (this is {platform.system()})"
-    if torch.__config__.parallel_info().find("OpenMP") < 0:
-        return "this PyTorch does not thread with OpenMP"
+def _openmp_files() -> set[str]:
+    """Every OpenMP runtime mapped into this process (GNU's libgomp, LLVM's libomp, Intel's libiomp)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError as exc:
-        return f"cannot read /proc/self/maps ({exc.strerror})"
-    # The library asks for libgomp.so.1, and the loader hands it the one already loaded under that name: PyTorch's.
-    # Other libraries' renamed copies (CTranslate2 brings libgomp-<hash>.so.1) are theirs and cannot bind to it.
-    runtimes = {line.split()[-1] for line in maps.splitlines() if line.rsplit("/", 1)[-1] == "libgomp.so.1"}
-    if len(runtimes) != 1:
-        return "PyTorch's OpenMP runtime is not libgomp.so.1, so the kernels would start a second thread pool"
-    return None
+        raise _Unavailable(f"cannot read /proc/self/maps ({exc.strerror})") from exc
+    names = ("libgomp", "libomp", "libiomp")
+    return {line.split()[-1] for line in maps.splitlines() if line.rsplit("/", 1)[-1].startswith(names)}
+
+
+def pytorch_openmp() -> Path:
+    """The libgomp file PyTorch threads with, which the library is linked against (so the loader binds it to that
+    same copy: one thread pool, not two)."""
+    if platform.system() != "Linux":
+        raise _Unavailable(f"the kernels are built only on Linux (this is {platform.system()})")
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        raise _Unavailable("this PyTorch does not thread with OpenMP")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    gomp = sorted(f for f in _openmp_files() if Path(f).name.startswith("libgomp"))
+    # Other libraries may bring renamed copies of their own (CTranslate2's libgomp-<hash>.so.1): PyTorch's is the
+    # one in its own folder, or the only one loaded.
+    own = [f for f in gomp if Path(f).parent == torch_lib] or gomp
+    if len(own) != 1:
+        raise _Unavailable("PyTorch's OpenMP runtime is not GNU libgomp, which the kernels are built for")
+    return Path(own[0])
 
 
 def platform_reason() -> str | None:
@@ -116,7 +132,15 @@ def platform_reason() -> str | None:
         return f"the kernels are written for x86-64 (this is {platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "this CPU lacks AVX2"
-    return _openmp_runtime_ok()
+    try:
+        pytorch_openmp()
+    except _Unavailable as exc:
+        return str(exc)
+    return None
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "").strip() or "cc")
 
 
 def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
@@ -124,6 +148,7 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
     if why:
         raise _Unavailable(why)
     path = library_path()
+    before = _openmp_files()
     if not path.exists():
         _build(path)
     try:
@@ -134,6 +159,9 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
             raise _Unavailable(f"the built kernel library does not load: {exc}") from exc
+    added = _openmp_files() - before
+    if added:  # too late to unload it, but never use it: its threads would fight PyTorch's
+        raise _Unavailable(f"the built kernels brought a second OpenMP runtime ({Path(min(added)).name}); use gcc")
     if lib.gpt2term_matvec_tile() != TILE:
         raise _Unavailable(f"{path} was built with another tile width; delete it")
     functions = {}
@@ -144,29 +172,45 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
     return functions
 
 
+def _run_compiler(command: list[str]) -> None:
+    try:
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+    except FileNotFoundError as exc:
+        raise _Unavailable(f"no C compiler ({command[0]} not found; install gcc or set CC)") from exc
+    except OSError as exc:
+        raise _Unavailable(f"the C compiler could not run: {exc}") from exc
+    try:
+        _, stderr = proc.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started (cc1, as, ld)
+        proc.communicate()
+        raise _Unavailable(f"the C compiler took over {BUILD_TIMEOUT_S} s") from exc
+    if proc.returncode != 0:
+        first = next((line for line in stderr.splitlines() if line.strip()), f"exit status {proc.returncode}")
+        raise _Unavailable(f"the C compiler failed: {first.strip()}")
+
+
 def _build(path: Path) -> None:
-    compiler = shlex.split(os.environ.get("CC", "").strip() or "cc")
+    """Compile with OpenMP, then link against PyTorch's libgomp itself (never the compiler's own runtime)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _Unavailable(f"cannot create {path.parent} for the built kernels ({exc.strerror})") from exc
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
-    command = [*compiler, *FLAGS, str(SOURCE), "-o", str(partial)]
+    objects = partial.with_suffix(".o")
+    gomp = pytorch_openmp()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    except FileNotFoundError as exc:
-        raise _Unavailable(f"no C compiler ({compiler[0]} not found; install gcc or set CC)") from exc
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise _Unavailable(f"the C compiler could not run: {exc}") from exc
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        first = next((line for line in done.stderr.splitlines() if line.strip()), f"exit status {done.returncode}")
-        raise _Unavailable(f"the C compiler failed: {first.strip()}")
-    try:
+        _run_compiler([*_compiler(), *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(objects)])
+        link = ["-shared", str(objects), str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", str(partial)]
+        _run_compiler([*_compiler(), *link])
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise _Unavailable(f"cannot put the built kernels in {path.parent} ({exc.strerror})") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+        objects.unlink(missing_ok=True)
 
 
 def _check(functions: dict[torch.dtype, ctypes._CFuncPtr]) -> str | None:
@@ -177,11 +221,11 @@ def _check(functions: dict[torch.dtype, ctypes._CFuncPtr]) -> str | None:
     x = torch.randn(3, 37, generator=gen)  # a pair of rows and a single one
     with torch.inference_mode(False), torch.no_grad():
         for dtype in functions:
-            matrix = TiledMatrix(weight, bias, dtype, _functions=functions)
-            y = matrix(x)
-            expected = torch.addmm(bias, x, matrix.dense().t())
-            if not torch.allclose(y, expected, rtol=1e-5, atol=1e-5):
-                return f"the {dtype} kernel gives wrong numbers here"
+            for b in (bias, None):
+                matrix = TiledMatrix(weight, b, dtype, _functions=functions)
+                expected = x @ matrix.dense().t() + (0 if b is None else b)
+                if not torch.allclose(matrix(x), expected, rtol=1e-5, atol=1e-5):
+                    return f"the {dtype} kernel gives wrong numbers here"
     return None
 
 
