@@ -65,7 +65,8 @@ def why_not() -> str | None:
     return str(why) if why is not None else None
 
 
-def library_path() -> Path:
+def library_path(gomp: Path | None = None) -> Path:
+    """Where the library built against `gomp` (PyTorch's libgomp, found if not given) is cached."""
     from gpt2term import locations
 
     try:
@@ -73,7 +74,7 @@ def library_path() -> Path:
     except OSError as exc:
         why = f"{SOURCE.name} is missing from this installation ({exc.strerror}); reinstall gpt2term"
         raise _Unavailable(why) from exc
-    built_with = [*COMPILE_FLAGS, str(pytorch_openmp())]  # another PyTorch (another libgomp to link): another file
+    built_with = [*COMPILE_FLAGS, str(gomp or pytorch_openmp())]  # another PyTorch (another libgomp): another file
     digest = hashlib.sha256(source + "\0".join(built_with).encode()).hexdigest()[:16]
     return locations.cache_dir() / "kernels" / f"matvec-{platform.machine()}-{digest}.so"
 
@@ -126,14 +127,19 @@ def pytorch_openmp() -> Path:
     return Path(own[0])
 
 
+def _supported_platform() -> Path:
+    """PyTorch's libgomp, where this machine can run the kernels whatever the compiler (else _Unavailable)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise _Unavailable(f"the kernels are written for x86-64 (this is {platform.machine()})")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise _Unavailable("this CPU lacks AVX2")
+    return pytorch_openmp()
+
+
 def platform_reason() -> str | None:
     """Why this machine cannot run the kernels whatever the compiler (None: it can)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernels are written for x86-64 (this is {platform.machine()})"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "this CPU lacks AVX2"
     try:
-        pytorch_openmp()
+        _supported_platform()
     except _Unavailable as exc:
         return str(exc)
     return None
@@ -144,17 +150,15 @@ def _compiler() -> list[str]:
 
 
 def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
-    why = platform_reason()
-    if why:
-        raise _Unavailable(why)
-    path = library_path()
+    gomp = _supported_platform()
+    path = library_path(gomp)
     before = _openmp_files()
     if not path.exists():
-        _build(path)
+        _build(path, gomp)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError:
-        _build(path)  # a damaged or foreign file: build it again, once
+        _build(path, gomp)  # a damaged or foreign file: build it again, once
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
@@ -192,7 +196,7 @@ def _run_compiler(command: list[str]) -> None:
         raise _Unavailable(f"the C compiler failed: {first.strip()}")
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, gomp: Path) -> None:
     """Compile with OpenMP, then link against PyTorch's libgomp itself (never the compiler's own runtime)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +204,6 @@ def _build(path: Path) -> None:
         raise _Unavailable(f"cannot create {path.parent} for the built kernels ({exc.strerror})") from exc
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     objects = partial.with_suffix(".o")
-    gomp = pytorch_openmp()
     try:
         _run_compiler([*_compiler(), *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(objects)])
         link = ["-shared", str(objects), str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", str(partial)]
@@ -242,7 +245,7 @@ class TiledMatrix:
     tiles `[ceil(out / TILE), in, TILE]`, padded with zero columns.
     """
 
-    __slots__ = ("dtype", "tiles", "scale", "bias", "out_features", "in_features", "_fn")
+    __slots__ = ("dtype", "tiles", "scale", "bias", "out_features", "in_features", "_fn", "_pointers")
 
     def __init__(
         self,
@@ -266,6 +269,8 @@ class TiledMatrix:
         n_tiles = self._padded_out() // TILE
         self.tiles = _padded(w, self._padded_out()).view(n_tiles, TILE, self.in_features).transpose(1, 2).contiguous()
         self.bias = None if bias is None else _padded(bias.detach().float(), self._padded_out())
+        # The kernel's weight arguments, fixed while this object holds the tensors (spared on every token's calls).
+        self._pointers = tuple(None if t is None else t.data_ptr() for t in (self.tiles, self.scale, self.bias))
 
     def _padded_out(self) -> int:
         return -(-self.out_features // TILE) * TILE
@@ -292,9 +297,7 @@ class TiledMatrix:
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         if rows:
             self._fn(
-                self.tiles.data_ptr(),
-                None if self.scale is None else self.scale.data_ptr(),
-                None if self.bias is None else self.bias.data_ptr(),
+                *self._pointers,
                 x.data_ptr(),
                 y.data_ptr(),
                 rows,
