@@ -6,6 +6,7 @@ Speed is the benchmark's business (`gpt2term bench generate`); here only numbers
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from gpt2term.core import accel
-from gpt2term.core.accel import int8, native, packed_weights, prepare_for_inference, release_packed_weights
+from gpt2term.core.accel import decode, int8, native, packed_weights, prepare_for_inference, release_packed_weights
 from gpt2term.core.config import GPTConfig
-from gpt2term.core.model import GPTModel
+from gpt2term.core.model import GPTModel, KVCache
 from gpt2term.core.store.store import CheckpointStore
 from gpt2term.core.tokenizer import default_tokenizer
 from tests.test_fastpath import _assert_same_tokens_up_to_a_near_tie, _greedy, _model, _plain_logits
@@ -117,6 +118,61 @@ def test_decoding_runs_on_the_kernels_and_keeps_float32s_greedy_tokens(dtype, mo
         got = model(torch.tensor([prompt]), last_only=True)[0, -1]
     if dtype == "fp32":
         torch.testing.assert_close(got, expected_logits, atol=1e-4, rtol=1e-5)
+
+
+def _blocks_rounded_as_packed(model: GPTModel, packed) -> GPTModel:
+    """The plain model with each block's matrices replaced by what the kernels hold (rounded to bf16 or int8); the
+    head stays float32, which is what the refined top candidates are scored with."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for block, (_, qkv, out, _, fc, proj) in zip(reference.trf_blocks, packed.blocks, strict=True):
+            att, ff = block.att, block.ff
+            for linear, weight in zip((att.W_query, att.W_key, att.W_value), qkv.weight.dense().chunk(3), strict=True):
+                linear.weight.copy_(weight)
+            att.out_proj.weight.copy_(out.weight.dense())
+            ff.layers[0].weight.copy_(fc.weight.dense())
+            ff.layers[2].weight.copy_(proj.weight.dense())
+    return reference
+
+
+@needs_kernels
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no-qkv-bias", "qkv-bias"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_a_token_runs_each_block_in_one_call_and_gets_the_models_logits_to_the_end_of_the_context(
+    dtype, qkv_bias, monkeypatch
+):
+    # Heads of 10 (a vector of 8 and a tail), a hidden layer of 10 whole tiles, 40 positions: the scores cross
+    # several vectors of 8 and the cache fills to its end.
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=500, context_length=40, emb_dim=80, n_heads=8, n_layers=3, qkv_bias=qkv_bias)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "shift")):
+                p.add_(torch.randn_like(p) * 0.1)
+    calls = []
+    step = native.BlockStep.__call__
+    monkeypatch.setattr(native.BlockStep, "__call__", lambda self, *a: calls.append(a[3]) or step(self, *a))
+    prepare_for_inference(model, dtype)
+    ids = [7, 300, 42]
+    with torch.inference_mode():
+        cache = KVCache(cfg)
+        logits = model(torch.tensor([ids]), cache, last_only=True)[0, -1]
+        packed = packed_weights(model)
+        reference = _blocks_rounded_as_packed(model, packed)
+        while True:
+            expected = _plain_logits(reference, torch.tensor([ids]))[0, -1]
+            if dtype == "fp32":
+                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-5)
+            else:  # the top candidates are rescored in float32 (the last of the 64 may be one that was not)
+                top = logits.topk(decode.REFINED_CANDIDATES // 4).indices
+                torch.testing.assert_close(logits[top], expected[top], atol=1e-4, rtol=1e-5)
+                assert int(logits.argmax()) == int(expected.argmax())
+            if len(ids) == cfg.context_length:
+                break
+            ids.append(int(logits.argmax()))
+            logits = model(torch.tensor([ids[-1:]]), cache, last_only=True)[0, -1]
+    assert calls == [pos for pos in range(3, cfg.context_length) for _ in range(cfg.n_layers)]  # every layer's step
 
 
 @needs_kernels

@@ -72,6 +72,13 @@ class AcceleratedGPTModel(GPTModel):
                 return packed.forward(in_idx, cache, last_only)
         return super().forward(in_idx, cache, last_only, targets)
 
+    def __getstate__(self) -> dict:
+        """A copy (`copy.deepcopy`, pickle) leaves the packed copy behind: it holds the kernels' C pointers, and the
+        copy's first decoding step packs its own."""
+        state = dict(super().__getstate__())
+        state["_inference_weights"] = None
+        return state
+
     def train(self, mode: bool = True) -> AcceleratedGPTModel:
         if mode:
             self._inference_weights = None  # training changes every weight: a packed copy would only cost memory

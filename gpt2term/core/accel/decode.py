@@ -150,6 +150,15 @@ class InferenceWeights:
                         PackedLinear(ff.layers[2].weight, ff.layers[2].bias, dtype, use_native=self.native),
                     )
                 )
+            # With the kernels, a one-token step runs each block in one call (`native.BlockStep`).
+            self.block_steps = (
+                [
+                    native.BlockStep(norm1, (qkv.weight, out.weight, fc.weight, proj.weight), norm2, cfg.n_heads)
+                    for norm1, qkv, out, norm2, fc, proj in self.blocks
+                ]
+                if self.native
+                else []
+            )
             norm = model.final_norm
             self.final_norm = (norm.scale.to(act), norm.shift.to(act), norm.eps)
             self.head_fp = model.out_head.weight  # the original [vocab, emb] matrix, for refining candidates
@@ -200,8 +209,53 @@ class InferenceWeights:
     ) -> torch.Tensor:
         b, t = in_idx.shape
         start = cache.length if cache is not None else 0
-        d, heads, hd, act, dtype = self.emb_dim, self.n_heads, self.head_dim, self.act_dtype, self.in_dtype
+        d, act = self.emb_dim, self.act_dtype
         x = (self.tok_emb[in_idx] + self.pos_emb[start : start + t]).to(act).view(b * t, d)
+        if b * t == 1 and self._steps_blocks(cache):
+            x = self._block_steps(x, cache, start, step)
+        else:
+            x = self._blocks_forward(x, b, t, cache, start, step)
+        if cache is not None:
+            cache.length += t
+        rows = x.view(b, t, d)
+        if last_only:
+            rows = rows[:, -1:]
+        out_t = rows.shape[1]
+        rows = F.layer_norm(rows.reshape(b * out_t, d), (d,), *self.final_norm[:2], self.final_norm[2])
+        return self._head(rows).view(b, out_t, -1)
+
+    def _steps_blocks(self, cache: KVCache | None) -> bool:
+        """One token whose blocks can each run as one `BlockStep`: a float32 cache laid out as the kernels read it."""
+        return (
+            bool(self.block_steps)
+            and cache is not None
+            and cache.keys.dtype == torch.float32
+            and cache.keys.is_contiguous()
+            and cache.values.is_contiguous()
+        )
+
+    def _block_steps(
+        self, x: torch.Tensor, cache: KVCache, start: int, step: threads.GovernedStep | None
+    ) -> torch.Tensor:
+        x = x.contiguous().view(-1)
+        # Scratch of its own for each call: two threads may decode with one model.
+        work = torch.empty(self.block_steps[0].work_floats(cache.capacity))
+        for i, block in enumerate(self.block_steps):
+            block(x, cache.keys[i, 0], cache.values[i, 0], start, work)
+            if step is not None:
+                step.check()
+        return x
+
+    def _blocks_forward(
+        self,
+        x: torch.Tensor,
+        b: int,
+        t: int,
+        cache: KVCache | None,
+        start: int,
+        step: threads.GovernedStep | None,
+    ) -> torch.Tensor:
+        d, heads, hd, act, dtype = self.emb_dim, self.n_heads, self.head_dim, self.act_dtype, self.in_dtype
         for i, (norm1, qkv_proj, out_proj, norm2, fc, proj) in enumerate(self.blocks):
             h = F.layer_norm(x, (d,), *norm1[:2], norm1[2]).to(dtype)
             qkv = qkv_proj(h).view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # [3, b, heads, t, hd]
@@ -226,14 +280,7 @@ class InferenceWeights:
             x = x + proj(fc(h)).to(act)
             if step is not None:
                 step.check()
-        if cache is not None:
-            cache.length += t
-        rows = x.view(b, t, d)
-        if last_only:
-            rows = rows[:, -1:]
-        out_t = rows.shape[1]
-        rows = F.layer_norm(rows.reshape(b * out_t, d), (d,), *self.final_norm[:2], self.final_norm[2])
-        return self._head(rows).view(b, out_t, -1)
+        return x
 
 
 def wanted(model: GPTModel, cache: KVCache | None, last_only: bool) -> bool:

@@ -1,10 +1,11 @@
-"""gpt2term's own matrix-vector kernels for decoding (`matvec.c`), built with the machine's C compiler on first use.
+"""gpt2term's own kernels for decoding (`matvec.c`), built with the machine's C compiler on first use.
 
 Decoding one token reads every weight once, so its speed is how fast a kernel streams the matrices. PyTorch's
 kernels for one row stream them well below what the memory gives (oneDNN and MKL are built for many rows), and
 fbgemm's int8 also wants 8-bit activations, which move GPT-2's greedy tokens. `matvec.c` reads float32, bf16 or
 int8 weights laid out in tiles of `TILE` output columns, converts them to float32 in registers and sums in float32,
-for any number of rows.
+for any number of rows (`TiledMatrix`). For one token it also runs a whole transformer block in one call
+(`BlockStep`): between a block's matrices there is only a little work, which in PyTorch costs more than itself.
 
 Only on x86-64 with AVX2 and FMA, with a C compiler (`$CC`, else `cc`) that has OpenMP, and only where PyTorch's
 own OpenMP runtime is libgomp (the kernels must share its threads, not bring a second pool). Anywhere else, after
@@ -26,19 +27,21 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from gpt2term.core.accel import int8
 
 SWITCH = "GPT2TERM_NATIVE"  # =0: PyTorch's kernels only (to compare, or where the compiler misbehaves)
 SOURCE = Path(__file__).with_name("matvec.c")
 TILE = 32  # output columns per tile; matvec.c's TILE, checked when the library loads
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-fPIC")  # no errno: sqrt inline
 BUILD_TIMEOUT_S = 120
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "i8"}
 _ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+_BLOCK_ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_int]
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "functions" (dtype -> C function) once loaded and checked, else "why"
+_state: dict[str, object] = {}  # "library" once loaded and checked, else "why"
 
 
 def enabled() -> bool:
@@ -48,7 +51,7 @@ def enabled() -> bool:
 
 def available() -> bool:
     """The kernels are built, loaded and give the reference's numbers here (decided once per process)."""
-    return enabled() and _functions() is not None
+    return enabled() and _library() is not None
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -60,7 +63,7 @@ def why_not() -> str | None:
     """Why the kernels are not used (None when they are)."""
     if not enabled():
         return f"{SWITCH}=0"
-    _functions()
+    _library()
     why = _state.get("why")
     return str(why) if why is not None else None
 
@@ -79,21 +82,38 @@ def library_path(gomp: Path | None = None) -> Path:
     return locations.cache_dir() / "kernels" / f"matvec-{platform.machine()}-{digest}.so"
 
 
-def _functions() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
+class _Library:
+    """The loaded library's entry points: per weight dtype, the matrix-vector product and the one-token block."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.matvec: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        self.block: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        for dtype, suffix in _SUFFIX.items():
+            self.matvec[dtype] = _declare(getattr(lib, f"gpt2term_matvec_{suffix}"), _ARGTYPES, None)
+            self.block[dtype] = _declare(getattr(lib, f"gpt2term_block_{suffix}"), _BLOCK_ARGTYPES, None)
+        self.block_work = _declare(lib.gpt2term_block_work, [ctypes.c_int] * 4, ctypes.c_long)
+
+
+def _declare(fn: ctypes._CFuncPtr, argtypes: list, restype: object) -> ctypes._CFuncPtr:
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def _library() -> _Library | None:
     with _lock:
-        if "functions" not in _state and "why" not in _state:
+        if "library" not in _state and "why" not in _state:
             try:
-                functions = _load()
-                why = _check(functions)
+                library = _load()
+                why = _check(library)
             except _Unavailable as exc:
-                functions, why = None, str(exc)
+                library, why = None, str(exc)
             except (OSError, RuntimeError, ValueError, AttributeError) as exc:  # never worth failing a decode for
-                functions, why = None, f"the kernels could not be set up: {exc}"
+                library, why = None, f"the kernels could not be set up: {exc}"
             if why is None:
-                _state["functions"] = functions
+                _state["library"] = library
             else:
                 _state["why"] = why
-        return _state.get("functions")  # type: ignore[return-value]
+        return _state.get("library")  # type: ignore[return-value]
 
 
 class _Unavailable(Exception):
@@ -149,7 +169,7 @@ def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC", "").strip() or "cc")
 
 
-def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
+def _load() -> _Library:
     gomp = _supported_platform()
     path = library_path(gomp)
     before = _openmp_files()
@@ -168,12 +188,7 @@ def _load() -> dict[torch.dtype, ctypes._CFuncPtr]:
         raise _Unavailable(f"the built kernels brought a second OpenMP runtime ({Path(min(added)).name}); use gcc")
     if lib.gpt2term_matvec_tile() != TILE:
         raise _Unavailable(f"{path} was built with another tile width; delete it")
-    functions = {}
-    for dtype, suffix in _SUFFIX.items():
-        fn = getattr(lib, f"gpt2term_matvec_{suffix}")
-        fn.argtypes, fn.restype = _ARGTYPES, None
-        functions[dtype] = fn
-    return functions
+    return _Library(lib)
 
 
 def _run_compiler(command: list[str]) -> None:
@@ -206,7 +221,7 @@ def _build(path: Path, gomp: Path) -> None:
     objects = partial.with_suffix(".o")
     try:
         _run_compiler([*_compiler(), *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(objects)])
-        link = ["-shared", str(objects), str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", str(partial)]
+        link = ["-shared", str(objects), str(gomp), f"-Wl,-rpath,{gomp.parent}", "-lm", "-o", str(partial)]
         _run_compiler([*_compiler(), *link])
         os.replace(partial, path)
     except OSError as exc:
@@ -216,20 +231,59 @@ def _build(path: Path, gomp: Path) -> None:
         objects.unlink(missing_ok=True)
 
 
-def _check(functions: dict[torch.dtype, ctypes._CFuncPtr]) -> str | None:
-    """None when every kernel gives the reference product on shapes that reach every branch, else what failed."""
+def _check(library: _Library) -> str | None:
+    """None when every kernel gives the reference's numbers on shapes that reach every branch, else what failed."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(45, 37, generator=gen)  # neither a whole number of tiles nor of paired k steps
     bias = torch.randn(45, generator=gen)
     x = torch.randn(3, 37, generator=gen)  # a pair of rows and a single one
     with torch.inference_mode(False), torch.no_grad():
-        for dtype in functions:
+        for dtype in library.matvec:
             for b in (bias, None):
-                matrix = TiledMatrix(weight, b, dtype, _functions=functions)
+                matrix = TiledMatrix(weight, b, dtype, _library=library)
                 expected = x @ matrix.dense().t() + (0 if b is None else b)
                 if not torch.allclose(matrix(x), expected, rtol=1e-5, atol=1e-5):
                     return f"the {dtype} kernel gives wrong numbers here"
+            if not _block_matches(library, dtype, gen):
+                return f"the {dtype} block step gives wrong numbers here"
     return None
+
+
+def _block_matches(library: _Library, dtype: torch.dtype, gen: torch.Generator) -> bool:
+    """The block step against the same block in PyTorch: 2 heads of 12 (no whole vector of 8), a hidden layer of
+    40 (part of a tile), at position 9 of 11 (past one vector of scores)."""
+    d, heads, ff, capacity, pos = 24, 2, 40, 11, 9
+    hd = d // heads
+
+    def norm() -> tuple[torch.Tensor, torch.Tensor, float]:
+        return 1 + 0.1 * torch.randn(d, generator=gen), 0.1 * torch.randn(d, generator=gen), 1e-5
+
+    def linear(out_features: int, in_features: int, bias: bool) -> TiledMatrix:
+        b = torch.randn(out_features, generator=gen) * 0.1 if bias else None
+        return TiledMatrix(torch.randn(out_features, in_features, generator=gen) * 0.2, b, dtype, _library=library)
+
+    norm1, norm2 = norm(), norm()
+    matrices = (linear(3 * d, d, False), linear(d, d, True), linear(ff, d, True), linear(d, ff, True))
+    x = torch.randn(d, generator=gen)
+    keys, values = torch.randn(2, heads, capacity, hd, generator=gen).unbind(0)
+    step = BlockStep(norm1, matrices, norm2, heads, _library=library)
+    got, got_keys, got_values = x.clone(), keys.clone(), values.clone()
+    step(got, got_keys, got_values, pos, torch.empty(step.work_floats(capacity)))
+
+    def dense(m: TiledMatrix, v: torch.Tensor) -> torch.Tensor:
+        return v @ m.dense().t() + (0 if m.bias is None else m.bias[: m.out_features])
+
+    q, k, v = dense(matrices[0], F.layer_norm(x, (d,), *norm1[:2], norm1[2])).view(3, heads, 1, hd)
+    keys[:, pos], values[:, pos] = k[:, 0], v[:, 0]
+    ctx = F.scaled_dot_product_attention(q, keys[:, : pos + 1], values[:, : pos + 1]).reshape(d)
+    x = x + dense(matrices[1], ctx)
+    hidden = F.gelu(dense(matrices[2], F.layer_norm(x, (d,), *norm2[:2], norm2[2])), approximate="tanh")
+    x = x + dense(matrices[3], hidden)
+    return (
+        torch.allclose(got, x, rtol=1e-4, atol=1e-4)
+        and torch.allclose(got_keys, keys, rtol=1e-5, atol=1e-5)
+        and torch.allclose(got_values, values, rtol=1e-5, atol=1e-5)
+    )
 
 
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -253,11 +307,11 @@ class TiledMatrix:
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         *,
-        _functions: dict[torch.dtype, ctypes._CFuncPtr] | None = None,
+        _library: _Library | None = None,
     ) -> None:
-        functions = _functions if _functions is not None else _functions_or_raise()
+        library = _library if _library is not None else _library_or_raise()
         self.dtype = dtype
-        self._fn = functions[dtype]
+        self._fn = library.matvec[dtype]
         self.out_features, self.in_features = weight.shape
         w = weight.detach().float()
         self.scale = None
@@ -308,8 +362,90 @@ class TiledMatrix:
         return y
 
 
-def _functions_or_raise() -> dict[torch.dtype, ctypes._CFuncPtr]:
-    functions = _functions() if enabled() else None
-    if functions is None:
+class _BlockWeights(ctypes.Structure):
+    """matvec.c's `gpt2term_block`: pointers to one block's norms and tiled matrices."""
+
+    _fields_ = [
+        ("norm1_scale", ctypes.c_void_p),
+        ("norm1_shift", ctypes.c_void_p),
+        ("norm2_scale", ctypes.c_void_p),
+        ("norm2_shift", ctypes.c_void_p),
+        ("norm1_eps", ctypes.c_float),
+        ("norm2_eps", ctypes.c_float),
+        ("tiles", ctypes.c_void_p * 4),
+        ("scale", ctypes.c_void_p * 4),
+        ("bias", ctypes.c_void_p * 4),
+    ]
+
+
+Norm = tuple[torch.Tensor, torch.Tensor, float]  # a layer norm's scale, shift and eps
+
+
+class BlockStep:
+    """One transformer block for one token on the kernels, in one call (and one OpenMP region): layer norm, fused
+    query/key/value, this token's keys and values into the cache, attention over the cache, output projection and
+    residual, layer norm, feed-forward with GELU, residual.
+
+    Decoding a token calls a block's matrices one after another with little work between them; PyTorch's small
+    operations and the thread start-ups between them are most of what a step spends outside the matrices.
+    `matrices`: query-key-value [3d, d], attention output, feed-forward in (GELU), feed-forward out, all TiledMatrix
+    of one dtype.
+    """
+
+    __slots__ = ("heads", "emb_dim", "hidden", "_fn", "_work", "_struct", "_address", "_keep")
+
+    def __init__(
+        self,
+        norm1: Norm,
+        matrices: tuple[TiledMatrix, TiledMatrix, TiledMatrix, TiledMatrix],
+        norm2: Norm,
+        heads: int,
+        *,
+        _library: _Library | None = None,
+    ) -> None:
+        library = _library if _library is not None else _library_or_raise()
+        dtype = matrices[0].dtype
+        if any(m.dtype != dtype for m in matrices):
+            raise ValueError("a block's matrices must share one dtype")
+        self.heads, self.emb_dim, self.hidden = heads, matrices[0].in_features, matrices[2].out_features
+        self._fn, self._work = library.block[dtype], library.block_work
+        norms = [t.detach().float().contiguous() for t in (*norm1[:2], *norm2[:2])]
+        self._keep = (norms, matrices)  # what the struct points into
+        self._struct = _BlockWeights(
+            *(t.data_ptr() for t in norms),
+            norm1[2],
+            norm2[2],
+            (ctypes.c_void_p * 4)(*(m.tiles.data_ptr() for m in matrices)),
+            (ctypes.c_void_p * 4)(*(None if m.scale is None else m.scale.data_ptr() for m in matrices)),
+            (ctypes.c_void_p * 4)(*(None if m.bias is None else m.bias.data_ptr() for m in matrices)),
+        )
+        self._address = ctypes.addressof(self._struct)
+
+    def work_floats(self, capacity: int) -> int:
+        """The float32 scratch a step needs for a cache of `capacity` positions."""
+        return int(self._work(self.emb_dim, self.heads, self.hidden, capacity))
+
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, work: torch.Tensor) -> None:
+        """`x`: the token's residual row [d], updated in place; `keys`, `values`: this layer's cache [heads,
+        capacity, head_dim], position `pos` written; all contiguous float32, `work` of `work_floats(capacity)`."""
+        capacity = keys.shape[1]
+        self._fn(
+            self._address,
+            x.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            pos,
+            capacity,
+            self.emb_dim,
+            self.heads,
+            self.hidden,
+            work.data_ptr(),
+            torch.get_num_threads(),
+        )
+
+
+def _library_or_raise() -> _Library:
+    library = _library() if enabled() else None
+    if library is None:
         raise RuntimeError(f"gpt2term's kernels are not available: {why_not()}")
-    return functions
+    return library
