@@ -19,6 +19,7 @@ MODEL = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "2", "--drop-rate", 
 RUN = ["--max-steps", "4", "--eval-interval", "2", "--eval-iters", "2", "--sample-tokens", "2", "--lr", "3e-3"]
 
 
+@pytest.mark.once  # both sides run the same model code in either pass: the second pass would repeat the first
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Line {i}: the cat sat on mat number {i % 7}." for i in range(200)))

@@ -136,14 +136,13 @@ def tensors_equal(a, b) -> bool:
 # ----------------------------------------------------------------------------------- 1: resume in a fresh process
 
 
+@pytest.mark.once  # the signal and the fresh process; resume's numbers on the plain model: test_training
 def test_sigint_then_resume_in_a_fresh_process_is_bit_exact_with_dropout_on(corpus_file):
     """A straight run and one interrupted by a real SIGINT and resumed by another process end with the same weights,
     optimizer state and logged losses, exactly (dropout on, so every random number drawn counts)."""
     common = [corpus_file, *SMALL, "--drop-rate", "0.1", "--max-steps", "12", *QUIET, "--save-interval", "0"]
-    straight = train("--name", "straight", *common)  # a process like the others: same threads, same sums
-    assert straight.process.returncode == 0, straight.stderr
-
-    split = Train("--name", "split", *common)
+    straight = Train("--name", "straight", *common)  # a process like the others (one thread each): the same sums
+    split = Train("--name", "split", *common)  # at the same time as the straight run: a core each
     split.until(step_is(3))
     split.process.send_signal(signal.SIGINT)
     assert split.finish() == 130, split.stderr
@@ -152,6 +151,7 @@ def test_sigint_then_resume_in_a_fresh_process_is_bit_exact_with_dropout_on(corp
     resumed = train("--name", "split", "--resume")
     assert resumed.process.returncode == 0, resumed.stderr
     assert losses(resumed.events)[0][0] == stopped + 1
+    assert straight.finish() == 0, straight.stderr
 
     store = CheckpointStore()
     assert losses(store.read_metrics("split")) == losses(store.read_metrics("straight"))
