@@ -211,7 +211,7 @@ class InferenceWeights:
         start = cache.length if cache is not None else 0
         d, act = self.emb_dim, self.act_dtype
         x = (self.tok_emb[in_idx] + self.pos_emb[start : start + t]).to(act).view(b * t, d)
-        if b * t == 1 and self._steps_blocks(cache):
+        if b * t == 1 and self._one_call_per_block(cache):
             x = self._block_steps(x, cache, start, step)
         else:
             x = self._blocks_forward(x, b, t, cache, start, step)
@@ -224,7 +224,7 @@ class InferenceWeights:
         rows = F.layer_norm(rows.reshape(b * out_t, d), (d,), *self.final_norm[:2], self.final_norm[2])
         return self._head(rows).view(b, out_t, -1)
 
-    def _steps_blocks(self, cache: KVCache | None) -> bool:
+    def _one_call_per_block(self, cache: KVCache | None) -> bool:
         """One token whose blocks can each run as one `BlockStep`: a float32 cache laid out as the kernels read it."""
         return (
             bool(self.block_steps)

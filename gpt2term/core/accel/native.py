@@ -415,10 +415,8 @@ class BlockStep:
             *(t.data_ptr() for t in norms),
             norm1[2],
             norm2[2],
-            (ctypes.c_void_p * 4)(*(m.tiles.data_ptr() for m in matrices)),
-            (ctypes.c_void_p * 4)(*(None if m.scale is None else m.scale.data_ptr() for m in matrices)),
-            (ctypes.c_void_p * 4)(*(None if m.bias is None else m.bias.data_ptr() for m in matrices)),
-        )
+            *((ctypes.c_void_p * 4)(*column) for column in zip(*(m._pointers for m in matrices), strict=True)),
+        )  # the matrices' (tiles, scale, bias) pointers, as the struct's three arrays
         self._address = ctypes.addressof(self._struct)
 
     def work_floats(self, capacity: int) -> int:
