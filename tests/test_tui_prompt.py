@@ -428,7 +428,7 @@ def test_the_decoding_thread_hands_tokens_over_in_batches_and_redraw_times_are_k
             await pilot.pause()
             token_messages = [name for name in posted if name not in ("PromptScored", "GenerationFinished")]
             assert token_messages and set(token_messages) == {"TokensReady"}
-            assert len(token_messages) <= 2, posted  # not one per token
+            assert len(token_messages) <= 3, posted  # not one per token: the first, one waiting, and the last
             assert [s.token_id for s in turn.steps] == [s.token_id for s in expected]
             assert screen.transcript.views[turn.id].body.plain == PROMPT + "".join(s.text for s in expected)
             drawn = screen_text(app)  # the panel as the terminal shows it, not only its `render()`
@@ -472,5 +472,40 @@ def test_a_streaming_turn_lays_the_screen_out_only_when_its_text_outgrows_its_ro
             rooms = -(-lines // STREAM_ROOM)
             # Each growth lays out twice (the new size is a change too); a layout per wrapped line would be 2 * lines.
             assert redraws > 3 * len(layouts) and len(layouts) <= 2 * rooms + 3, (redraws, layouts, lines)
+
+    asyncio.run(scenario())
+
+
+def test_the_last_token_is_on_screen_before_the_prompt_is_scored(tiny_checkpoint, monkeypatch):
+    """The prompt's perplexity costs one more forward pass after the last token: the stream's end must not wait for
+    it (nor for the next frame), or the app's tokens/s would count that pass as streaming time."""
+    from gpt2term.tui.screens import prompt as prompt_module
+
+    scoring, release = threading.Event(), threading.Event()
+    real_score = prompt_module.score
+
+    def gated_score(model, ids):
+        scoring.set()
+        assert release.wait(60), "the test never let the prompt be scored"
+        return real_score(model, ids)
+
+    monkeypatch.setattr(prompt_module, "score", gated_score)
+
+    async def scenario() -> None:
+        app = make_app(tiny_checkpoint, keymap={})
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await loaded(pilot)
+            screen.settings = DecodingSettings(max_new_tokens=12, top_n=30, stop_at_eos=False)
+            screen.stream_fps = 0.001  # the first tokens are drawn at once; the next frame would be in 1000 s
+            turn = screen.start_generation(PROMPT)
+            try:
+                await settle(pilot, scoring.is_set, "the decoder finished and began scoring", workers=False)
+                await settle(pilot, lambda: len(turn.steps) == 12, "all 12 tokens on screen", 10.0, workers=False)
+                assert turn.state == "generating" and turn.prompt_perplexity is None  # the score is still held
+                assert screen.transcript.views[turn.id].body.plain.endswith("".join(s.text for s in turn.steps))
+            finally:
+                release.set()
+            await settle(pilot, lambda: turn.state == "done", "the turn ended")
+            assert turn.prompt_perplexity is not None
 
     asyncio.run(scenario())

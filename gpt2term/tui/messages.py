@@ -24,11 +24,15 @@ class ModelLoadFailed(Message):
 
 
 class TokensReady(Message):
-    """Tokens of turn `turn_id` wait in the screen's relay: the handler (or the next frame) takes them all."""
+    """Tokens of turn `turn_id` wait in the screen's relay: the handler (or the next frame) takes them all.
 
-    def __init__(self, turn_id: int) -> None:
+    `last`: the decoder is done, so these are drawn now rather than at the next frame (the turn's end, scored
+    prompt and final state come after a further forward pass)."""
+
+    def __init__(self, turn_id: int, last: bool = False) -> None:
         super().__init__()
         self.turn_id = turn_id
+        self.last = last
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, TokensReady) and message.turn_id == self.turn_id

@@ -288,15 +288,16 @@ class PromptScreen(WorkerErrors, Screen):
             self._prepared = (weakref.ref(model), prepare)
         for step in generate(model, tokenizer, ids, settings, cancel=cancel):
             relay(step)
+        self.post_message(TokensReady(turn_id, last=True))
         # The prompt's own perplexity: one more forward pass, after the tokens so it never delays the first one.
         self.post_message(PromptScored(turn_id, score(model, ids).perplexity))
         self.post_message(GenerationFinished(turn_id, stopped=cancel.is_set()))
 
     def on_tokens_ready(self, message: TokensReady) -> None:
-        if self._flush_timer is not None:
+        if self._flush_timer is not None and not message.last:
             return  # a redraw is already due; it takes these tokens too
         wait = self._pacer.wait()
-        if wait <= 0:
+        if wait <= 0 or message.last:
             self._show_new_tokens()
         else:
             self._flush_timer = self.set_timer(wait, self._show_new_tokens)
