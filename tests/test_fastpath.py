@@ -279,9 +279,13 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients(monkeypatch, on_oned
 
 
 @needs_accel
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp):
+@pytest.mark.parametrize(
+    ("amp", "emulated"), [(False, False), (True, False), (True, True)], ids=["fp32", "bf16-autocast", "bf16-emulated"]
+)
+def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp, emulated):
     """model(ids, targets=...) never builds the whole logits, yet equals the course's loss, gradients included."""
+    if emulated:  # what a CPU without bf16 instructions runs: float32 oneDNN matmuls on bf16-rounded operands
+        monkeypatch.setattr(head_loss_module.linear, "bf16_emulated", lambda: True)
     torch.manual_seed(10)
     model = GPTModel(GPTConfig(vocab_size=3000, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
     ids = torch.randint(0, 3000, (4, 16))
@@ -441,6 +445,30 @@ def test_sliced_loss_of_a_confidently_wrong_model_is_cross_entropys_not_infinity
     assert expected > 100 and math.isfinite(loss)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@needs_accel
+@pytest.mark.parametrize("emulated", [False, True], ids=["bf16-instructions", "bf16-emulated"])
+def test_sliced_bf16_loss_of_a_confident_model_keeps_the_digits_of_one_minus_p(monkeypatch, emulated):
+    """An overfitting model puts p(target) near 1, where bf16 keeps 3 digits: its loss (about 1 - p) and gradient
+    (p - 1) must still be cross-entropy's, not 0 or bf16's step of 0.004."""
+    monkeypatch.setattr(head_loss_module.linear, "bf16_emulated", lambda: emulated)
+    torch.manual_seed(19)
+    x, weight = torch.randn(200, 16), torch.randn(300, 16) * 8
+    logits = x @ weight.t()
+    targets = logits.argmax(1)
+    sure = torch.softmax(logits, -1).gather(1, targets[:, None]).squeeze(1) > 0.99
+    x, targets = x[sure], targets[sure]  # only the rows it is that sure of: losses of 0.001 and less
+    assert len(targets) > 100
+    weight.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(x, weight), targets)
+        (ref_grad,) = torch.autograd.grad(expected, weight)
+        loss = head_loss_module.head_loss(x, weight, targets)
+        (grad,) = torch.autograd.grad(loss, weight)
+    expected, loss = float(expected.detach()), float(loss.detach())
+    assert loss == pytest.approx(expected, rel=1e-2)
+    assert (grad - ref_grad).abs().max().item() <= 2e-2 * ref_grad.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])

@@ -21,75 +21,23 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     Forward computes the gradients too (softmax minus one-hot is at hand while the slice's logits are), so the
     full logits are never stored. Matmuls run in `dtype` (bf16 under autocast, as the plain path would; where
-    bf16 is emulated, as oneDNN float32 matmuls on the bf16-rounded operands), the softmax in float32, weight
-    gradients accumulate in float32.
+    bf16 is emulated, as oneDNN float32 matmuls on the bf16-rounded operands); weight gradients accumulate in
+    float32.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
-        n, vocab = x.shape[0], weight.shape[0]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        fp32 = dtype == torch.float32
-        emulated = not fp32 and linear.bf16_emulated()
-        onednn = fp32 or emulated  # the matmuls run on oneDNN in float32
-        w = weight.to(dtype)
-        if emulated:
-            w = w.float()
-        # oneDNN reads the transposed weight as a view (no copy of the head every step) where it can.
-        w_t = (w.t() if onednn and probes.onednn_strided() else w.t().contiguous()) if need_x else None
-        rows = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
-        grad_x = torch.empty(x.shape, dtype=torch.float32) if need_x else None
-        # float32 starts the weight gradient with the first slice's product (beta 0), already divided by n (alpha).
-        grad_w = (torch.empty if onednn else torch.zeros)(weight.shape, dtype=torch.float32) if need_w else None
-        # bf16: slices' output gradients are kept for a block of rows (half the size of float32 logits), then one
-        # weight-gradient matmul per block, accumulated in float32; float32 accumulates slice by slice.
-        block = max(rows, min(n, LOSS_GRAD_BLOCK_ROWS))
-        kept = torch.empty(block, vocab, dtype=dtype) if need_w and not onednn else None
-        kept_from = 0
-        total = torch.zeros((), dtype=torch.float64)
-        x_c = x.to(dtype)
-        if emulated:
-            x_c = x_c.float()
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            xs, ts = x_c[start:stop], targets[start:stop, None]
-            logits = probes.onednn_linear(xs, w, None) if onednn else F.linear(xs, w)
-            if emulated:
-                logits = logits.bfloat16()
-            # One softmax pass gives both the gradient and (from each target's probability) the loss.
-            logits = logits.float()
-            probs = torch.softmax(logits, dim=-1)
-            total -= _target_log_probs(logits, probs, ts)
-            if need_x or need_w:
-                probs.scatter_add_(1, ts, torch.full(ts.shape, -1.0))  # softmax minus one-hot: d(sum)/d(logits)
-                g = probs if fp32 else probs.to(dtype)
-                if emulated:
-                    g = g.float()
-                if need_x:
-                    # bf16: `F.linear(g, w_t)`, both operands contiguous along the vocabulary it sums over; `g @ w`
-                    # is the same product but, without bf16 instructions, PyTorch's generic bf16 matmul runs it
-                    # many times slower in that layout.
-                    if onednn:
-                        gx = probes.onednn_linear(g, w_t, None)
-                        grad_x[start:stop] = gx.bfloat16() if emulated else gx
-                    else:
-                        grad_x[start:stop] = F.linear(g, w_t)
-                if need_w and onednn:
-                    grad_w.addmm_(g.t(), xs, beta=0 if start == 0 else 1, alpha=1 / n)
-                elif need_w:
-                    if stop - kept_from > block:
-                        grad_w += (kept[: start - kept_from].t() @ x_c[kept_from:start]).float()
-                        kept_from = start
-                    kept[start - kept_from : stop - kept_from] = g
-        if kept is not None and n > kept_from:
-            grad_w += (kept[: n - kept_from].t() @ x_c[kept_from:n]).float()
-        if grad_w is not None and not onednn:
-            grad_w.div_(n)
+        rows = max(1, LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
+        if dtype == torch.float32 or linear.bf16_emulated():
+            total, grad_x, grad_w = _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows)
+        else:
+            total, grad_x, grad_w = _bf16_slices(x, weight, targets, need_x, need_w, rows)
         # Kept on ctx, not saved: backward hands the head's gradient on as it is (no copy the size of the head),
         # and autograd then takes it as the parameter's .grad.
-        ctx.grads = (grad_x.div_(n) if grad_x is not None else None, grad_w)
+        ctx.grads = (grad_x, grad_w)
         ctx.input_dtype = x.dtype
-        return (total / n).to(torch.float32)
+        return (total / x.shape[0]).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
@@ -105,19 +53,110 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         )
 
 
+def _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows):
+    """float32, or bf16 emulated (oneDNN float32 matmuls on bf16-rounded operands): the sum of -log p(target),
+    and the mean loss's gradients, accumulated slice by slice."""
+    n = x.shape[0]
+    emulated = dtype != torch.float32
+    w = weight.to(dtype).float() if emulated else weight
+    # oneDNN reads the transposed weight as a view (no copy of the head every step) where it can.
+    w_t = (w.t() if probes.onednn_strided() else w.t().contiguous()) if need_x else None
+    grad_x = torch.empty(x.shape, dtype=torch.float32) if need_x else None
+    # The weight gradient starts with the first slice's product (beta 0), already divided by n (alpha).
+    grad_w = torch.empty(weight.shape, dtype=torch.float32) if need_w else None
+    total = torch.zeros((), dtype=torch.float64)
+    x_c = x.to(dtype).float() if emulated else x
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        xs, ts = x_c[start:stop], targets[start:stop, None]
+        logits = probes.onednn_linear(xs, w, None)
+        if emulated:
+            logits = logits.bfloat16().float()
+        # One softmax pass gives both the gradient and (from each target's probability) the loss.
+        probs = torch.softmax(logits, dim=-1)
+        log_p, g_target = _target_terms(logits, probs, ts)
+        total -= log_p
+        if need_x or need_w:
+            _put_targets(probs, ts, g_target)  # softmax minus one-hot: d(sum)/d(logits)
+            g = probs.bfloat16().float() if emulated else probs
+            if need_x:
+                gx = probes.onednn_linear(g, w_t, None)
+                grad_x[start:stop] = gx.bfloat16() if emulated else gx
+            if need_w:
+                grad_w.addmm_(g.t(), xs, beta=0 if start == 0 else 1, alpha=1 / n)
+    return total, grad_x.div_(n) if need_x else None, grad_w
+
+
+def _bf16_slices(x, weight, targets, need_x, need_w, rows):
+    """bf16 on a CPU with bf16 instructions: logits, softmax and output gradient stay bf16 (what autocast's
+    matmuls would round them to), written straight into the block kept for the weight gradient, which
+    accumulates in float32 one block of rows at a time."""
+    n, vocab = x.shape[0], weight.shape[0]
+    w, xb = weight.to(torch.bfloat16), x.to(torch.bfloat16)
+    grad_x = torch.empty(x.shape, dtype=torch.float32) if need_x else None
+    grad_w = torch.empty(weight.shape, dtype=torch.float32) if need_w else None
+    block = max(rows, min(n, LOSS_GRAD_BLOCK_ROWS))
+    kept = torch.empty(block, vocab, dtype=torch.bfloat16) if need_w else None
+    kept_from = 0
+    total = torch.zeros((), dtype=torch.float64)
+
+    def add_block(stop: int) -> None:
+        product = kept[: stop - kept_from].t() @ xb[kept_from:stop]
+        grad_w.copy_(product) if kept_from == 0 else grad_w.add_(product)
+
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        xs, ts = xb[start:stop], targets[start:stop, None]
+        logits = F.linear(xs, w)
+        if need_w and stop - kept_from > block:
+            add_block(start)
+            kept_from = start
+        out = kept[start - kept_from : stop - kept_from] if need_w else None
+        probs = torch.softmax(logits, dim=-1, out=out) if need_w else torch.softmax(logits, dim=-1)
+        log_p, g_target = _target_terms(logits, probs, ts)
+        total -= log_p
+        if need_x or need_w:
+            _put_targets(probs, ts, g_target)
+            if need_x:
+                grad_x[start:stop] = probs @ w
+    if need_w:
+        add_block(n)
+        grad_w.div_(n)
+    return total, grad_x.div_(n) if need_x else None, grad_w
+
+
+def _put_targets(probs: torch.Tensor, targets: torch.Tensor, values: torch.Tensor) -> None:
+    """probs[i, targets[i]] = values[i] through flat indices: bf16 `scatter_` copies the whole slice to float32
+    and back."""
+    flat = torch.arange(0, probs.numel(), probs.shape[1]) + targets.squeeze(1)
+    probs.view(-1)[flat] = values.squeeze(1).to(probs.dtype)
+
+
 TINY_PROBABILITY = 1e-30  # below it a float32 probability has lost digits, or is 0: its log comes from log_softmax
 
 
-def _target_log_probs(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of log p(target), from the softmax; a row whose target's probability underflows (a loss of
-    about 69 or more) takes it from log_softmax instead."""
-    p = probs.gather(1, targets).double()
-    logp = p.log()
+def _target_terms(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor):
+    """Sum over rows of log p(target), and each row's d(-log p(target))/d(logit of target) = p - 1 (float32).
+
+    A row whose target's probability underflows (a loss of about 69 or more) takes it from log_softmax. In bf16 a
+    probability near 1 has lost the digits its loss lives in (1 - p); those rows take 1 - p from the sum of the
+    other probabilities instead, for the loss and for the gradient.
+    """
+    p = probs.gather(1, targets).float()
+    logp = p.double().log()
+    g_target = p - 1
+    if probs.dtype != torch.float32:
+        sure = (p >= 0.5).squeeze(1)
+        if bool(sure.any()):
+            rows = sure.nonzero().squeeze(1)
+            rest = probs.sum(dim=1, keepdim=True, dtype=torch.float32)[rows] - p[rows]
+            g_target[rows] = -rest
+            logp[rows] = torch.log1p(-rest.double())
     tiny = (p < TINY_PROBABILITY).squeeze(1)
     if bool(tiny.any()):
         rows = tiny.nonzero().squeeze(1)
-        logp[rows] = torch.log_softmax(logits[rows], dim=-1).gather(1, targets[rows]).double()
-    return logp.sum()
+        logp[rows] = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, targets[rows]).double()
+    return logp.sum(), g_target
 
 
 def _dtype(weight: torch.Tensor) -> torch.dtype:
