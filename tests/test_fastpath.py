@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -237,15 +238,36 @@ def test_models_made_under_inference_mode_decode_like_the_others():
     assert packed_weights(model) is None
 
 
-@pytest.mark.parametrize(("capability", "expected"), [("AVX2", False), ("AVX512", True), ("DEFAULT", False)])
-def test_training_linears_go_to_onednn_only_on_a_cpu_with_avx512(monkeypatch, capability, expected):
-    """The kernel is chosen by the CPU, never by timing: every process on one machine computes the same sums."""
+@pytest.mark.parametrize(
+    ("capability", "vendor", "expected"),
+    [
+        ("AVX2", "AuthenticAMD", False),
+        ("AVX512", "AuthenticAMD", True),
+        ("DEFAULT", "AuthenticAMD", False),
+        ("AVX512", "GenuineIntel", False),
+    ],
+)
+def test_training_linears_go_to_onednn_only_on_a_cpu_with_avx512_but_not_intels(
+    monkeypatch, capability, vendor, expected
+):
+    """The kernel is chosen by the CPU, never by timing: every process on one machine computes the same sums.
+    On Intel, MKL (PyTorch's matmul) uses AVX-512 itself: the linears and the loss's head stay with it."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(accel.linear, "cpu_vendor", lambda: vendor)
     accel.linear._has_avx512.cache_clear()
     try:
         assert accel.linear.onednn_training() is (expected and probes.onednn_fp32())
+        intel_mkl = vendor == "GenuineIntel" and torch.backends.mkl.is_available()
+        assert accel.linear.onednn_head() is (probes.onednn_fp32() and not intel_mkl)
     finally:
         accel.linear._has_avx512.cache_clear()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo here")
+def test_the_cpu_vendor_is_read_from_the_machine():
+    vendor = accel.linear.cpu_vendor()
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        assert f"vendor_id\t: {vendor}\n" in f.read() or not vendor
 
 
 @needs_accel
@@ -255,6 +277,7 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients(monkeypatch, on_oned
     if on_onednn and not probes.onednn_fp32():
         pytest.skip("this PyTorch build has no oneDNN: the fast linear path is not used")
     monkeypatch.setattr(accel.linear, "_has_avx512", lambda: on_onednn)
+    monkeypatch.setattr(accel.linear, "mkl_on_intel", lambda: False)
     torch.manual_seed(9)
     model = GPTModel(GPTConfig(vocab_size=3000, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
     ids = torch.randint(0, 3000, (3, 16))
@@ -280,10 +303,13 @@ def test_onednn_linears_give_pytorchs_forward_and_gradients(monkeypatch, on_oned
 
 @needs_accel
 @pytest.mark.parametrize(
-    ("amp", "emulated"), [(False, False), (True, False), (True, True)], ids=["fp32", "bf16-autocast", "bf16-emulated"]
+    ("amp", "emulated", "intel"),
+    [(False, False, False), (False, False, True), (True, False, False), (True, True, False)],
+    ids=["fp32-onednn", "fp32-mkl", "bf16-autocast", "bf16-emulated"],
 )
-def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp, emulated):
+def test_sliced_head_loss_gives_cross_entropys_loss_and_gradients(monkeypatch, amp, emulated, intel):
     """model(ids, targets=...) never builds the whole logits, yet equals the course's loss, gradients included."""
+    monkeypatch.setattr(head_loss_module.linear, "mkl_on_intel", lambda: intel)
     if emulated:  # what a CPU without bf16 instructions runs: float32 oneDNN matmuls on bf16-rounded operands
         monkeypatch.setattr(head_loss_module.linear, "bf16_emulated", lambda: True)
     torch.manual_seed(10)

@@ -724,10 +724,11 @@ def _fp32_matmuls(where: torch.device) -> str:
     """Which kernels our float32 training runs its matrix multiplies on, here (see `accel.linear`)."""
     if where.type != "cpu" or not accel.enabled():
         return "PyTorch's matmul (both)"
-    from gpt2term.core.accel import probes
-
-    blocks = "oneDNN (this CPU has AVX-512)" if accel.linear.onednn_training() else "PyTorch's (no AVX-512 here)"
-    head = "oneDNN" if probes.onednn_fp32() else "PyTorch's"
+    if accel.linear.onednn_training():
+        blocks = "oneDNN (this CPU has AVX-512)"
+    else:
+        blocks = "PyTorch's (MKL on an Intel CPU)" if accel.linear.mkl_on_intel() else "PyTorch's (no AVX-512 here)"
+    head = "oneDNN" if accel.linear.onednn_head() else "PyTorch's"
     return f"ours: the blocks' linears on {blocks}, the head's loss on {head}; transformers' loop: PyTorch's matmul"
 
 

@@ -30,7 +30,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows = max(1, LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
         if dtype == torch.float32 or linear.bf16_emulated():
-            total, grad_x, grad_w = _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows)
+            total, grad_x, grad_w = _float32_slices(x, weight, targets, dtype, need_x, need_w, rows)
         else:
             total, grad_x, grad_w = _bf16_slices(x, weight, targets, need_x, need_w, rows)
         # Kept on ctx, not saved: backward hands the head's gradient on as it is (no copy the size of the head),
@@ -53,14 +53,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         )
 
 
-def _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows):
+def _float32_slices(x, weight, targets, dtype, need_x, need_w, rows):
     """float32, or bf16 emulated (oneDNN float32 matmuls on bf16-rounded operands): the sum of -log p(target),
     and the mean loss's gradients, accumulated slice by slice."""
     n = x.shape[0]
     emulated = dtype != torch.float32
     w = weight.to(dtype).float() if emulated else weight
-    # oneDNN reads the transposed weight as a view (no copy of the head every step) where it can.
-    w_t = (w.t() if probes.onednn_strided() else w.t().contiguous()) if need_x else None
+    # float32 on an Intel CPU runs on MKL (PyTorch's own matmul), elsewhere on oneDNN; both read the transposed
+    # weight as a view (no copy of the head every step) where they can.
+    mkl = not emulated and not linear.onednn_head()
+    matmul = _plain_linear if mkl else probes.onednn_linear
+    w_t = (w.t() if mkl or probes.onednn_strided() else w.t().contiguous()) if need_x else None
     grad_x = torch.empty(x.shape, dtype=torch.float32) if need_x else None
     # The weight gradient starts with the first slice's product (beta 0), already divided by n (alpha).
     grad_w = torch.empty(weight.shape, dtype=torch.float32) if need_w else None
@@ -69,7 +72,7 @@ def _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows):
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         xs, ts = x_c[start:stop], targets[start:stop, None]
-        logits = probes.onednn_linear(xs, w, None)
+        logits = matmul(xs, w, None)
         if emulated:
             logits = logits.bfloat16().float()
         # One softmax pass gives both the gradient and (from each target's probability) the loss.
@@ -80,11 +83,15 @@ def _onednn_slices(x, weight, targets, dtype, need_x, need_w, rows):
             _put_targets(probs, ts, g_target)  # softmax minus one-hot: d(sum)/d(logits)
             g = probs.bfloat16().float() if emulated else probs
             if need_x:
-                gx = probes.onednn_linear(g, w_t, None)
+                gx = matmul(g, w_t, None)
                 grad_x[start:stop] = gx.bfloat16() if emulated else gx
             if need_w:
                 grad_w.addmm_(g.t(), xs, beta=0 if start == 0 else 1, alpha=1 / n)
     return total, grad_x.div_(n) if need_x else None, grad_w
+
+
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: None) -> torch.Tensor:
+    return F.linear(x, weight)
 
 
 def _bf16_slices(x, weight, targets, need_x, need_w, rows):

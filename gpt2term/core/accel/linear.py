@@ -5,7 +5,7 @@ float32 matmuls to MKL, which on AMD CPUs keeps to its AVX2 code while oneDNN us
 machine this was first measured on, MKL was much slower). On an AVX2-only CPU (this project's Zen 3) the two
 share the same vector width: MKL is as fast forward and faster backward, where oneDNN reads the transposed
 operands slowly (see the README's Speed section), so training's float32 linears stay PyTorch's own there
-(`onednn_training`).
+(`onednn_training`). On an Intel CPU MKL uses AVX-512 itself and was the faster of the two: they stay PyTorch's.
 bfloat16 (autocast) goes to oneDNN's bf16 kernels where the CPU has bf16 instructions; elsewhere PyTorch's bf16
 matmul is a generic loop, and autocast's linear is computed here with oneDNN's float32 kernels instead
 (`_Bf16Linear`).
@@ -15,6 +15,7 @@ torch.compile, GPUs and float64 keep the standard path.
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +32,38 @@ AVX512_CAPABILITIES = ("AVX512",)  # what torch.backends.cpu.get_cpu_capability(
 
 
 def onednn_training() -> bool:
-    """Whether training's float32 linear products go to oneDNN (a CPU with AVX-512) rather than PyTorch's own
-    matmul. Decided by the CPU, never by timing, so every process on a machine computes the same sums."""
-    return probes.onednn_fp32() and _has_avx512()
+    """Whether training's float32 linear products go to oneDNN (a CPU with AVX-512, not Intel's) rather than
+    PyTorch's own matmul. Decided by the CPU, never by timing, so every process on a machine computes the same
+    sums."""
+    return probes.onednn_fp32() and _has_avx512() and not mkl_on_intel()
+
+
+def onednn_head() -> bool:
+    """Whether the sliced loss's float32 head products go to oneDNN: everywhere it works but on Intel CPUs, where
+    MKL was faster for them (on AMD, even AVX2-only, oneDNN's were)."""
+    return probes.onednn_fp32() and not mkl_on_intel()
+
+
+def mkl_on_intel() -> bool:
+    """PyTorch's float32 matmul is MKL on an Intel CPU: MKL then uses the CPU's widest vectors, where on AMD it
+    keeps to AVX2."""
+    return torch.backends.mkl.is_available() and cpu_vendor() == INTEL_VENDOR
+
+
+INTEL_VENDOR = "GenuineIntel"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor string (/proc/cpuinfo's vendor_id; else what `platform.processor()` says), "" if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return INTEL_VENDOR if "Intel" in platform.processor() else ""
 
 
 @functools.cache
