@@ -99,3 +99,38 @@ def test_the_logit_lens_keeps_each_layer_on_one_line_at_120_columns(stored):
                 assert len(re.findall(r"\d%", line)) == 5, line  # five predictions, each with its probability
 
     asyncio.run(scenario())
+
+
+def test_a_widget_that_grew_is_laid_out_at_its_new_height_on_the_first_refresh():
+    """`refresh_in_place` measures the new content, not the render Textual cached for the old one: otherwise the
+    view is one redraw behind the stream, and the last tokens before a pause stay below the view's edge."""
+    from textual.app import App
+    from textual.widget import Widget
+
+    from gpt2term.tui.widgets import refresh_in_place
+
+    class Lines(Widget):
+        DEFAULT_CSS = "Lines { height: auto; }"
+        count = 2
+
+        def render(self) -> str:
+            return "\n".join(f"line {n}" for n in range(self.count))
+
+    class Host(App):
+        def compose(self):
+            yield Lines()
+
+    async def scenario() -> None:
+        app = Host()
+        async with app.run_test(size=(40, 20)) as pilot:
+            lines = app.query_one(Lines)
+            await pilot.pause()
+            assert lines.size.height == 2
+            lines.refresh()  # a repaint at the same height (a stream's frame that filled no new line)
+            await pilot.pause()
+            lines.count = 7
+            refresh_in_place(lines)
+            await settle(pilot, lambda: lines.size.height == 7, "the widget laid out at 7 lines")
+            assert "line 6" in screen_text(app)
+
+    asyncio.run(scenario())

@@ -193,8 +193,16 @@ def test_the_view_follows_new_tokens_only_while_the_user_has_not_scrolled_up():
             await pilot.press(*PROMPT, "enter")
             assert await asyncio.to_thread(gate.reached.wait, 60)
             turn = screen.turns[-1]
-            await settle(pilot, lambda: len(turn.steps) == 49, "49 tokens on screen", workers=False)
-            assert transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y  # following
+            # The tokens land first, the layout that makes room for them at the next refresh: wait for both.
+            await settle(
+                pilot,
+                lambda: len(turn.steps) == 49 and transcript.max_scroll_y > 0,
+                "49 tokens on screen, more than the view holds",
+                workers=False,
+            )
+            await settle(
+                pilot, lambda: transcript.scroll_y == transcript.max_scroll_y, "the view following", workers=False
+            )
             await pilot.press("tab", "pageup")  # the user scrolls up to read
             await pilot.pause()
             where = transcript.scroll_y
@@ -205,10 +213,14 @@ def test_the_view_follows_new_tokens_only_while_the_user_has_not_scrolled_up():
             assert transcript.scroll_y == where < transcript.max_scroll_y  # new tokens did not pull the view down
             transcript.scroll_end(animate=False, immediate=True)  # back at the bottom: following again
             screen.settings = DecodingSettings(max_new_tokens=30, stop_at_eos=False)
+            bottom = transcript.max_scroll_y
             await pilot.press("escape", *"Again", "enter")
             await settle(pilot, lambda: len(screen.turns) == 2 and screen.turns[1].state == "done", "second turn")
-            await pilot.pause()
-            assert transcript.scroll_y == transcript.max_scroll_y
+            await settle(
+                pilot,
+                lambda: bottom < transcript.max_scroll_y == transcript.scroll_y,
+                "the view following the second turn down",
+            )
 
     asyncio.run(scenario())
 

@@ -10,14 +10,14 @@ from textual.widgets import Static
 def refresh_in_place(widget: Widget) -> None:
     """Repaint `widget` after its content changed, laying the screen out again only if its height changed: a
     layout repaints every widget on the screen, and while tokens stream in that is the decoder's time."""
-    widget.clear_cached_dimensions()
+    widget.refresh()  # first: it drops the cached render, which the measure below would otherwise take as current
     rule = widget.styles.height
     if rule is not None and not rule.is_auto:  # a fixed or fractional height does not follow the content
-        widget.refresh()
         return
     size = widget.content_size
     height = widget.get_content_height(size, widget.screen.size, size.width) if size.width else None
-    widget.refresh(layout=height != size.height)
+    if height != size.height:
+        widget.refresh(layout=True)
 
 
 def update_in_place(static: Static, content: VisualType) -> None:
