@@ -174,6 +174,7 @@ def test_bench_train_text_report_shows_mfu_and_profile():
     assert result.exit_code == 0, result.output
     assert "MFU" in result.output and "MFLOPs/token" in result.output
     assert "profile, gpt2term fp32 (top ops):" in result.output
+    assert "profile, transformers loop fp32 (top ops):" in result.output  # from its own process
     assert "pass --peak-tflops" in result.output  # no MFU on a CPU without its peak, and it says why
 
 

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from gpt2term.core import accel
 from gpt2term.core.config import GPTConfig, preset
-from gpt2term.core.devices import autocast, resolve_dtype
+from gpt2term.core.devices import autocast
 from gpt2term.core.errors import InputError
 from gpt2term.core.memory import require_memory, require_training_memory
 from gpt2term.core.model import GPTModel
+from gpt2term.core.peers import WorkerProcess
 
 INSTALL_TRANSFORMERS = "pip install transformers (or: pip install 'gpt2term[test]')"
 NO_TRANSFORMERS = f"transformers is not installed, so only our numbers are shown; to compare: {INSTALL_TRANSFORMERS}"
@@ -647,6 +648,29 @@ def _hf_training_step(
     return _plain_step(hf, optimizer, amp, lambda inputs: hf(inputs).logits, device)
 
 
+class TransformersLoop(WorkerProcess):
+    """`_hf_training_step` in a process of its own (`train_peer_worker`), one step per call, on the same batches."""
+
+    module = "gpt2term.core.train_peer_worker"
+    label = "transformers' training loop"
+
+    def __init__(self, cfg: GPTConfig, dt: str, seed: int, device: torch.device, batches_file: str) -> None:
+        threads = torch.get_num_threads()
+        super().__init__(
+            {"config": cfg.to_dict(), "amp": dt, "seed": seed, "device": str(device), "threads": threads}
+            | {"batches": batches_file}
+        )
+
+    def step(self, i: int, profile: bool = False) -> tuple[float, float | None]:
+        """Step `i`'s loss and seconds (None when profiled)."""
+        reply = self._ask({"step": i, "profile": profile})
+        return float(reply["loss"]), reply["seconds"]
+
+    def ops(self) -> list[dict[str, Any]]:
+        """The profiled steps' top ops (`_op_table`)."""
+        return self._ask({"ops": True})["ops"]
+
+
 # bf16 dense tensor-core peaks (TFLOPS, no sparsity) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(); the first match wins, so "A100" is tried before "A10" and "H100 PCIe" before "H100".
 GPU_PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
@@ -803,80 +827,81 @@ def bench_train(
 
     results: dict[str, Any] = {"ours": {}, "transformers": {} if run_hf else None, "ratio": {}}
     profiles: dict[str, Any] = {"ours": {}, "transformers": {}} if profile else {}
-    for dt in dtypes:
-        amp = resolve_dtype(dt)
-        theirs = _hf_training_step(cfg, amp, seed, where) if run_hf else None
-        hf_times: list[float] = []
-        hf_losses: list[float] = []
-        watching: list[Any] = []  # our step's profiler, started when the step before it ended
+    with contextlib.ExitStack() as scratch:
+        if run_hf:  # their loop runs in its own process (see `train_peer_worker`), on these same batches
+            import tempfile
 
-        def their_step(
-            i: int,
-            dt: str = dt,
-            theirs: Callable | None = theirs,
-            times: list = hf_times,
-            losses: list = hf_losses,
-            watching: list = watching,
-        ) -> None:
-            # Called when our step i ended: its profiler (if any) stops, theirs runs, the next one of ours starts.
-            first_profiled = warmup + steps
-            if watching:
-                prof = watching.pop()
-                prof.stop()
-                profiles["ours"].setdefault(dt, []).append(prof)
-            phase = " (warm-up)" if i < warmup else " (profiled)" if i >= first_profiled else ""
-            say(f"{dt}: step {i + 1}/{total}{phase}")
-            if theirs is not None:
-                batch = batches[i]
-                if i >= first_profiled:
+            batches_file = os.path.join(scratch.enter_context(tempfile.TemporaryDirectory(prefix="gpt2term-")), "b.pt")
+            torch.save(batches, batches_file)
+        for dt in dtypes:
+            theirs = scratch.enter_context(TransformersLoop(cfg, dt, seed, where, batches_file)) if run_hf else None
+            hf_times: list[float] = []
+            hf_losses: list[float] = []
+            watching: list[Any] = []  # our step's profiler, started when the step before it ended
+
+            def their_step(
+                i: int,
+                dt: str = dt,
+                theirs: TransformersLoop | None = theirs,
+                times: list = hf_times,
+                losses: list = hf_losses,
+                watching: list = watching,
+            ) -> None:
+                # Called when our step i ended: its profiler (if any) stops, theirs runs, the next one of ours starts.
+                first_profiled = warmup + steps
+                if watching:
+                    prof = watching.pop()
+                    prof.stop()
+                    profiles["ours"].setdefault(dt, []).append(prof)
+                phase = " (warm-up)" if i < warmup else " (profiled)" if i >= first_profiled else ""
+                say(f"{dt}: step {i + 1}/{total}{phase}")
+                if theirs is not None:
+                    loss, seconds = theirs.step(i, profile=i >= first_profiled)
+                    losses.append(loss)
+                    if seconds is not None:
+                        times.append(seconds)
+                if profile and first_profiled - 1 <= i < total - 1:
                     prof = _profiler(where)
-                    with prof:
-                        losses.append(theirs(batch[:, :-1], batch[:, 1:]))
-                    profiles["transformers"].setdefault(dt, []).append(prof)
-                else:
-                    started = time.perf_counter()
-                    losses.append(theirs(batch[:, :-1], batch[:, 1:]))
-                    times.append(time.perf_counter() - started)
-            if profile and first_profiled - 1 <= i < total - 1:
-                prof = _profiler(where)
-                prof.start()
-                watching.append(prof)
+                    prof.start()
+                    watching.append(prof)
 
-        our_times, our_losses = _run_trainer(
-            preset_name,
-            cfg,
-            batch_size=batch_size,
-            context_length=context_length,
-            total_steps=total,
-            dtype="bfloat16" if dt == "bf16" else "float32",
-            seed=seed,
-            between_steps=their_step,
-            device=str(where),
-            compile_model=compile_model,
-            pad_vocab=pad_vocab,
-        )
-        timed = {"ours": (our_times, our_losses)}
-        if run_hf:
-            timed["transformers"] = (hf_times, hf_losses)
-        for name, (times, losses) in timed.items():
-            step_s = _median(times[warmup : warmup + steps])
-            speed = tokens_per_step / step_s if step_s else None
-            results[name][dt] = {
-                "tokens_per_second": speed,
-                "step_s": step_s,
-                "runs_step_s": [round(t, 4) for t in times[warmup : warmup + steps]],
-                "first_loss": losses[0],
-                "last_loss": losses[-1],
-                "mfu": mfu(speed, flops_token, peak),
-            }
-        results["ratio"][dt] = (
-            _ratio(results["ours"][dt]["tokens_per_second"], results["transformers"][dt]["tokens_per_second"])
-            if run_hf
-            else None
-        )
-    for who in profiles:
-        for dt, profs in list(profiles[who].items()):
-            profiles[who][dt] = _op_table(profs, where)
+            our_times, our_losses = _run_trainer(
+                preset_name,
+                cfg,
+                batch_size=batch_size,
+                context_length=context_length,
+                total_steps=total,
+                dtype="bfloat16" if dt == "bf16" else "float32",
+                seed=seed,
+                between_steps=their_step,
+                device=str(where),
+                compile_model=compile_model,
+                pad_vocab=pad_vocab,
+            )
+            timed = {"ours": (our_times, our_losses)}
+            if theirs is not None:
+                timed["transformers"] = (hf_times, hf_losses)
+                if profile:
+                    profiles["transformers"][dt] = theirs.ops()
+                theirs.close()
+            for name, (times, losses) in timed.items():
+                step_s = _median(times[warmup : warmup + steps])
+                speed = tokens_per_step / step_s if step_s else None
+                results[name][dt] = {
+                    "tokens_per_second": speed,
+                    "step_s": step_s,
+                    "runs_step_s": [round(t, 4) for t in times[warmup : warmup + steps]],
+                    "first_loss": losses[0],
+                    "last_loss": losses[-1],
+                    "mfu": mfu(speed, flops_token, peak),
+                }
+            results["ratio"][dt] = (
+                _ratio(results["ours"][dt]["tokens_per_second"], results["transformers"][dt]["tokens_per_second"])
+                if run_hf
+                else None
+            )
+    for dt, profs in list(profiles.get("ours", {}).items()):
+        profiles["ours"][dt] = _op_table(profs, where)
     accelerated = accel.enabled()
     default_pad = accel.vocab_pad.DEFAULT_MULTIPLE if where.type == "cuda" else 0
     padded = (pad_vocab if pad_vocab is not None else default_pad) if accelerated else 0

@@ -40,7 +40,8 @@ class MissingPeers(Gpt2termError):
 
 
 class PeerFailed(Gpt2termError):
-    """CTranslate2 could not load or run a converted model (its worker process said why, or died)."""
+    """A peer in its own process (CTranslate2, transformers' training loop) could not load or run (its worker
+    process said why, or died)."""
 
 
 def peer_versions() -> dict[str, str | None]:
@@ -188,24 +189,24 @@ def _quiet_transformers():
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-class CT2Generator:
-    """A CTranslate2 generator on one converted folder, in a process of its own (`peer_worker`), decoding greedily
-    for a fixed number of tokens. `close()` (or `with`) ends that process."""
+class WorkerProcess:
+    """A peer in a process of its own, spoken to in JSON lines (see `peer_worker`): a user runs it in its own
+    process, and nothing this process set up (threads, allocator, OpenMP runtime) reaches it. `close()` (or
+    `with`) ends that process."""
 
-    def __init__(self, folder: Path, dtype: str, threads: int) -> None:
-        require_peers()
-        self.dtype = dtype
-        self.threads = threads
+    module = ""  # the worker's module, run with `python -m`
+    label = ""  # the peer's name in errors
+
+    def __init__(self, spec: dict) -> None:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close()): the worker's messages, for its error
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt2term.core.peer_worker"],
+            [sys.executable, "-m", self.module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
             encoding="utf-8",
         )
-        spec = {"folder": str(folder), "compute_type": CT2_COMPUTE_TYPES[dtype], "threads": threads}
         try:
             self._ask(spec)
         except BaseException:
@@ -222,7 +223,7 @@ class CT2Generator:
             line = ""
         reply = json.loads(line) if line.strip() else {"error": self._death()}
         if "error" in reply:
-            raise PeerFailed(f"CTranslate2 ({self.dtype}) failed: {reply['error']}")
+            raise PeerFailed(f"{self.label} failed: {reply['error']}")
         return reply
 
     def _death(self) -> str:
@@ -230,11 +231,6 @@ class CT2Generator:
         self._stderr.seek(0)
         said = [line for line in self._stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
         return f"its process ended with exit status {code}" + (f": {said[-1].strip()}" if said else "")
-
-    def run(self, prompt_ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
-        """The `tokens` greedy tokens after the prompt and when each arrived (seconds since the call)."""
-        reply = self._ask({"prompt": token_strings(prompt_ids), "tokens": tokens})
-        return [int(i) for i in reply["ids"]], [float(t) for t in reply["times"]]
 
     def close(self) -> None:
         """End the worker: its input closed, it exits by itself; killed if it has not within a few seconds."""
@@ -252,8 +248,27 @@ class CT2Generator:
                 if stream is not None:
                     stream.close()
 
-    def __enter__(self) -> CT2Generator:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CT2Generator(WorkerProcess):
+    """A CTranslate2 generator on one converted folder, in a process of its own (`peer_worker`), decoding greedily
+    for a fixed number of tokens."""
+
+    module = "gpt2term.core.peer_worker"
+
+    def __init__(self, folder: Path, dtype: str, threads: int) -> None:
+        require_peers()
+        self.dtype = dtype
+        self.threads = threads
+        self.label = f"CTranslate2 ({dtype})"
+        super().__init__({"folder": str(folder), "compute_type": CT2_COMPUTE_TYPES[dtype], "threads": threads})
+
+    def run(self, prompt_ids: list[int], tokens: int) -> tuple[list[int], list[float]]:
+        """The `tokens` greedy tokens after the prompt and when each arrived (seconds since the call)."""
+        reply = self._ask({"prompt": token_strings(prompt_ids), "tokens": tokens})
+        return [int(i) for i in reply["ids"]], [float(t) for t in reply["times"]]

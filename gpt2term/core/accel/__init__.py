@@ -9,7 +9,8 @@ on a CPU without changing what it computes, its parameters or its state_dict:
   `threads` gives it;
 - `linear`: oneDNN float32 kernels for the linear layers in training;
 - `head_loss`: the training loss without ever building the [tokens, vocabulary] logits;
-- `vocab_pad`: on a GPU, training's output head padded to a multiple of 64 rows for the matmul kernels.
+- `vocab_pad`: on a GPU, training's output head padded to a multiple of 64 rows for the matmul kernels;
+- `allocator`: on a CPU, training keeps the memory it frees for its next step (`training_memory`).
 
 Every private PyTorch API these use lives in `probes`, checked once, with a plain PyTorch fallback.
 """
@@ -20,7 +21,7 @@ import os
 
 import torch
 
-from gpt2term.core.accel import decode, head_loss, linear, native, probes, vocab_pad
+from gpt2term.core.accel import allocator, decode, head_loss, linear, native, probes, vocab_pad
 from gpt2term.core.errors import InputError
 from gpt2term.core.model import GPTModel, KVCache
 
@@ -33,6 +34,7 @@ __all__ = [
     "plain",
     "prepare_for_inference",
     "release_packed_weights",
+    "training_memory",
     "vocab_multiple",
 ]
 
@@ -42,6 +44,11 @@ ENV_SWITCH = "GPT2TERM_ACCEL"
 def enabled() -> bool:
     """False when GPT2TERM_ACCEL=0 (also "false", "off", "no"): every model stays plain PyTorch."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def training_memory(device: torch.device):
+    """A context for the training loop: on a CPU, freed blocks stay in the heap for the next step (`allocator`)."""
+    return allocator.freed_memory_kept(on=enabled() and device.type == "cpu")
 
 
 class AcceleratedGPTModel(GPTModel):

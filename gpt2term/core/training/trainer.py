@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpt2term.core.accel import accelerate
+from gpt2term.core.accel import accelerate, training_memory
 from gpt2term.core.config import GPTConfig, preset
 from gpt2term.core.data import (
     GPTDataset,
@@ -259,7 +259,8 @@ class Trainer:
         plan = self._plan(checkpoint, device)
         state = self._build(plan, checkpoint)
         self._announce(plan, state)
-        status, message = self._train(plan)
+        with training_memory(plan.device):
+            status, message = self._train(plan)
         return self._finish(plan, status, message, started)
 
     # ---------------------------------------------------------------------------------------------- the loop
