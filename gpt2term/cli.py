@@ -1193,6 +1193,7 @@ def format_report(result: dict) -> str:
             f"training {s['preset']}, batch {s['batch_size']} x context {s['context_length']} "
             f"({s['tokens_per_step']} tokens/step), median of {s['steps']} alternating steps after "
             f"{s['warmup_steps']} warm-up\nours: {s['ours']}\ntransformers: {s['transformers']}"
+            + (f"\nmemory: {s['memory']}" if s.get("memory") else "")
         )
         lines.append(_train_path_line(result))
         lines.append(f"{'':28s}{'tokens/s':>10s}{'step':>10s}{'MFU':>8s}{'vs transformers':>17s}")

@@ -17,47 +17,59 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 
 
-def _reply(message: dict) -> None:
+def reply(message: dict) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
 
 
-def serve() -> int:
-    try:
-        import ctranslate2
+def spec_line() -> dict | None:
+    """The first line: what to load (None: the parent went away before saying)."""
+    spec = json.loads(sys.stdin.readline() or "null")
+    return spec if isinstance(spec, dict) else None
 
-        spec = json.loads(sys.stdin.readline() or "null")
-        if not isinstance(spec, dict):
-            return 0  # the parent went away before saying what to load
-        generator = ctranslate2.Generator(
-            spec["folder"],
-            device="cpu",
-            compute_type=spec["compute_type"],
-            inter_threads=1,
-            intra_threads=int(spec["threads"]),
-        )
-        _reply({"ready": True})
-        for line in sys.stdin:
-            request = json.loads(line)
-            ids: list[int] = []
-            times: list[float] = []
-            start = time.perf_counter()
-            # end_token=[]: never stop at <|endoftext|>, so every contender produces the same number of tokens.
-            for step in generator.generate_tokens(
-                request["prompt"], max_length=int(request["tokens"]), sampling_topk=1, end_token=[]
-            ):
-                times.append(time.perf_counter() - start)
-                ids.append(int(step.token_id))
-            _reply({"ids": ids, "times": times})
+
+def run_worker(serve: Callable[[], None]) -> int:
+    """Exit status of a worker: 0, also when the parent went away; 1 after one `{"error"}` line."""
+    try:
+        serve()
     except BrokenPipeError:
         return 0
     except Exception as exc:  # the parent turns this into its one-line error
-        _reply({"error": f"{type(exc).__name__}: {exc}"})
+        reply({"error": f"{type(exc).__name__}: {exc}"})
         return 1
     return 0
 
 
+def serve() -> None:
+    import ctranslate2
+
+    spec = spec_line()
+    if spec is None:
+        return
+    generator = ctranslate2.Generator(
+        spec["folder"],
+        device="cpu",
+        compute_type=spec["compute_type"],
+        inter_threads=1,
+        intra_threads=int(spec["threads"]),
+    )
+    reply({"ready": True})
+    for line in sys.stdin:
+        request = json.loads(line)
+        ids: list[int] = []
+        times: list[float] = []
+        start = time.perf_counter()
+        # end_token=[]: never stop at <|endoftext|>, so every contender produces the same number of tokens.
+        for step in generator.generate_tokens(
+            request["prompt"], max_length=int(request["tokens"]), sampling_topk=1, end_token=[]
+        ):
+            times.append(time.perf_counter() - start)
+            ids.append(int(step.token_id))
+        reply({"ids": ids, "times": times})
+
+
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(run_worker(serve))

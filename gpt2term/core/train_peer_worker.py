@@ -3,11 +3,11 @@
 A user runs their own loop in their own process; in ours it would inherit what gpt2term's trainer sets up for
 itself (the allocator keeping freed memory, see `accel.allocator`), and be measured faster than it is.
 
-Speaks JSON lines on stdin/stdout: the first line gives the model and loop (`config`, `amp`, `seed`, `device`,
-`threads`, `batches`: a file of token batches saved with torch.save) and gets `{"ready": true}`; each following
-`{"step": i, "profile": bool}` runs one step on batch i and gets `{"loss": ..., "seconds": ...}` (timed here, so
-the pipe costs nothing; a profiled step is not timed); `{"ops": true}` gets the profiled steps' top ops. A failure
-is one `{"error": "..."}` line and exit status 1; end of input ends the process.
+Speaks JSON lines on stdin/stdout, like `peer_worker`: the first line gives the model and loop (`config`, `amp`,
+`seed`, `device`, `threads`, `batches`: a file of token batches saved with torch.save) and gets `{"ready": true}`;
+each following `{"step": i, "profile": bool}` runs one step on batch i and gets `{"loss": ..., "seconds": ...}`
+(timed here, so the pipe costs nothing; a profiled step is not timed); `{"ops": true}` gets the profiled steps'
+top ops. A failure is one `{"error": "..."}` line and exit status 1; end of input ends the process.
 """
 
 from __future__ import annotations
@@ -16,53 +16,42 @@ import json
 import sys
 import time
 
-
-def _reply(message: dict) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+from gpt2term.core.peer_worker import reply, run_worker, spec_line
 
 
-def serve() -> int:
-    try:
-        spec = json.loads(sys.stdin.readline() or "null")
-        if not isinstance(spec, dict):
-            return 0  # the parent went away before saying what to run
-        import torch
+def serve() -> None:
+    spec = spec_line()
+    if spec is None:
+        return
+    import torch
 
-        from gpt2term.core.bench import _hf_training_step, _op_table, _profiler
-        from gpt2term.core.config import GPTConfig
-        from gpt2term.core.devices import resolve_dtype
+    from gpt2term.core.bench import _hf_training_step, _op_table, _profiler
+    from gpt2term.core.config import GPTConfig
+    from gpt2term.core.devices import resolve_dtype
 
-        torch.set_num_threads(int(spec["threads"]))
-        device = torch.device(spec["device"])
-        batches = torch.load(spec["batches"], weights_only=True)
-        amp = resolve_dtype(spec["amp"])
-        step = _hf_training_step(GPTConfig.from_dict(spec["config"]), amp, int(spec["seed"]), device)
-        profiled: list = []
-        _reply({"ready": True})
-        for line in sys.stdin:
-            request = json.loads(line)
-            if request.get("ops"):
-                _reply({"ops": _op_table(profiled, device)})
-                continue
-            batch = batches[int(request["step"])]
-            if request.get("profile"):
-                prof = _profiler(device)
-                with prof:
-                    loss = step(batch[:, :-1], batch[:, 1:])
-                profiled.append(prof)
-                _reply({"loss": loss, "seconds": None})
-                continue
-            started = time.perf_counter()
-            loss = step(batch[:, :-1], batch[:, 1:])
-            _reply({"loss": loss, "seconds": time.perf_counter() - started})
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # the parent turns this into its one-line error
-        _reply({"error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    return 0
+    torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    batches = torch.load(spec["batches"], weights_only=True)
+    step = _hf_training_step(GPTConfig.from_dict(spec["config"]), resolve_dtype(spec["amp"]), int(spec["seed"]), device)
+    profiled: list = []
+    reply({"ready": True})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("ops"):
+            reply({"ops": _op_table(profiled, device)})
+            continue
+        batch = batches[int(request["step"])]
+        if request.get("profile"):
+            prof = _profiler(device)
+            with prof:
+                loss = step(batch[:, :-1], batch[:, 1:])
+            profiled.append(prof)
+            reply({"loss": loss, "seconds": None})
+            continue
+        started = time.perf_counter()
+        loss = step(batch[:, :-1], batch[:, 1:])
+        reply({"loss": loss, "seconds": time.perf_counter() - started})
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(run_worker(serve))

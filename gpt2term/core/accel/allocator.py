@@ -3,9 +3,9 @@
 glibc hands every block above its mmap threshold (which it raises to 32 MB at most) back to the kernel when it is
 freed. A training step frees and allocates anew its gradients (the token table's and the head's are tens of MB
 each), the loss's slices and the larger activations, so the kernel zero-fills every page of them again, step after
-step, and the faults cost a tenth of a small model's step. While `freed_memory_kept` is open, freed blocks stay in
-the heap and the next step reuses them; when it closes, glibc's own steady state comes back and the heap is trimmed,
-so an app that trained once does not hold the memory afterwards.
+step. While `freed_memory_kept` is open, freed blocks stay in the heap and the next step reuses them; when it
+closes, glibc's own steady state comes back and the heap is trimmed, so an app that trained once does not hold the
+memory afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ _KEEP = (1 << 31) - 1  # both thresholds as high as mallopt takes: nothing freed
 _GLIBC_STEADY = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
 
 
+_SORTING_REQUEST = 1 << 40  # bytes: more than any free block, and mapped lazily (never touched) if it is granted
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
@@ -34,6 +37,8 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     if not hasattr(libc, "gnu_get_libc_version"):  # musl: its mallopt knows none of these thresholds
         return None
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     return libc
 
 
@@ -55,4 +60,7 @@ def freed_memory_kept(on: bool = True) -> Iterator[bool]:
     finally:
         for param, value in _GLIBC_STEADY.items():
             libc.mallopt(param, value)
+        # malloc_trim gives back only what sits in malloc's sorted bins; a request no free block can meet sorts
+        # the freshly freed ones there first (it is then mapped on its own, never touched, and unmapped).
+        libc.free(libc.malloc(_SORTING_REQUEST))
         libc.malloc_trim(0)
