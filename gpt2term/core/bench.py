@@ -655,11 +655,8 @@ class TransformersLoop(WorkerProcess):
     label = "transformers' training loop"
 
     def __init__(self, cfg: GPTConfig, dt: str, seed: int, device: torch.device, batches_file: str) -> None:
-        threads = torch.get_num_threads()
-        super().__init__(
-            {"config": cfg.to_dict(), "amp": dt, "seed": seed, "device": str(device), "threads": threads}
-            | {"batches": batches_file}
-        )
+        spec = {"config": cfg.to_dict(), "amp": dt, "seed": seed, "device": str(device), "batches": batches_file}
+        super().__init__(spec | {"threads": torch.get_num_threads()})
 
     def step(self, i: int, profile: bool = False) -> tuple[float, float | None]:
         """Step `i`'s loss and seconds (None when profiled)."""
@@ -940,7 +937,7 @@ def bench_train(
             "transformers": f"plain loop in a process of its own: AdamW lr={TRAIN_LR} "
             f"weight_decay={TRAIN_WEIGHT_DECAY}, grad clip {TRAIN_GRAD_CLIP}, F.cross_entropy on the logits",
             "memory": "ours keeps the memory it frees for its next step (glibc's thresholds raised while it trains)"
-            if where.type == "cpu" and accel.enabled() and accel.allocator.available()
+            if accel.keeps_training_memory(where)
             else "each loop as its allocator gives it",
         },
         **results,

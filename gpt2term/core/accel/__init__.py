@@ -29,6 +29,7 @@ __all__ = [
     "AcceleratedGPTModel",
     "accelerate",
     "enabled",
+    "keeps_training_memory",
     "pad_vocabulary",
     "packed_weights",
     "plain",
@@ -46,9 +47,14 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def keeps_training_memory(device: torch.device) -> bool:
+    """Whether training on `device` keeps the memory it frees for its next step (a CPU, glibc's allocator)."""
+    return enabled() and device.type == "cpu" and allocator.available()
+
+
 def training_memory(device: torch.device):
     """A context for the training loop: on a CPU, freed blocks stay in the heap for the next step (`allocator`)."""
-    return allocator.freed_memory_kept(on=enabled() and device.type == "cpu")
+    return allocator.freed_memory_kept(on=keeps_training_memory(device))
 
 
 class AcceleratedGPTModel(GPTModel):
