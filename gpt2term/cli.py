@@ -1412,8 +1412,9 @@ def bench_app_command(
         f"{source}, {dtype}, {tokens} greedy tokens, median of {repeats} alternating runs\n"
         f"engine alone (gpt2term generate)  {result['engine_tokens_per_second']:8.1f} tokens/s\n"
         f"app, tokens on screen             {result['app_tokens_per_second']:8.1f} tokens/s  "
-        f"({result['app_vs_engine']:.0%} of the engine; redraws per run: "
-        f"{', '.join(str(n) for n in result['app_screen_updates'])})"
+        f"({result['app_vs_engine']:.0%} of the engine, median of the pairs; redraws per run: "
+        f"{', '.join(str(n) for n in result['app_screen_updates'])})\n"
+        f"{'UI thread CPU while streaming':34s}{result['app_ui_cpu_share']:8.1%} of the time"
     )
 
 

@@ -250,11 +250,11 @@ def test_bench_app_reports_the_app_and_the_engine_side_by_side():
 
     from gpt2term.cli import cli
 
-    result = CliRunner().invoke(cli, ["bench", "app", "--preset", "tiny", "--tokens", "8", "--repeats", "1", "--json"])
+    result = CliRunner().invoke(cli, ["bench", "app", "--preset", "tiny", "--tokens", "8", "--repeats", "3", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["engine_tokens_per_second"] > 0 and report["app_tokens_per_second"] > 0
-    assert report["app_vs_engine"] == pytest.approx(
-        report["app_tokens_per_second"] / report["engine_tokens_per_second"]
-    )
-    assert 1 <= report["app_screen_updates"][0] <= 8
+    runs = report["runs"]
+    pairs = sorted(app / engine for app, engine in zip(runs["app"], runs["engine"], strict=True))
+    assert report["app_vs_engine"] == pytest.approx(pairs[1], rel=0.01)  # the median of the pairs' ratios
+    assert all(1 <= n <= 8 for n in report["app_screen_updates"])

@@ -1,10 +1,11 @@
-"""The stream's frame pacing: redraws spaced so the UI thread's CPU stays under its share, on fake clocks."""
+"""The stream's frame pacing: redraws spaced so the UI thread's CPU stays under its share, on fake clocks; and the
+garbage collector held off while a stream runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpt2term.tui.pacing import FramePacer
+from gpt2term.tui.pacing import CollectorPause, FramePacer
 
 
 class Clocks:
@@ -68,3 +69,23 @@ def test_a_new_stream_is_drawn_at_once_and_fps_0_draws_every_token():
     pacer.restart()
     assert pacer.wait() == 0
     assert clocks.pacer(fps=0).interval == 0
+
+
+def test_overlapping_pauses_turn_the_collector_back_on_only_when_the_last_one_ends():
+    import gc
+
+    first, second = CollectorPause(), CollectorPause()
+    try:
+        first.begin()
+        first.begin()  # twice is once
+        second.begin()
+        assert not gc.isenabled()
+        first.end()
+        first.end()
+        assert not gc.isenabled()  # the second stream still runs
+        second.end()
+        assert gc.isenabled()
+        second.end()  # ending one that has ended changes nothing
+        assert gc.isenabled()
+    finally:
+        gc.enable()

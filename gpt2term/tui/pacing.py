@@ -1,4 +1,4 @@
-"""How often a stream of tokens may redraw the screen.
+"""How often a stream of tokens may redraw the screen, and what else on the UI side must not stall it.
 
 A redraw is Python on the UI thread: while it runs it holds the GIL, and the decoding thread, which needs the GIL
 between two of PyTorch's kernels, waits. So the decoder loses about the share of the wall clock that the UI thread
@@ -9,6 +9,8 @@ machine the stream moves at the full frame rate, on a slow one it moves in large
 
 from __future__ import annotations
 
+import gc
+import threading
 import time
 from collections.abc import Callable
 
@@ -62,3 +64,43 @@ class FramePacer:
             else:
                 self.frame_cost += self.SMOOTHING * (cost - self.frame_cost)
         self._last = (now, cpu)
+
+
+class CollectorPause:
+    """Python's cyclic garbage collector held off while a stream runs.
+
+    A full collection walks every object the app holds (Textual's widgets, each turn's steps and their alternatives)
+    with the GIL held, and the decoder waits for the GIL between two of PyTorch's kernels: with a few turns on screen
+    one such pass stalls the stream longer than all its redraws together, and it grows with the transcript.
+    Refcounting still frees all garbage without cycles at once; the rest waits for the first collection after the
+    stream. Pauses may overlap (two screens streaming): the collector runs again when the last one ends, and only if
+    it ran before the first began.
+    """
+
+    _lock = threading.Lock()
+    _open = 0  # pauses begun and not yet ended, across the app
+    _resume = False  # whether the collector ran when the first of them began
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def begin(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            if self.active:
+                return
+            self.active = True
+            if cls._open == 0:
+                cls._resume = gc.isenabled()
+                gc.disable()
+            cls._open += 1
+
+    def end(self) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not self.active:
+                return
+            self.active = False
+            cls._open -= 1
+            if cls._open == 0 and cls._resume:
+                gc.enable()

@@ -6,6 +6,7 @@ once without killing a thread. The screen takes the waiting steps and redraws it
 times a second, and less often when its redraws cost the decoder more than `UI_CPU_SHARE` of its time (see
 `FramePacer`): every redraw is Python on the UI thread, holding the GIL the decoder needs between two of PyTorch's
 kernels. A redraw repaints only what changed: the screen is laid out again only when a widget's height changed.
+For the same reason Python's garbage collector is held off from a turn's start to its end (`CollectorPause`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gpt2term.tui.dialogs import SavePathScreen, SettingsScreen
 from gpt2term.tui.keymap import bind, key_display
 from gpt2term.tui.messages import GenerationFinished, PromptScored, TokensReady
 from gpt2term.tui.model_source import UNTRAINED_HINT, AppModel
-from gpt2term.tui.pacing import FramePacer
+from gpt2term.tui.pacing import CollectorPause, FramePacer
 from gpt2term.tui.run_state import EventRelay
 from gpt2term.tui.screens.inspect import AttentionScreen, CompareScreen, LensScreen, sequence_for
 from gpt2term.tui.screens.versus import VersusScreen
@@ -107,12 +108,14 @@ class PromptScreen(WorkerErrors, Screen):
         self.generating: Turn | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
         self._pacer = FramePacer(STREAM_FPS, UI_CPU_SHARE)
+        self._collector = CollectorPause()  # from a turn's start to its last token on screen
         self._relay: EventRelay | None = None  # the generating turn's steps, from its thread to this screen
         self._flush_timer: Timer | None = None
         # The model (weakly: a model the app has closed must be freed) and the dtype its decoding weights are packed in.
         self._prepared: tuple[weakref.ref[GPTModel], str] | None = None
-        # Set it to {} to record, per turn, (perf_counter, tokens on screen) at each redraw (`gpt2term bench app`).
-        self.shown_at: dict[int, list[tuple[float, int]]] | None = None
+        # Set it to {} to record, per turn, (perf_counter, tokens on screen, the UI thread's CPU seconds) at each
+        # redraw (`gpt2term bench app`).
+        self.shown_at: dict[int, list[tuple[float, int, float]]] | None = None
 
     @property
     def stream_fps(self) -> float:
@@ -262,6 +265,8 @@ class PromptScreen(WorkerErrors, Screen):
         self._cancel = threading.Event()
         self._relay = EventRelay(lambda: self.post_message(TokensReady(turn.id)))
         self._pacer.restart()
+        self._collector.begin()
+        self.prompt_input.cursor_blink = False  # each blink is a screen update of its own, twice a second
         self._show_turn(turn)
         self.update_status()
         self.refresh_bindings()  # Stop and Inspect appear in the footer
@@ -323,7 +328,7 @@ class PromptScreen(WorkerErrors, Screen):
         self.update_status()
         self._pacer.drew()
         if self.shown_at is not None:
-            self.shown_at.setdefault(turn.id, []).append((time.perf_counter(), len(turn.steps)))
+            self.shown_at.setdefault(turn.id, []).append((time.perf_counter(), len(turn.steps), time.thread_time()))
 
     def on_prompt_scored(self, message: PromptScored) -> None:
         turn = self._turns_by_id[message.turn_id]
@@ -347,6 +352,12 @@ class PromptScreen(WorkerErrors, Screen):
             self.query_one(PerplexityPanel).show(turn)
         self.update_status("stopped" if message.stopped else "")
         self.refresh_bindings()
+        if self.generating is None:
+            self._collector.end()
+            self.prompt_input.cursor_blink = True
+
+    def on_unmount(self) -> None:
+        self._collector.end()  # the app quit mid-stream: the collector must not stay off for whoever runs next
 
     def worker_failed(self, worker: Worker, error: str) -> None:
         """Generating raised (the model or the settings refused): the turn ends with the error; the app goes on."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual.geometry import Size
 from textual.visual import VisualType
 from textual.widget import Widget
 from textual.widgets import Static
@@ -24,3 +25,17 @@ def update_in_place(static: Static, content: VisualType) -> None:
     """`Static.update`, laying the screen out again only if the new content changes the widget's height."""
     static.update(content, layout=False)
     refresh_in_place(static)
+
+
+class LaidOutOnce:
+    """Mixin for a widget whose new size needs no second layout.
+
+    After each layout Textual stores every resized widget's virtual size through a reactive that asks for another
+    layout of the whole screen, so each growth of a streaming turn (its text, its turn, the transcript) laid the
+    screen out twice. The size stored is the one that layout has just given the widget, and an anchored transcript
+    is scrolled to its end within the same pass, so the second layout would change nothing; scrollbars that appear
+    or go still ask for their own.
+    """
+
+    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
+        return super()._size_updated(size, virtual_size, container_size, layout=False)  # type: ignore[misc]

@@ -19,7 +19,7 @@ from textual.widgets import Static
 from gpt2term.core.generation import Step
 from gpt2term.tui.keymap import bind
 from gpt2term.tui.turns import Turn, stats_line
-from gpt2term.tui.widgets import refresh_in_place, update_in_place
+from gpt2term.tui.widgets import LaidOutOnce, refresh_in_place, update_in_place
 from gpt2term.tui.widgets.colors import prob_color
 
 _BOUNDARY_BG = ("#1f3d5c", "#533a5e")  # alternate backgrounds make each token's extent visible
@@ -54,7 +54,7 @@ def token_piece(step: Step, index: int, display: TokenDisplay, selected: bool) -
 STREAM_ROOM = 4  # lines the text of a generating turn grows by at a time (blank until its tokens fill them)
 
 
-class TokenText(Widget):
+class TokenText(LaidOutOnce, Widget):
     """Prompt and completion of one turn as one wrapped text; tokens are appended to a cached `Text`."""
 
     DEFAULT_CSS = "TokenText { height: auto; }"
@@ -128,7 +128,11 @@ class TokenText(Widget):
         return self.render().plain
 
 
-class TurnView(Vertical):
+class TurnStats(LaidOutOnce, Static):
+    """A turn's stats line: tokens, speed, perplexity (it wraps on a narrow screen)."""
+
+
+class TurnView(LaidOutOnce, Vertical):
     DEFAULT_CSS = """
     TurnView { height: auto; margin-bottom: 1; }
     TurnView .turn-stats { color: $text-muted; height: auto; }
@@ -138,7 +142,7 @@ class TurnView(Vertical):
         super().__init__(id=f"turn-{turn.id}")
         self.turn = turn
         self.body = TokenText(turn, display)
-        self.stats = Static(stats_line(turn), classes="turn-stats", markup=False)
+        self.stats = TurnStats(stats_line(turn), classes="turn-stats", markup=False)
 
     def compose(self):
         yield self.body
@@ -153,7 +157,7 @@ class TurnView(Vertical):
             refresh_in_place(self.body)  # a finished turn gives back the room it kept for its next lines
 
 
-class Transcript(VerticalScroll, can_focus=True):
+class Transcript(LaidOutOnce, VerticalScroll, can_focus=True):
     """The scrolling conversation, and a keyboard cursor over generated tokens (focus it with Tab)."""
 
     BINDINGS = [
