@@ -108,7 +108,7 @@ class PromptScreen(WorkerErrors, Screen):
         self.generating: Turn | None = None
         self._pending_prompt: str | None = None  # typed while the model was loading
         self._pacer = FramePacer(STREAM_FPS, UI_CPU_SHARE)
-        self._collector = CollectorPause()  # from a turn's start to its last token on screen
+        self._collector = CollectorPause()  # from a turn's start to its end
         self._relay: EventRelay | None = None  # the generating turn's steps, from its thread to this screen
         self._flush_timer: Timer | None = None
         # The model (weakly: a model the app has closed must be freed) and the dtype its decoding weights are packed in.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from textual.geometry import Size
 from textual.visual import VisualType
 from textual.widget import Widget
 from textual.widgets import Static
@@ -37,5 +36,11 @@ class LaidOutOnce:
     or go still ask for their own.
     """
 
-    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
-        return super()._size_updated(size, virtual_size, container_size, layout=False)  # type: ignore[misc]
+    # Textual's private hook (`Widget._size_updated(size, virtual_size, container_size, layout=True)`); only its
+    # `layout` argument is changed, so a later signature with more arguments still passes through.
+    def _size_updated(self, *args, **kwargs) -> bool:
+        if len(args) >= 4:
+            args = (*args[:3], False, *args[4:])
+        else:
+            kwargs["layout"] = False
+        return super()._size_updated(*args, **kwargs)  # type: ignore[misc]
